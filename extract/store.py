@@ -1,0 +1,862 @@
+"""The HDF5 feature store: the contract between extraction and training.
+
+A store is one HDF5 file laid out as::
+
+    /                         attrs: format="cm-arr-features", schema_version, dtype,
+                              cm_arr_version, created, complete
+    /utterances/<column>      the utterance table, one 1-D dataset per column
+                              (utterance_id, corpus, session, speaker, label, fold, start, end, ...)
+    /provenance               attrs: <modality> = JSON (how that modality was made)
+    /errors/<column>          per-utterance extraction failures (utterance_id, modality, reason)
+    /features/<modality>/data     (N, D) every frame of every utterance, concatenated,
+                                  float16 by default, contiguous and uncompressed
+    /features/<modality>/ids      (U,) utterance ids that have this modality
+    /features/<modality>/offsets  (U,) first row of each utterance in ``data``
+    /features/<modality>/lengths  (U,) its number of frames T
+    /features/<modality>/meta/<key>
+                              what is needed to read the frames, per utterance: a (U,) dataset
+                              for scalars (frame_rate), or a group ``values`` + ``offsets``
+                              (U + 1,) for per-utterance sequences (text ``tokens``, video
+                              ``frame_times`` and ``face_mask`` of every sampled frame)
+
+Frames are concatenated with an offsets table because one contiguous dataset reads much
+faster than thousands of small ones: ``load_all`` is one read per modality, and random reads
+go through a memory map of the contiguous ``data`` (no per-read HDF5 overhead). A modality
+with no usable data for an utterance has no row for it (and a row in ``/errors`` saying why):
+missing, never zeros.
+
+Writing is crash-safe without SWMR: ``StoreWriter`` commits finished utterances into small
+chunk files (one dataset per utterance, each file written under a temporary name and
+renamed when closed) in a ``<out>.parts/`` folder beside the output, so a killed job loses
+at most one chunk and a rerun resumes. ``finalize`` joins everything into a temporary file
+and renames it onto the output path: a file at the output path is always complete.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import h5py
+import numpy as np
+import pandas as pd
+
+FORMAT = "cm-arr-features"
+SCHEMA_VERSION = 1
+MODALITIES = ("speech", "text", "video")
+LABELS = ("ang", "hap", "neu", "sad")
+DIMS = {"speech": 768, "text": 768, "video": 342}
+REQUIRED_COLUMNS = ("utterance_id", "corpus", "session", "speaker", "label", "fold", "start", "end")
+ERROR_COLUMNS = ("utterance_id", "modality", "reason")
+
+#: Provenance keys that legitimately differ between shards of one extraction.
+VOLATILE_PROVENANCE_KEYS = frozenset({"created", "host"})
+#: Meta keys stored as arrays and the dtype they are read back with.
+_ARRAY_META = {"frame_times": np.float32, "face_mask": bool}
+
+
+class StoreError(Exception):
+    """A store that cannot be read, written or merged. ``str(e)`` is ``"<path>: <problem>"``."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+def project_version() -> str:
+    try:
+        return metadata.version("cm-arr")
+    except metadata.PackageNotFoundError:  # running from a source tree without install
+        return "0+unknown"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour shapes the features."""
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "numpy", "h5py", "librosa", "soundfile",
+                 "opencv-python-headless", "facenet-pytorch"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def file_sha256(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(bufsize):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def comparable_provenance(prov: Mapping[str, Any]) -> dict[str, Any]:
+    """Provenance without the keys that may differ between shards of one job."""
+    return {k: v for k, v in prov.items() if k not in VOLATILE_PROVENANCE_KEYS}
+
+
+def provenance_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """Human-readable list of keys whose values differ (volatile keys ignored)."""
+    a, b = comparable_provenance(a), comparable_provenance(b)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            out.append(f"{key}: {a.get(key)!r} != {b.get(key)!r}")
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# low-level table and meta I/O
+
+
+def _write_table(group: h5py.Group, df: pd.DataFrame) -> None:
+    group.attrs["columns"] = json.dumps(list(df.columns))
+    for col in df.columns:
+        s = df[col]
+        if pd.api.types.is_bool_dtype(s):
+            group.create_dataset(col, data=s.to_numpy(dtype=bool))
+        elif pd.api.types.is_integer_dtype(s):
+            group.create_dataset(col, data=s.to_numpy(dtype=np.int64))
+        elif pd.api.types.is_float_dtype(s):
+            group.create_dataset(col, data=s.to_numpy(dtype=np.float64))
+        else:
+            values = ["" if (v is None or (isinstance(v, float) and np.isnan(v))) else str(v)
+                      for v in s.tolist()]
+            group.create_dataset(col, data=np.array(values, dtype=object),
+                                 dtype=h5py.string_dtype())
+
+
+def _read_table(group: h5py.Group) -> pd.DataFrame:
+    columns = json.loads(group.attrs["columns"]) if "columns" in group.attrs else list(group)
+    data = {}
+    for col in columns:
+        ds = group[col]
+        if h5py.check_string_dtype(ds.dtype) is not None:
+            data[col] = list(ds.asstr()[()])
+        else:
+            data[col] = ds[()]
+    return pd.DataFrame(data, columns=columns)
+
+
+def _write_meta(ds: h5py.Dataset, meta: Mapping[str, Any]) -> None:
+    for key, value in meta.items():
+        if key == "tokens":
+            ds.attrs[key] = np.array([str(t) for t in value], dtype=h5py.string_dtype())
+        elif key in _ARRAY_META:
+            arr = np.asarray(value)
+            ds.attrs[key] = arr.astype(np.uint8) if key == "face_mask" else arr.astype(np.float32)
+        elif isinstance(value, (dict, list, tuple)):
+            ds.attrs[key] = json.dumps(value)
+        else:
+            ds.attrs[key] = value
+
+
+def _read_meta(ds: h5py.Dataset) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in ds.attrs.items():
+        if key == "tokens":
+            out[key] = [v.decode() if isinstance(v, bytes) else str(v) for v in value]
+        elif key in _ARRAY_META:
+            out[key] = np.asarray(value).astype(_ARRAY_META[key])
+        elif isinstance(value, bytes):
+            out[key] = value.decode()
+        elif isinstance(value, np.generic):
+            out[key] = value.item()
+        else:
+            out[key] = value
+    return out
+
+
+def _open_h5(path: Path, mode: str = "r") -> h5py.File:
+    """Open an HDF5 file with one clear error for every way it can fail."""
+    if not path.exists():
+        raise StoreError(path, "no such file")
+    if path.is_dir():
+        raise StoreError(path, "is a folder, not a feature file")
+    try:
+        if not h5py.is_hdf5(str(path)):
+            raise StoreError(path, "not an HDF5 file")
+        return h5py.File(str(path), mode)
+    except StoreError:
+        raise
+    except (OSError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise StoreError(path, f"cannot be read as HDF5 (truncated or corrupt?): {first}") from None
+
+
+def _check_store(path: Path, f: h5py.File) -> None:
+    """Raise ``StoreError`` unless ``f`` is a complete store of this schema."""
+    fmt = f.attrs.get("format")
+    if isinstance(fmt, bytes):
+        fmt = fmt.decode()
+    if fmt != FORMAT:
+        raise StoreError(path, f"an HDF5 file but not a cm-arr feature store (format attribute is {fmt!r}, expected {FORMAT!r})")
+    version = int(f.attrs.get("schema_version", -1))
+    if version != SCHEMA_VERSION:
+        raise StoreError(path, f"feature store schema version {version}; this cm-arr ({project_version()}) reads schema version {SCHEMA_VERSION}")
+    if not bool(f.attrs.get("complete", False)):
+        raise StoreError(path, "feature store is marked incomplete (an extraction that did not finish)")
+    for name in ("utterances", "provenance", "features"):
+        if name not in f:
+            raise StoreError(path, f"feature store lacks its '/{name}' group (damaged file?)")
+
+
+# --------------------------------------------------------------------------------------
+# per-modality layout helpers
+
+
+def _read_ragged_meta(group: h5py.Group, n: int) -> list[dict[str, Any]]:
+    """Per-utterance meta dicts of one modality (``n`` utterances)."""
+    out: list[dict[str, Any]] = [{} for _ in range(n)]
+    for key in group:
+        obj = group[key]
+        if isinstance(obj, h5py.Group):
+            vals = obj["values"]
+            values = list(vals.asstr()[()]) if h5py.check_string_dtype(vals.dtype) is not None else vals[()]
+            if key in _ARRAY_META:
+                values = np.asarray(values).astype(_ARRAY_META[key])
+            offs = obj["offsets"][()]
+            for i in range(n):
+                v = values[offs[i]:offs[i + 1]]
+                out[i][key] = list(v) if isinstance(v, list) else v
+        else:
+            col = list(obj.asstr()[()]) if h5py.check_string_dtype(obj.dtype) is not None else obj[()]
+            for i in range(n):
+                v = col[i]
+                if isinstance(v, str) and v.startswith(("{", "[")):
+                    v = json.loads(v)
+                out[i][key] = v.item() if isinstance(v, np.generic) else v
+    return out
+
+
+def _write_modality(f: h5py.File, modality: str, dim: int, dtype: str,
+                    items: list[tuple[str, int]], read) -> None:
+    """Write one modality in the concatenated layout.
+
+    ``items`` is ``[(utterance_id, frames)]`` in output order; ``read(utt)`` returns
+    ``(matrix, meta)`` for it. Meta keys holding sequences are stored ragged.
+    """
+    g = f["features"].require_group(modality)
+    total = int(sum(n for _, n in items))
+    data = g.create_dataset("data", shape=(total, dim), dtype=dtype)  # contiguous: memory-mappable
+    lengths = np.array([n for _, n in items], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(items) else np.zeros(0, np.int64)
+    g.create_dataset("ids", data=np.array([u for u, _ in items], dtype=object), dtype=h5py.string_dtype())
+    g.create_dataset("offsets", data=offsets)
+    g.create_dataset("lengths", data=lengths)
+    metas: list[dict[str, Any]] = []
+    for (utt, n), off in zip(items, offsets):
+        arr, meta = read(utt)
+        if arr.shape != (n, dim):
+            raise ValueError(f"{utt} ({modality}): shape {arr.shape}, expected {(n, dim)}")
+        data[off:off + n] = arr
+        metas.append(meta)
+    mg = g.create_group("meta")
+    keys = sorted({k for m in metas for k in m})
+    for key in keys:
+        vals = [m.get(key) for m in metas]
+        if any(v is None for v in vals):
+            raise ValueError(f"{modality}: meta {key!r} is set for some utterances only")
+        if key == "tokens":
+            offs = np.concatenate([[0], np.cumsum([len(v) for v in vals])]).astype(np.int64)
+            sub = mg.create_group(key)
+            flat = [str(t) for v in vals for t in v]
+            sub.create_dataset("values", data=np.array(flat, dtype=object), dtype=h5py.string_dtype())
+            sub.create_dataset("offsets", data=offs)
+        elif isinstance(vals[0], (np.ndarray, list, tuple)):
+            seqs = [np.asarray(v) for v in vals]
+            offs = np.concatenate([[0], np.cumsum([len(v) for v in seqs])]).astype(np.int64)
+            flat = np.concatenate(seqs)
+            sub = mg.create_group(key)
+            sub.create_dataset("values", data=flat.astype(np.uint8) if flat.dtype == bool else flat)
+            sub.create_dataset("offsets", data=offs)
+        elif isinstance(vals[0], (str, dict)):
+            col = [v if isinstance(v, str) else json.dumps(v) for v in vals]
+            mg.create_dataset(key, data=np.array(col, dtype=object), dtype=h5py.string_dtype())
+        else:
+            mg.create_dataset(key, data=np.asarray(vals))
+
+
+# --------------------------------------------------------------------------------------
+# reading
+
+
+class FeatureStore:
+    """Read access to a feature store.
+
+    Random reads (``get``) go through a memory map of each modality's contiguous frame
+    matrix, opened lazily in each process (and reopened after a fork), so a
+    ``FeatureStore`` can be handed to DataLoader workers. ``load_all`` reads everything into
+    memory (IEMOCAP fits: about 3.3 GB of fp16 speech frames) in one read per modality.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._maps: dict[str, np.ndarray] = {}
+        self._pid: int | None = None
+        self._meta: dict[str, list[dict[str, Any]]] = {}
+        self._meta_pos: dict[str, dict[str, int]] = {}
+        f = _open_h5(self.path)
+        try:
+            _check_store(self.path, f)
+            self.attrs = {k: (v.decode() if isinstance(v, bytes) else v.item() if isinstance(v, np.generic) else v)
+                          for k, v in f.attrs.items()}
+            try:
+                self.utterances = _read_table(f["utterances"])
+                self.provenance = {m: json.loads(v) for m, v in f["provenance"].attrs.items()}
+                self.errors = (_read_table(f["errors"]) if "errors" in f
+                               else pd.DataFrame(columns=list(ERROR_COLUMNS)))
+                self.modalities = tuple(m for m in MODALITIES if m in f["features"] or m in self.provenance)
+                self._index: dict[str, dict[str, tuple[int, int]]] = {}
+                self._order: dict[str, list[str]] = {}
+                self._layout: dict[str, tuple[int | None, tuple[int, int], str]] = {}
+                for m in self.modalities:
+                    g = f["features"][m]
+                    ids = list(g["ids"].asstr()[()])
+                    offs, lens = g["offsets"][()], g["lengths"][()]
+                    self._order[m] = ids
+                    self._index[m] = {u: (int(o), int(n)) for u, o, n in zip(ids, offs, lens)}
+                    data = g["data"]
+                    self._layout[m] = (data.id.get_offset(), data.shape, data.dtype.str)
+            except (KeyError, ValueError, OSError) as e:
+                raise StoreError(self.path, f"damaged feature store: {e}") from None
+        finally:
+            f.close()
+        self.dims = {m: int(self._layout[m][1][1]) for m in self.modalities}
+
+    # -- lazy per-process access -------------------------------------------------------
+    def _data(self, modality: str) -> np.ndarray:
+        if self._pid != os.getpid():
+            self._maps = {}
+            self._pid = os.getpid()
+        arr = self._maps.get(modality)
+        if arr is None:
+            offset, shape, dtype = self._layout[modality]
+            if offset is not None and shape[0] > 0:
+                arr = np.memmap(self.path, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape)
+            else:  # an empty modality, or a layout h5py cannot map: read it once
+                with h5py.File(str(self.path), "r") as f:
+                    arr = f["features"][modality]["data"][()]
+            self._maps[modality] = arr
+        return arr
+
+    def close(self) -> None:
+        self._maps = {}
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_maps"] = {}
+        state["_pid"] = None
+        return state
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- access --------------------------------------------------------------------
+    @property
+    def dtype(self) -> str:
+        return str(self.attrs.get("dtype", "float16"))
+
+    def ids(self, modality: str) -> set[str]:
+        return set(self._index.get(modality, ()))
+
+    def lengths(self, modality: str) -> dict[str, int]:
+        return {u: n for u, (_, n) in self._index.get(modality, {}).items()}
+
+    def has(self, utterance_id: str, modality: str) -> bool:
+        return utterance_id in self._index.get(modality, ())
+
+    def get(self, utterance_id: str, modality: str) -> np.ndarray | None:
+        """The ``(T, D)`` matrix (a copy), or None when the modality is missing for the utterance."""
+        where = self._index.get(modality, {}).get(utterance_id)
+        if where is None:
+            return None
+        off, n = where
+        return np.array(self._data(modality)[off:off + n])
+
+    def meta(self, utterance_id: str, modality: str) -> dict[str, Any]:
+        if not self.has(utterance_id, modality):
+            return {}
+        if modality not in self._meta:
+            with h5py.File(str(self.path), "r") as f:
+                g = f["features"][modality]
+                self._meta[modality] = _read_ragged_meta(g["meta"], len(self._order[modality])) if "meta" in g else \
+                    [{} for _ in self._order[modality]]
+            self._meta_pos[modality] = {u: i for i, u in enumerate(self._order[modality])}
+        return dict(self._meta[modality][self._meta_pos[modality][utterance_id]])
+
+    def load_all(self, modalities: Iterable[str] | None = None,
+                 dtype: Any = None) -> dict[str, dict[str, np.ndarray]]:
+        """Every matrix in memory: ``{modality: {utterance_id: (T, D) array}}``. The arrays
+        of one modality are views into one block (one read per modality)."""
+        mods = tuple(modalities) if modalities is not None else self.modalities
+        out: dict[str, dict[str, np.ndarray]] = {}
+        with h5py.File(str(self.path), "r") as f:
+            for m in mods:
+                if m not in self.modalities:
+                    raise StoreError(self.path, f"the store has no {m!r} features (it holds {', '.join(self.modalities)})")
+                ds = f["features"][m]["data"]
+                block = np.empty(ds.shape, dtype=ds.dtype)
+                if ds.shape[0]:
+                    ds.read_direct(block)
+                if dtype is not None:
+                    block = block.astype(dtype, copy=False)
+                out[m] = {u: block[o:o + n] for u, (o, n) in self._index[m].items()}
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# sources of finished utterances: committed chunk files and existing stores
+
+
+class _ChunkSource:
+    """A committed chunk file: one dataset per (modality, utterance)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = h5py.File(str(path), "r")
+
+    def keys(self) -> Iterator[tuple[str, str, int, int]]:
+        for m in self.f.get("features", {}):
+            for u, ds in self.f["features"][m].items():
+                yield m, u, ds.shape[0], ds.shape[1]
+
+    def read(self, m: str, u: str):
+        ds = self.f["features"][m][u]
+        return ds[()], _read_meta(ds)
+
+    def errors(self) -> pd.DataFrame | None:
+        return _read_table(self.f["errors"]) if "errors" in self.f else None
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _StoreSource:
+    """A complete store used as input (a base being extended, or a shard being merged)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.store = FeatureStore(path)
+
+    def keys(self) -> Iterator[tuple[str, str, int, int]]:
+        for m in self.store.modalities:
+            for u, (_, n) in self.store._index[m].items():
+                yield m, u, n, self.store.dims[m]
+
+    def read(self, m: str, u: str):
+        return self.store.get(u, m), self.store.meta(u, m)
+
+    def errors(self) -> pd.DataFrame | None:
+        return self.store.errors
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _create_store_file(path: Path, dtype: str) -> h5py.File:
+    f = h5py.File(str(path), "w", libver="latest")
+    f.attrs["format"] = FORMAT
+    f.attrs["schema_version"] = SCHEMA_VERSION
+    f.attrs["dtype"] = dtype
+    f.attrs["cm_arr_version"] = project_version()
+    f.attrs["created"] = _now()
+    f.attrs["complete"] = False
+    f.create_group("features")
+    f.create_group("provenance")
+    return f
+
+
+def _assemble(out: Path, utterances: pd.DataFrame, provenance: Mapping[str, dict],
+              sources: list, dtype: str, extra_attrs: Mapping[str, Any] | None = None) -> None:
+    """Write a complete store at ``out`` from ``sources`` (chunk files and/or stores), via
+    a temporary file renamed into place.
+
+    A later source's (utterance, modality) replaces an earlier one (a base store being
+    extended); an error record is dropped when the pair has features in any source. Frames
+    are laid out in utterance-table order.
+    """
+    owner: dict[tuple[str, str], tuple[int, int, int]] = {}
+    for i, src in enumerate(sources):
+        for m, u, n, d in src.keys():
+            owner[(m, u)] = (i, n, d)
+    order = {u: k for k, u in enumerate(utterances["utterance_id"])}
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    try:
+        with _create_store_file(tmp, dtype) as f:
+            for k, v in (extra_attrs or {}).items():
+                f.attrs[k] = v
+            _write_table(f.create_group("utterances"), utterances.reset_index(drop=True))
+            for m in MODALITIES:
+                if m not in provenance:
+                    continue
+                f["provenance"].attrs[m] = json.dumps(provenance[m], sort_keys=True)
+                keys = sorted(((u, n, d, i) for (mm, u), (i, n, d) in owner.items() if mm == m),
+                              key=lambda x: order.get(x[0], len(order)))
+                dims = {d for _, _, d, _ in keys}
+                dim = int(provenance[m].get("dim", next(iter(dims), 0)))
+                if dims - {dim}:
+                    raise StoreError(out, f"{m} matrices of widths {sorted(dims)}; provenance says {dim}")
+                src_of = {u: i for u, _, _, i in keys}
+                _write_modality(f, m, dim, dtype, [(u, n) for u, n, _, _ in keys],
+                                lambda u, m=m: sources[src_of[u]].read(m, u))
+            errors = [e for e in (src.errors() for src in sources) if e is not None and len(e)]
+            err = (pd.concat(errors, ignore_index=True) if errors
+                   else pd.DataFrame({c: pd.Series(dtype=object) for c in ERROR_COLUMNS}))
+            if len(err):
+                keep = [(m, u) not in owner for u, m in zip(err["utterance_id"], err["modality"])]
+                err = err[keep].drop_duplicates(subset=["utterance_id", "modality"], keep="last")
+            _write_table(f.create_group("errors"), err.reset_index(drop=True).astype(str))
+            f.attrs["complete"] = True
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# --------------------------------------------------------------------------------------
+# writing
+
+
+class StoreWriter:
+    """Writes a store, resumably.
+
+    Finished ``(utterance, modality)`` pairs are buffered and committed every
+    ``chunk_size`` additions into ``<out>.parts/chunk-NNNNNN.h5`` (temporary name, then
+    rename). A rerun with the same output and provenance picks up the committed chunks and
+    an existing complete store at ``out`` (whose contents are kept), so ``done()`` tells the
+    caller what to skip. ``finalize`` writes the complete store atomically and removes the
+    parts folder. Nothing exists at ``out`` that is not complete.
+    """
+
+    def __init__(self, out_path: str | os.PathLike, utterances: pd.DataFrame,
+                 provenance: Mapping[str, dict], chunk_size: int = 64, dtype: str = "float16",
+                 extra_attrs: Mapping[str, Any] | None = None):
+        self.out = Path(out_path)
+        self.parts = self.out.with_name(self.out.name + ".parts")
+        self.chunk_size = int(chunk_size)
+        self.dtype = np.dtype(dtype).name
+        self.extra_attrs = dict(extra_attrs or {})
+        missing = [c for c in REQUIRED_COLUMNS if c not in utterances.columns]
+        if missing:
+            raise StoreError(self.out, f"utterance table lacks columns {missing}")
+        if utterances["utterance_id"].duplicated().any():
+            dup = utterances["utterance_id"][utterances["utterance_id"].duplicated()].iloc[0]
+            raise StoreError(self.out, f"utterance table has duplicate id {dup!r}")
+        self.utterances = utterances.reset_index(drop=True)
+        stamp = {"library_versions": library_versions(), "cm_arr_version": project_version(),
+                 "created": _now(), "host": platform.node()}
+        self.provenance = {m: {**stamp, **dict(p)} for m, p in provenance.items()}
+        for m in self.provenance:
+            if m not in MODALITIES:
+                raise StoreError(self.out, f"unknown modality {m!r} (expected one of {MODALITIES})")
+        self._buffer: list[tuple[str, str, np.ndarray | None, dict, str | None]] = []
+        self._done: set[tuple[str, str]] = set()
+        self._dims: dict[str, int] = {m: int(p["dim"]) for m, p in self.provenance.items() if "dim" in p}
+        self._base: Path | None = None
+        self._resume()
+
+    # -- resume ----------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {"provenance": {m: comparable_provenance(p) for m, p in self.provenance.items()},
+                "dtype": self.dtype,
+                "utterance_ids_sha256": hashlib.sha256("\n".join(self.utterances["utterance_id"]).encode()).hexdigest()}
+
+    def _resume(self) -> None:
+        state = self._state()
+        if self.out.exists():
+            store = FeatureStore(self.out)  # raises StoreError for anything unreadable
+            for m, p in store.provenance.items():
+                if m in self.provenance:
+                    diff = provenance_differences(p, self.provenance[m])
+                    if diff:
+                        raise StoreError(self.out, f"exists with {m} features made differently ({'; '.join(diff[:3])}); "
+                                         "write to another --out or remove it")
+            if store.dtype != self.dtype:
+                raise StoreError(self.out, f"exists with dtype {store.dtype}, this job writes {self.dtype}")
+            extra = set(self.utterances["utterance_id"]) - set(store.utterances["utterance_id"])
+            if extra:
+                raise StoreError(self.out, f"exists with another utterance table ({len(extra)} ids not in it); write to another --out")
+            self._base = self.out
+            for m in store.modalities:
+                self._done |= {(u, m) for u in store.ids(m)}
+                self._dims.setdefault(m, store.dims[m])
+            self._done |= set(zip(store.errors["utterance_id"], store.errors["modality"]))
+            for m, p in store.provenance.items():
+                self.provenance.setdefault(m, p)
+        if self.parts.exists():
+            state_file = self.parts / "state.json"
+            if state_file.exists() and json.loads(state_file.read_text()) != state:
+                raise StoreError(self.parts, "holds an unfinished extraction made with other settings or another "
+                                 "manifest; remove the folder or write to another --out")
+            for tmp in self.parts.glob("*.tmp"):
+                tmp.unlink()  # a chunk that was being written when the job died
+            for chunk in sorted(self.parts.glob("chunk-*.h5")):
+                try:
+                    src = _ChunkSource(chunk)
+                    self._done |= {(u, m) for m, u, _, _ in src.keys()}
+                    errs = src.errors()
+                    if errs is not None:
+                        self._done |= set(zip(errs["utterance_id"], errs["modality"]))
+                    src.close()
+                except (OSError, KeyError) as e:
+                    raise StoreError(chunk, f"committed chunk cannot be read ({e}); remove it to recompute its utterances") from None
+        else:
+            self.parts.mkdir(parents=True)
+        (self.parts / "state.json").write_text(json.dumps(state, sort_keys=True))
+
+    # -- API -------------------------------------------------------------------------
+    def done(self) -> set[tuple[str, str]]:
+        return set(self._done)
+
+    def add(self, utterance_id: str, modality: str, matrix: np.ndarray, **meta: Any) -> bool:
+        """Queue one utterance's ``(T, D)`` matrix. Returns False (and records an error
+        for the utterance) when the matrix is not storable: non-finite values, or values
+        that overflow the store dtype."""
+        if modality not in self.provenance:
+            raise StoreError(self.out, f"no provenance was given for modality {modality!r}")
+        arr = np.asarray(matrix)
+        if arr.ndim != 2 or arr.shape[0] == 0:
+            raise ValueError(f"{utterance_id} ({modality}): expected a non-empty (T, D) matrix, got shape {arr.shape}")
+        dim = self._dims.setdefault(modality, arr.shape[1])
+        if arr.shape[1] != dim:
+            raise ValueError(f"{utterance_id} ({modality}): width {arr.shape[1]}, the store's {modality} width is {dim}")
+        if not np.isfinite(arr).all():
+            self.add_error(utterance_id, modality, "extractor produced NaN or Inf values")
+            return False
+        with np.errstate(over="ignore"):
+            cast = arr.astype(self.dtype)
+        if not np.isfinite(cast).all():
+            self.add_error(utterance_id, modality, f"values exceed the {self.dtype} range")
+            return False
+        self._buffer.append((utterance_id, modality, cast, dict(meta), None))
+        self._done.add((utterance_id, modality))
+        if len(self._buffer) >= self.chunk_size:
+            self.flush()
+        return True
+
+    def add_error(self, utterance_id: str, modality: str, reason: str) -> None:
+        self._buffer.append((utterance_id, modality, None, {}, str(reason)))
+        self._done.add((utterance_id, modality))
+        if len(self._buffer) >= self.chunk_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit the buffered results as one chunk file (atomic rename)."""
+        if not self._buffer:
+            return
+        n = len(list(self.parts.glob("chunk-*.h5")))
+        final = self.parts / f"chunk-{n:06d}.h5"
+        while final.exists():
+            n += 1
+            final = self.parts / f"chunk-{n:06d}.h5"
+        tmp = final.with_name(final.name + ".tmp")
+        errors = []
+        with h5py.File(str(tmp), "w", libver="latest") as f:
+            feats = f.create_group("features")
+            for utt, m, arr, meta, err in self._buffer:
+                if err is not None:
+                    errors.append((utt, m, err))
+                    continue
+                g = feats.require_group(m)
+                if utt in g:
+                    del g[utt]
+                _write_meta(g.create_dataset(utt, data=arr), meta)
+            if errors:
+                _write_table(f.create_group("errors"), pd.DataFrame(errors, columns=list(ERROR_COLUMNS)))
+        os.replace(tmp, final)
+        self._buffer.clear()
+
+    def finalize(self) -> Path:
+        """Write the complete store at ``out`` (atomically) and remove the parts folder."""
+        self.flush()
+        provenance = {m: dict(p) for m, p in self.provenance.items()}
+        for m, dim in self._dims.items():
+            provenance[m].setdefault("dim", dim)
+        sources: list = []
+        try:
+            utterances = self.utterances
+            if self._base is not None:
+                sources.append(_StoreSource(self._base))
+                utterances = sources[0].store.utterances  # holds every id (checked in _resume)
+            sources += [_ChunkSource(c) for c in sorted(self.parts.glob("chunk-*.h5"))]
+            _assemble(self.out, utterances, provenance, sources, self.dtype, self.extra_attrs)
+        finally:
+            for src in sources:
+                src.close()
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return self.out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *rest):
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.flush()  # keep what was finished; a rerun resumes from it
+
+
+# --------------------------------------------------------------------------------------
+# merge and validate
+
+
+def merge_stores(shard_paths: Iterable[str | os.PathLike], out_path: str | os.PathLike,
+                 allow_library_mismatch: bool = False) -> Path:
+    """Join shard stores into one. Refuses shards of another schema, shards whose
+    provenance differs (other models or settings), and shards that share an utterance id.
+    Never overwrites an existing file."""
+    paths = [Path(p) for p in shard_paths]
+    out = Path(out_path)
+    if not paths:
+        raise StoreError(out, "no shards to merge")
+    if out.exists():
+        raise StoreError(out, "already exists; merge never overwrites a file (choose another --out or remove it)")
+    if len(set(p.resolve() for p in paths)) != len(paths):
+        raise StoreError(paths[0], "the same shard is given twice")
+    stores = [FeatureStore(p) for p in paths]
+    first = stores[0]
+    for s in stores[1:]:
+        if s.dtype != first.dtype:
+            raise StoreError(s.path, f"dtype {s.dtype} differs from {first.path.name}'s {first.dtype}")
+        if set(s.provenance) != set(first.provenance):
+            raise StoreError(s.path, f"holds modalities {sorted(s.provenance)}, {first.path.name} holds {sorted(first.provenance)}")
+        for m in first.provenance:
+            a, b = first.provenance[m], s.provenance[m]
+            if allow_library_mismatch:
+                a = {k: v for k, v in a.items() if k != "library_versions"}
+                b = {k: v for k, v in b.items() if k != "library_versions"}
+            diff = provenance_differences(a, b)
+            if diff:
+                raise StoreError(s.path, f"{m} features were made differently from {first.path.name}'s: {'; '.join(diff[:4])}")
+    seen: dict[str, Path] = {}
+    for s in stores:
+        for utt in s.utterances["utterance_id"]:
+            if utt in seen:
+                raise StoreError(s.path, f"shares utterance id {utt!r} with {seen[utt]} (shards must be disjoint)")
+            seen[utt] = s.path
+    table = pd.concat([s.utterances for s in stores], ignore_index=True)
+    sources = [_StoreSource(p) for p in paths]
+    try:
+        _assemble(out, table, first.provenance, sources, first.dtype,
+                  extra_attrs={"merged_from": json.dumps([p.name for p in paths])})
+    finally:
+        for src in sources:
+            src.close()
+    return out
+
+
+def validate_store(path: str | os.PathLike, manifest: pd.DataFrame | None = None) -> tuple[list[str], list[str]]:
+    """Check a store thoroughly. Returns ``(problems, notes)``; problems make it unusable.
+
+    Raises ``StoreError`` only when the file cannot be opened as a store at all.
+    """
+    store = FeatureStore(path)
+    problems: list[str] = []
+    notes: list[str] = []
+    t = store.utterances
+    for col in REQUIRED_COLUMNS:
+        if col not in t.columns:
+            problems.append(f"utterance table lacks column {col!r}")
+    ids = set(t["utterance_id"]) if "utterance_id" in t.columns else set()
+    if "utterance_id" in t.columns:
+        dup = t["utterance_id"][t["utterance_id"].duplicated()]
+        if len(dup):
+            problems.append(f"utterance table repeats {len(dup)} ids (first: {dup.iloc[0]!r})")
+    if "label" in t.columns:
+        bad = sorted(set(t["label"]) - set(LABELS))
+        if bad:
+            problems.append(f"labels outside {LABELS}: {bad}")
+    for m in store.modalities:
+        prov = store.provenance.get(m)
+        if prov is None:
+            problems.append(f"{m}: features without provenance")
+            continue
+        for key in ("dim", "cm_arr_version", "library_versions"):
+            if key not in prov:
+                problems.append(f"{m}: provenance lacks {key!r}")
+        if not any(k in prov for k in ("model", "checkpoint_sha256")):
+            problems.append(f"{m}: provenance names no model or checkpoint")
+        dim = int(prov.get("dim", -1))
+        if store.dims[m] != dim:
+            problems.append(f"{m}: frames have width {store.dims[m]}, provenance says {dim}")
+        _, shape, dtype = store._layout[m]
+        if np.dtype(dtype).name != store.dtype:
+            problems.append(f"{m}: dtype {np.dtype(dtype).name}, the store's dtype is {store.dtype}")
+        strays = store.ids(m) - ids
+        if strays:
+            problems.append(f"{m}: {len(strays)} feature entries for ids not in the utterance table (first: {sorted(strays)[0]!r})")
+        index = store._index[m]
+        if len(index) != len(store._order[m]):
+            problems.append(f"{m}: repeated ids in the frame index")
+        spans = sorted(index.values())
+        end = 0
+        for off, n in spans:
+            if n <= 0 or off < end or off + n > shape[0]:
+                problems.append(f"{m}: frame index is inconsistent (offset {off}, length {n}, {shape[0]} rows)")
+                break
+            end = off + n
+        if shape[0]:
+            data = store._data(m)
+            step = 1 << 16
+            bad_rows = []
+            for start in range(0, shape[0], step):
+                block = np.asarray(data[start:start + step])
+                rows = np.nonzero(~np.isfinite(block).all(axis=1))[0]
+                bad_rows.extend((rows + start).tolist())
+            if bad_rows:
+                starts = np.array([o for o, _ in spans])
+                by_utt: dict[str, int] = {}
+                inv = {v: u for u, v in index.items()}
+                for r in bad_rows:
+                    k = int(np.searchsorted(starts, r, side="right")) - 1
+                    u = inv[spans[k]]
+                    by_utt[u] = by_utt.get(u, 0) + 1
+                for u, k in sorted(by_utt.items())[:20]:
+                    problems.append(f"{m}/{u}: {k} frames with NaN/Inf values")
+                if len(by_utt) > 20:
+                    problems.append(f"{m}: {len(by_utt) - 20} more utterances with NaN/Inf values")
+        for u in (sorted(index) if m in ("text", "video") else ()):
+            meta = store.meta(u, m)
+            n = index[u][1]
+            if m == "text" and "tokens" in meta and len(meta["tokens"]) != n:
+                problems.append(f"{m}/{u}: {len(meta['tokens'])} tokens for {n} frames")
+            if m == "video" and "face_mask" in meta:
+                if int(meta["face_mask"].sum()) != n:
+                    problems.append(f"{m}/{u}: face_mask marks {int(meta['face_mask'].sum())} face frames, matrix has {n}")
+                if "frame_times" in meta and len(meta["frame_times"]) != len(meta["face_mask"]):
+                    problems.append(f"{m}/{u}: frame_times and face_mask lengths differ")
+        errored = {u for u, mm in zip(store.errors["utterance_id"], store.errors["modality"]) if mm == m}
+        unaccounted = ids - store.ids(m) - errored
+        if unaccounted:
+            problems.append(f"{m}: {len(unaccounted)} utterances have neither features nor a recorded reason (first: {sorted(unaccounted)[0]!r})")
+        if errored:
+            notes.append(f"{m}: {len(errored)} utterances missing, with reasons recorded")
+    if manifest is not None:
+        mids = set(manifest["utterance_id"].astype(str))
+        lacking, extra = mids - ids, ids - mids
+        if lacking:
+            problems.append(f"{len(lacking)} manifest utterances are not in the store (first: {sorted(lacking)[0]!r})")
+        if extra:
+            problems.append(f"{len(extra)} store utterances are not in the manifest (first: {sorted(extra)[0]!r})")
+        if "label" in manifest.columns and "label" in t.columns:
+            ml = dict(zip(manifest["utterance_id"].astype(str), manifest["label"].astype(str)))
+            dis = [u for u, lab in zip(t["utterance_id"], t["label"]) if u in ml and ml[u] != lab]
+            if dis:
+                problems.append(f"{len(dis)} labels disagree with the manifest (first: {dis[0]!r})")
+    store.close()
+    return problems, notes

@@ -1,0 +1,343 @@
+"""The feature store: writing, resume, reading, merge, validation and every bad input."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cmarr.extract.features_cli import app
+from cmarr.extract.store import (FeatureStore, StoreError, StoreWriter, merge_stores,
+                                 validate_store)
+
+runner = CliRunner()
+
+
+def table(ids, session=1):
+    labels = ["ang", "hap", "neu", "sad"]
+    return pd.DataFrame({
+        "utterance_id": ids, "corpus": "iemocap", "session": session, "speaker": "Ses01F",
+        "label": [labels[i % 4] for i in range(len(ids))], "fold": session,
+        "start": 0.0, "end": 1.5,
+    })
+
+
+PROV = {"speech": {"model": "facebook/wav2vec2-base", "layer": -1, "dim": 6, "frame_rate": 50.0},
+        "video": {"checkpoint_sha256": "ab" * 32, "dim": 3, "sample_fps": 10.0}}
+
+
+def feats(seed, rows, dim):
+    return np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
+
+
+def write_store(path, ids, prov=PROV, session=1, skip_video=()):
+    with StoreWriter(path, table(ids, session), prov, chunk_size=3) as w:
+        for i, u in enumerate(ids):
+            w.add(u, "speech", feats(i, 5 + i, prov["speech"]["dim"]), frame_rate=50.0)
+            if u in skip_video:
+                w.add_error(u, "video", "no face detected in any of 12 sampled frames")
+            else:
+                mask = np.array([True, False, True, True])
+                w.add(u, "video", feats(100 + i, 3, prov["video"]["dim"]),
+                      frame_times=np.arange(4) / 10, face_mask=mask)
+    return path
+
+
+def cli(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output + (result.stderr if result.stderr_bytes is not None else "")
+
+
+def assert_clean_error(code, text, *needles):
+    assert code != 0
+    assert "Traceback" not in text
+    for n in needles:
+        assert str(n) in text, (n, text)
+
+
+# ---------------------------------------------------------------------------------------
+def test_roundtrip_tables_meta_and_missing(tmp_path):
+    path = write_store(tmp_path / "f.h5", ["u0", "u1", "u2"], skip_video={"u1"})
+    s = FeatureStore(path)
+    assert list(s.utterances["utterance_id"]) == ["u0", "u1", "u2"]
+    assert list(s.utterances["label"]) == ["ang", "hap", "neu"]
+    assert s.utterances["session"].dtype.kind == "i"
+    np.testing.assert_allclose(s.get("u2", "speech"), feats(2, 7, 6).astype(np.float16))
+    assert s.get("u2", "speech").dtype == np.float16
+    # a modality with no data is absent, never zeros, and the reason is on record
+    assert s.get("u1", "video") is None and not s.has("u1", "video")
+    assert s.errors.to_dict("records") == [
+        {"utterance_id": "u1", "modality": "video", "reason": "no face detected in any of 12 sampled frames"}]
+    meta = s.meta("u0", "video")
+    assert meta["face_mask"].dtype == bool and meta["face_mask"].tolist() == [True, False, True, True]
+    np.testing.assert_allclose(meta["frame_times"], [0, .1, .2, .3], atol=1e-6)
+    assert s.meta("u0", "speech") == {"frame_rate": 50.0}
+    prov = s.provenance["speech"]
+    assert prov["model"] == "facebook/wav2vec2-base" and "torch" in prov["library_versions"]
+    assert prov["cm_arr_version"] and prov["created"]
+    everything = s.load_all()
+    assert set(everything) == {"speech", "video"} and set(everything["video"]) == {"u0", "u2"}
+    np.testing.assert_array_equal(everything["speech"]["u1"], s.get("u1", "speech"))
+    assert validate_store(path) == ([], ["video: 1 utterances missing, with reasons recorded"])
+
+
+def test_output_appears_only_when_complete_and_resume_skips_done(tmp_path):
+    out = tmp_path / "f.h5"
+    ids = [f"u{i}" for i in range(7)]
+    w = StoreWriter(out, table(ids), {"speech": PROV["speech"]}, chunk_size=2)
+    for i, u in enumerate(ids[:5]):
+        w.add(u, "speech", feats(i, 4, 6))
+    del w  # the job dies without finalize: 4 committed in chunks, 1 buffered and lost
+    assert not out.exists()
+    w = StoreWriter(out, table(ids), {"speech": PROV["speech"]}, chunk_size=2)
+    assert w.done() == {(u, "speech") for u in ids[:4]}
+    for i, u in enumerate(ids):
+        if (u, "speech") not in w.done():
+            w.add(u, "speech", feats(i, 4, 6))
+    w.finalize()
+    s = FeatureStore(out)
+    assert s.ids("speech") == set(ids)
+    assert not out.with_name(out.name + ".parts").exists()
+    for i, u in enumerate(ids):
+        np.testing.assert_allclose(s.get(u, "speech"), feats(i, 4, 6).astype(np.float16))
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    out = tmp_path / "f.h5"
+    w = StoreWriter(out, table(["a", "b"]), {"speech": PROV["speech"]}, chunk_size=1)
+    w.add("a", "speech", feats(0, 4, 6))
+    other = {"speech": {**PROV["speech"], "layer": 6}}
+    with pytest.raises(StoreError, match="other settings"):
+        StoreWriter(out, table(["a", "b"]), other)
+
+
+def test_killed_writer_process_resumes_without_corruption(tmp_path):
+    out = tmp_path / "f.h5"
+    script = textwrap.dedent(f"""
+        import numpy as np, pandas as pd, time, sys
+        from cmarr.extract.store import StoreWriter
+        ids = [f"u{{i}}" for i in range(40)]
+        t = pd.DataFrame(dict(utterance_id=ids, corpus="c", session=1, speaker="s", label="ang", fold=1, start=0.0, end=1.0))
+        w = StoreWriter({str(out)!r}, t, {{"speech": {{"model": "m", "dim": 6}}}}, chunk_size=2)
+        for i, u in enumerate(ids):
+            if (u, "speech") in w.done():
+                continue
+            w.add(u, "speech", np.full((3, 6), i, np.float32))
+            print(u, flush=True)
+            if len(sys.argv) > 1:
+                time.sleep(0.05)
+        w.finalize()
+        print("DONE", flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script, "slow"], stdout=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line.strip())
+        if len(seen) == 11:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert not out.exists()
+    second = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    redone = [x for x in second.stdout.split() if x.startswith("u")]
+    assert second.stdout.strip().endswith("DONE")
+    assert len(redone) < 40 - 9  # the committed chunks were not recomputed
+    s = FeatureStore(out)
+    assert len(s.ids("speech")) == 40
+    assert all(float(s.get(f"u{i}", "speech")[0, 0]) == i for i in range(40))
+    assert validate_store(out)[0] == []
+
+
+def test_extending_a_store_keeps_what_it_held(tmp_path):
+    out = write_store(tmp_path / "f.h5", ["a", "b"])
+    before = FeatureStore(out).get("a", "speech")
+    with StoreWriter(out, table(["a", "b"]), {"text": {"model": "bert-base-uncased", "dim": 4}}) as w:
+        assert ("a", "speech") in w.done() and ("a", "text") not in w.done()
+        w.add("a", "text", feats(9, 2, 4), tokens=["hi", "there"])
+        w.add_error("b", "text", "empty transcript")
+    s = FeatureStore(out)
+    assert set(s.modalities) == {"speech", "text", "video"}
+    np.testing.assert_array_equal(s.get("a", "speech"), before)
+    assert s.meta("a", "text")["tokens"] == ["hi", "there"]
+
+
+def test_writer_records_nan_and_overflow_instead_of_storing(tmp_path):
+    out = tmp_path / "f.h5"
+    with StoreWriter(out, table(["a", "b", "c"]), {"speech": PROV["speech"]}) as w:
+        bad = feats(0, 3, 6)
+        bad[1, 2] = np.nan
+        assert w.add("a", "speech", bad) is False
+        assert w.add("b", "speech", np.full((2, 6), 1e6, np.float32)) is False
+        assert w.add("c", "speech", feats(1, 3, 6)) is True
+        with pytest.raises(ValueError, match="width 5"):
+            w.add("c", "speech", feats(1, 3, 5))
+    s = FeatureStore(out)
+    assert s.ids("speech") == {"c"}
+    reasons = dict(zip(s.errors["utterance_id"], s.errors["reason"]))
+    assert "NaN" in reasons["a"] and "float16" in reasons["b"]
+
+
+class _Reads(torch.utils.data.Dataset):
+    def __init__(self, store, ids):
+        self.store, self.ids = store, ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.store.get(self.ids[i], "speech").astype(np.float32)).sum()
+
+
+def test_lazy_handle_per_dataloader_worker(tmp_path):
+    ids = [f"u{i}" for i in range(8)]
+    store = FeatureStore(write_store(tmp_path / "f.h5", ids))
+    store.get("u0", "speech")  # opened in the parent before forking: workers must reopen
+    ds = _Reads(store, ids)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
+    got = torch.cat(list(loader))
+    want = torch.tensor([float(store.get(u, "speech").astype(np.float32).sum()) for u in ids])
+    torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------------------------------
+# merge
+
+def test_merge_joins_disjoint_shards(tmp_path):
+    a = write_store(tmp_path / "a.h5", ["a0", "a1"], session=1)
+    b = write_store(tmp_path / "b.h5", ["b0", "b1", "b2"], session=2, skip_video={"b2"})
+    code, text = cli("merge", a, b, "--out", tmp_path / "m.h5")
+    assert code == 0, text
+    m = FeatureStore(tmp_path / "m.h5")
+    assert list(m.utterances["utterance_id"]) == ["a0", "a1", "b0", "b1", "b2"]
+    np.testing.assert_array_equal(m.get("b1", "speech"), FeatureStore(b).get("b1", "speech"))
+    assert m.meta("a1", "video")["face_mask"].tolist() == [True, False, True, True]
+    assert list(m.errors["utterance_id"]) == ["b2"]
+    assert validate_store(tmp_path / "m.h5")[0] == []
+
+
+def test_merge_refuses_duplicate_ids(tmp_path):
+    a = write_store(tmp_path / "a.h5", ["x", "y"])
+    b = write_store(tmp_path / "b.h5", ["y", "z"])
+    code, text = cli("merge", a, b, "--out", tmp_path / "m.h5")
+    assert_clean_error(code, text, "b.h5", "'y'")
+    assert not (tmp_path / "m.h5").exists()
+
+
+def test_merge_refuses_shards_of_other_models(tmp_path):
+    a = write_store(tmp_path / "a.h5", ["x"])
+    other = {**PROV, "speech": {**PROV["speech"], "model": "facebook/wav2vec2-large"}}
+    b = write_store(tmp_path / "b.h5", ["y"], prov=other)
+    code, text = cli("merge", a, b, "--out", tmp_path / "m.h5")
+    assert_clean_error(code, text, "b.h5", "wav2vec2-large", "made differently")
+
+
+def test_merge_never_overwrites(tmp_path):
+    a = write_store(tmp_path / "a.h5", ["x"])
+    b = write_store(tmp_path / "b.h5", ["y"])
+    target = tmp_path / "m.h5"
+    target.write_bytes(b"precious")
+    code, text = cli("merge", a, b, "--out", target)
+    assert_clean_error(code, text, "m.h5", "already exists")
+    assert target.read_bytes() == b"precious"
+
+
+def test_merge_refuses_other_schema(tmp_path):
+    a = write_store(tmp_path / "a.h5", ["x"])
+    b = write_store(tmp_path / "b.h5", ["y"])
+    with h5py.File(b, "a") as f:
+        f.attrs["schema_version"] = 99
+    code, text = cli("merge", a, b, "--out", tmp_path / "m.h5")
+    assert_clean_error(code, text, "b.h5", "schema version 99")
+
+
+# ---------------------------------------------------------------------------------------
+# bad input at the command line
+
+def test_missing_path(tmp_path):
+    code, text = cli("info", tmp_path / "nope.h5")
+    assert_clean_error(code, text, "nope.h5", "no such file")
+
+
+def test_not_hdf5(tmp_path):
+    p = tmp_path / "notes.h5"
+    p.write_text("utterance_id,label\n")
+    code, text = cli("validate", p)
+    assert_clean_error(code, text, "notes.h5", "not an HDF5 file")
+
+
+def test_truncated_hdf5(tmp_path):
+    p = write_store(tmp_path / "f.h5", [f"u{i}" for i in range(6)])
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    code, text = cli("info", p)
+    assert_clean_error(code, text, "f.h5", "truncated or corrupt")
+
+
+def test_hdf5_that_is_not_a_store(tmp_path):
+    p = tmp_path / "other.h5"
+    with h5py.File(p, "w") as f:
+        f["Ses01F_impro01_F000"] = np.zeros((3, 768))
+    code, text = cli("info", p)
+    assert_clean_error(code, text, "other.h5", "not a cm-arr feature store")
+
+
+def test_other_schema_version(tmp_path):
+    p = write_store(tmp_path / "f.h5", ["a"])
+    with h5py.File(p, "a") as f:
+        f.attrs["schema_version"] = 2
+    code, text = cli("validate", p)
+    assert_clean_error(code, text, "f.h5", "schema version 2")
+
+
+def test_validate_finds_nan_inf(tmp_path):
+    p = write_store(tmp_path / "f.h5", ["a", "b", "c"])
+    s = FeatureStore(p)
+    off_b = s._index["speech"]["b"][0]
+    with h5py.File(p, "a") as f:
+        ds = f["features/speech/data"]
+        arr = ds[()]
+        arr[off_b, 0] = np.inf
+        arr[off_b + 1, 1] = np.nan
+        ds[...] = arr
+    code, text = cli("validate", p)
+    assert_clean_error(code, text, "speech/b: 2 frames with NaN/Inf values", "1 problem(s)")
+
+
+def test_validate_finds_wrong_width(tmp_path):
+    p = write_store(tmp_path / "f.h5", ["a", "b"])
+    with h5py.File(p, "a") as f:
+        g = f["features/video"]
+        rows = g["data"].shape[0]
+        del g["data"]
+        g.create_dataset("data", data=np.zeros((rows, 5), np.float16))
+    code, text = cli("validate", p)
+    assert_clean_error(code, text, "video: frames have width 5, provenance says 3")
+
+
+def test_validate_against_manifest(tmp_path):
+    p = write_store(tmp_path / "f.h5", ["a", "b"])
+    man = tmp_path / "m.csv"
+    pd.DataFrame({"utterance_id": ["a", "b", "c"], "label": ["ang", "sad", "neu"]}).to_csv(man, index=False)
+    code, text = cli("validate", p, "--manifest", man)
+    assert_clean_error(code, text, "1 manifest utterances are not in the store", "1 labels disagree")
+    ok = tmp_path / "ok.csv"
+    pd.DataFrame({"utterance_id": ["a", "b"], "label": ["ang", "hap"]}).to_csv(ok, index=False)
+    code, text = cli("validate", p, "--manifest", ok)
+    assert code == 0, text
+
+
+def test_info_table(tmp_path):
+    p = write_store(tmp_path / "f.h5", ["a", "b", "c", "d", "e"], skip_video={"e"})
+    code, text = cli("info", p)
+    assert code == 0, text
+    assert "5 utterances" in text and "wav2vec2-base" in text
+    assert "video" in text and "speech" in text
