@@ -1,0 +1,318 @@
+"""The utterance manifest shared by both corpora, and the canonical lists it is checked against.
+
+A manifest is one row per utterance of the 4-class set, with the columns of
+``MANIFEST_COLUMNS``:
+
+==============  ===========================================================================
+utterance_id    the corpus's own id (``Ses01F_impro01_F000``, ``MSP-IMPROV-S08A-F05-S-FM02``)
+corpus          ``"iemocap"`` or ``"msp-improv"``
+session         int, 1-based
+speaker         ``Ses01F`` (IEMOCAP: session + speaker gender) or ``F05`` (MSP-IMPROV)
+gender          ``F`` or ``M``
+label           one of ``ang hap neu sad``
+consensus       the corpus's own consensus code (``exc``, ``hap``, ``A``, ...)
+start, end      seconds; IEMOCAP: times in the dialog, MSP-IMPROV: 0 and the clip duration
+fold            int, 1-based: the session whose utterances form the test part of that fold
+wav_path        the utterance wav, relative to the corpus root ("" = absent)
+transcript      text ("" = absent; the text modality is then missing)
+video_path      the video holding the speaker's face, relative to the corpus root ("" = absent)
+video_start/end the span of the utterance inside ``video_path``, seconds
+video_half      ``left`` / ``right`` (IEMOCAP: the half of the dialog frame showing the
+                speaker) or ``full`` (MSP-IMPROV: one speaker per clip)
+==============  ===========================================================================
+
+Which sessions serve as validation data is the trainer's choice; the manifest only carries
+``fold``. Every utterance a corpus reader leaves out is reported as a ``Dropped`` item with a
+stable ``reason`` (counted in the summary) and where it was found; nothing is skipped silently.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+MANIFEST_COLUMNS: tuple[str, ...] = (
+    "utterance_id", "corpus", "session", "speaker", "gender", "label", "consensus",
+    "start", "end", "fold", "wav_path", "transcript", "video_path", "video_start",
+    "video_end", "video_half",
+)
+FOUR_CLASS: tuple[str, ...] = ("ang", "hap", "neu", "sad")
+CORPORA: tuple[str, ...] = ("iemocap", "msp-improv")
+VIDEO_HALVES: tuple[str, ...] = ("left", "right", "full")
+
+_INT_COLUMNS = ("session", "fold")
+_FLOAT_COLUMNS = ("start", "end", "video_start", "video_end")
+_STR_COLUMNS = tuple(c for c in MANIFEST_COLUMNS if c not in _INT_COLUMNS + _FLOAT_COLUMNS)
+
+# The counts of the paper's Table 1 (4-class sets), used to say whether a complete corpus
+# reproduces them.
+PAPER_COUNTS: dict[str, dict[str, int]] = {
+    "iemocap": {"ang": 1103, "hap": 1636, "neu": 1708, "sad": 1084},
+    "msp-improv": {"ang": 460, "hap": 999, "neu": 1733, "sad": 627},
+}
+# Per-session sizes of the IEMOCAP 4-class set (sessions 1-5).
+IEMOCAP_SESSION_COUNTS: dict[int, int] = {1: 1085, 2: 1023, 3: 1151, 4: 1031, 5: 1241}
+
+IEMOCAP_CANONICAL = "iemocap_4class.csv"
+MSP_NO_FACE = "msp_improv_no_face.txt"
+
+
+class ManifestError(Exception):
+    """A problem that stops a manifest from being built. ``str(e) == f"{path}: {problem}"``."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """One item a corpus reader left out.
+
+    ``reason`` is a short stable category (summaries count items per reason);
+    ``where`` names the file (and ``:line`` when a line is at fault); ``detail`` adds the
+    specifics (the offending text, the code found, ...). ``utterance_id`` is "" when the
+    item could not be identified (e.g. a line that does not parse).
+    """
+
+    utterance_id: str
+    reason: str
+    where: str = ""
+    detail: str = ""
+
+
+@dataclass
+class ManifestResult:
+    """What ``prepare_<corpus>`` returns.
+
+    ``df``: the manifest (columns ``MANIFEST_COLUMNS``, sorted by ``utterance_id``);
+    ``dropped``: every item left out, with its reason; ``notes``: facts the user should
+    see (coverage of a partial corpus, which file variant was read, media problems of kept
+    utterances); ``sessions``: the sessions the copy on disk covers.
+    """
+
+    df: pd.DataFrame
+    dropped: list[Dropped] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    sessions: tuple[int, ...] = ()
+
+    def drop_counts(self) -> Counter:
+        """Number of dropped items per reason."""
+        return Counter(d.reason for d in self.dropped)
+
+
+def make_manifest(rows: Iterable[dict]) -> pd.DataFrame:
+    """Build a manifest frame from row dicts: fixed column order and dtypes, sorted by id."""
+    df = pd.DataFrame(list(rows), columns=list(MANIFEST_COLUMNS))
+    return _coerce(df).sort_values("utterance_id", kind="stable").reset_index(drop=True)
+
+
+def _coerce(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
+    for c in _INT_COLUMNS:
+        df[c] = df[c].astype("int64")
+    for c in _FLOAT_COLUMNS:
+        df[c] = df[c].astype("float64")
+    for c in _STR_COLUMNS:
+        df[c] = df[c].fillna("").astype(str)
+    return df
+
+
+def check_manifest(df: pd.DataFrame, where: str = "manifest") -> None:
+    """Raise ``ManifestError`` unless ``df`` follows the manifest contract."""
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise ManifestError(where, f"missing columns {missing}")
+    dup = df["utterance_id"][df["utterance_id"].duplicated()]
+    if len(dup):
+        raise ManifestError(where, f"duplicate utterance ids, e.g. {dup.iloc[0]!r}")
+    bad = df[~df["label"].isin(FOUR_CLASS)]
+    if len(bad):
+        raise ManifestError(where, f"label {bad['label'].iloc[0]!r} of {bad['utterance_id'].iloc[0]} "
+                                   f"is not one of {FOUR_CLASS}")
+    bad = df[~df["corpus"].isin(CORPORA)]
+    if len(bad):
+        raise ManifestError(where, f"corpus {bad['corpus'].iloc[0]!r} is not one of {CORPORA}")
+    bad = df[~df["video_half"].isin(VIDEO_HALVES)]
+    if len(bad):
+        raise ManifestError(where, f"video_half {bad['video_half'].iloc[0]!r} is not one of {VIDEO_HALVES}")
+    bad = df[df["end"] < df["start"]]
+    if len(bad):
+        raise ManifestError(where, f"{bad['utterance_id'].iloc[0]}: end < start")
+
+
+def write_manifest(df: pd.DataFrame, out: str | os.PathLike) -> Path:
+    """Write the manifest CSV atomically: a temporary file beside ``out``, then a rename, so
+    that ``out`` either holds the complete manifest or is left as it was."""
+    out = Path(out)
+    check_manifest(df, str(out))
+    return write_csv_atomic(df.loc[:, list(MANIFEST_COLUMNS)], out)
+
+
+def write_csv_atomic(df: pd.DataFrame, out: str | os.PathLike) -> Path:
+    """Write ``df`` (no index) to ``out`` through a temporary file in the same folder and a
+    rename; the temporary file is removed on failure."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            df.to_csv(f, index=False)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a manifest CSV written by ``write_manifest``; empty cells stay "" (absent media),
+    never NaN."""
+    path = Path(path)
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise ManifestError(path, f"cannot read manifest: {e}") from e
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise ManifestError(path, f"missing columns {missing}")
+    try:
+        df = _coerce(df)
+    except ValueError as e:
+        raise ManifestError(path, f"bad value: {e}") from e
+    check_manifest(df, str(path))
+    return df
+
+
+# --------------------------------------------------------------------------------------
+# Canonical lists (data_manifests/)
+# --------------------------------------------------------------------------------------
+
+def canonical_dir() -> Path:
+    """The folder holding the canonical lists.
+
+    The repository's ``data_manifests/`` (reached from this file, which works for a source
+    checkout and an editable install); else a ``cmarr.data_manifests`` package, for an
+    install that ships the folder as package data."""
+    here = Path(__file__).resolve().parents[1] / "data_manifests"
+    if (here / IEMOCAP_CANONICAL).is_file():
+        return here
+    try:
+        from importlib.resources import files
+
+        pkg = Path(str(files("cmarr.data_manifests")))
+        if (pkg / IEMOCAP_CANONICAL).is_file():
+            return pkg
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return here
+
+
+def load_canonical_iemocap(path: str | os.PathLike | None = None) -> pd.DataFrame:
+    """The canonical IEMOCAP 4-class list: ``utterance_id, session, label, fold``."""
+    path = Path(path) if path is not None else canonical_dir() / IEMOCAP_CANONICAL
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise ManifestError(path, f"cannot read the canonical IEMOCAP list: {e}") from e
+    need = ["utterance_id", "session", "label"]
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        raise ManifestError(path, f"canonical list lacks columns {missing}")
+    try:
+        df["session"] = df["session"].astype("int64")
+        df["fold"] = df["fold"].astype("int64") if "fold" in df.columns else df["session"]
+    except ValueError as e:
+        raise ManifestError(path, f"bad session/fold value: {e}") from e
+    return df[["utterance_id", "session", "label", "fold"]]
+
+
+def load_msp_no_face(path: str | os.PathLike | None = None) -> dict[str, str]:
+    """The MSP-IMPROV clips with no detectable face: ``{utterance_id: consensus letter}``.
+
+    File format: one clip per line, ``utterance_id consensus face_found``; ``#`` starts a
+    comment."""
+    path = Path(path) if path is not None else canonical_dir() / MSP_NO_FACE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError(path, f"cannot read the no-face list: {e}") from e
+    out: dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if not parts[0].startswith("MSP-IMPROV-"):
+            raise ManifestError(f"{path}:{n}", f"not a clip id: {parts[0]!r}")
+        out[parts[0]] = parts[1] if len(parts) > 1 else ""
+    return out
+
+
+@dataclass
+class Comparison:
+    """Differences between a built manifest and a canonical list, over ``sessions``."""
+
+    sessions: tuple[int, ...]
+    missing: list[str]                                # canonical ids the corpus did not yield
+    extra: list[str]                                  # yielded ids not in the canonical list
+    label_disagreements: list[tuple[str, str, str]]   # (id, label built, canonical label)
+    n_canonical: int = 0
+
+    @property
+    def matches(self) -> bool:
+        return not (self.missing or self.extra or self.label_disagreements)
+
+
+def compare_with_canonical(df: pd.DataFrame, canonical: pd.DataFrame,
+                           sessions: Iterable[int] | None = None) -> Comparison:
+    """Compare a manifest with a canonical ``utterance_id, session, label`` list.
+
+    ``sessions`` restricts the comparison (a partial corpus is compared only over the
+    sessions it covers); ``None`` = the sessions present in either list."""
+    if sessions is None:
+        sessions = set(df["session"].astype(int)) | set(canonical["session"].astype(int))
+    sessions = tuple(sorted(int(s) for s in sessions))
+    built = df[df["session"].astype(int).isin(sessions)]
+    canon = canonical[canonical["session"].astype(int).isin(sessions)]
+    b = dict(zip(built["utterance_id"], built["label"]))
+    c = dict(zip(canon["utterance_id"], canon["label"]))
+    missing = sorted(set(c) - set(b))
+    extra = sorted(set(b) - set(c))
+    disagree = sorted((u, b[u], c[u]) for u in set(b) & set(c) if b[u] != c[u])
+    return Comparison(sessions, missing, extra, disagree, n_canonical=len(c))
+
+
+# --------------------------------------------------------------------------------------
+# Small file helpers shared by the corpus readers
+# --------------------------------------------------------------------------------------
+
+def is_junk(name: str) -> bool:
+    """macOS resource-fork copies (``._<name>``) and other dot files: binary junk."""
+    return name.startswith(".")
+
+
+def read_text(path: Path, what: str) -> str:
+    """Read a UTF-8 text file; any failure becomes a ``ManifestError`` naming the file."""
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError as e:
+        raise ManifestError(path, f"cannot read {what}: it is a directory") from e
+    except OSError as e:
+        raise ManifestError(path, f"cannot read {what}: {e.strerror or e}") from e
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ManifestError(path, f"cannot read {what}: not UTF-8 text (byte {e.start}: "
+                                  f"{data[e.start:e.start + 1]!r})") from e
+
+
+def rel(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` with forward slashes (the manifest's path form)."""
+    return path.relative_to(root).as_posix()
