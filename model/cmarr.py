@@ -1,0 +1,282 @@
+"""The CM-ARR model: alignment, reconstruction and refinement (Fig. 2).
+
+Data flow for one batch (``B`` samples, modalities ``n`` in ``MODALITIES``, ``S = seq_len``,
+``d = d_model``):
+
+1. ``R_n`` (B, T_n, D_n) -> masked adaptive pooling to S steps (``pool_to_steps``) -> a
+   per-modality linear layer to width ``d`` (needed because ``D_v != D_s``).
+2. Alignment (Sec. 3.1.2): the UMC gives per-step ``mu_n, log sigma_n`` (B, S, d); their masked
+   means over steps are the utterance-level Gaussians compared by L_udcl (Eqs. 1-5).
+3. Reconstruction (Sec. 3.2): a 1-D convolution gives ``X_n`` (B, S, d) from ``mu_n``
+   (``proj_input``); the flow gives ``Z_n = F_n(X_n)`` (Eq. 6); for a modality ``m`` that is not
+   available, ``Z~_m`` = mean of the available ``Z_n`` (Eq. 7; with one available modality it is
+   that modality's ``Z``), ``X~_m = F_m^{-1}(Z~_m)`` (Eq. 8), ``X^_m`` = RCAN(``X~_m``); L_rec
+   (Eq. 9) compares ``X^_m`` with ``X_m`` on rows where ``m`` is present in the data.
+4. Refinement (Sec. 3.3): ``Y_m = X_m`` if available else ``X^_m``; L_spcl (SupCon) on the
+   pooled ``Y_m`` of all modalities and instances; cross-modal fusion (Eqs. 10-13), pooling
+   and a classifier give the logits.
+
+A modality that is not available is never read into the logits: its input rows are replaced
+by zeros with ``torch.where`` before the first layer (so NaN there cannot reach a value or a
+gradient), and ``Y_m`` selects the reconstruction with ``torch.where``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .config import MODALITIES, CMARRConfig
+from .flows import Flow
+from .fusion import CrossModalFusion
+from .losses import LOSS_NAMES, loss_cls, loss_nll, loss_rec, loss_spcl, loss_udcl, total_loss
+from .pooling import pool_to_steps
+from .reconstruction import ReconstructionModule
+from .umc import UMC, masked_mean
+
+
+@dataclass
+class CMARROutput:
+    """What :meth:`CMARR.forward` returns.
+
+    logits: (B, num_classes).
+    losses: "udcl", "spcl", "rec", "nll", "cls", "total" scalars when labels were given, else {}.
+        A term whose weight is 0 in the config (e.g. "udcl" for ``no-udcl``, all but "cls"
+        for the baseline) is not computed and is reported as an exact 0.
+    reps: detached tensors for the t-SNE of Fig. 5: ``reps["real"][m]`` (B, d) pooled ``X_m``
+        (NaN on rows where ``m`` is not present), ``reps["recon"][m]`` (B, d) pooled ``X^_m``
+        (NaN on rows where ``m`` was available; for the baseline, the projection of the
+        zero-filled input), ``reps["recon_mask"]`` (B, 3) bool = which were reconstructed
+        (not available), ``reps["present_mask"]`` (B, 3) bool.
+    """
+
+    logits: Tensor
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    reps: dict = field(default_factory=dict)
+
+
+class CMARR(nn.Module):
+    """Cross-modal alignment, reconstruction and refinement (Sun et al. 2024), see module docstring.
+
+    Choices the paper leaves open are :class:`CMARRConfig` fields; this class makes these:
+    ``seq_len`` (pooling), ``proj_input`` / ``proj_kernel`` (what the 1-D convolution projects),
+    ``nll_weight`` / ``nll_prior`` / ``nll_detach_input`` (flow training),
+    ``rec_reduction`` / ``rec_detach_target`` (Eq. 9), ``udcl_*`` / ``learn_ab`` / ``learn_tau`` / ``tau_min``
+    (Eqs. 2-5), ``fusion_queries`` (Eqs. 10-13), ``reconstruction`` (baseline). L_spcl is
+    computed on the pooled fusion inputs ``Y_m`` (all three modalities of every instance, each
+    L2-normalised inside the loss). L_udcl and the flow likelihood use every modality
+    ``present`` in the data (in training that includes the true features of the modalities
+    withheld as inputs; they never reach the logits); L_rec targets the rows present but not
+    available. Only layers that the config uses are built, so every parameter receives a
+    gradient.
+    """
+
+    def __init__(self, cfg: CMARRConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        # per-modality linear to the common width (D_v != D_s): the "feature extraction" head
+        self.inp = nn.ModuleDict({m: nn.Linear(cfg.dims[m], d) for m in MODALITIES})
+        self.use_umc = cfg.reconstruction and (cfg.uses_udcl or cfg.proj_input == "umc_mu")
+        with_sigma = cfg.uses_udcl and cfg.udcl_representation == "distribution"
+        if self.use_umc:
+            self.umc = nn.ModuleDict({
+                m: UMC(d, cfg.umc_heads, cfg.umc_mlp_ratio, cfg.dropout, attention=cfg.umc_attention,
+                       with_sigma=with_sigma)
+                for m in MODALITIES
+            })
+        if cfg.uses_udcl:
+            ab_used = not (cfg.udcl_representation == "point" and cfg.point_similarity == "cosine")
+            if cfg.learn_ab and ab_used:
+                self.udcl_a = nn.Parameter(torch.tensor(float(cfg.udcl_a)))
+                self.udcl_b = nn.Parameter(torch.tensor(float(cfg.udcl_b)))
+            else:
+                self.register_buffer("udcl_a", torch.tensor(float(cfg.udcl_a)))
+                self.register_buffer("udcl_b", torch.tensor(float(cfg.udcl_b)))
+            log_tau = torch.tensor(math.log(cfg.tau_init))
+            if cfg.learn_tau:
+                self.log_tau = nn.Parameter(log_tau)
+            else:
+                self.register_buffer("log_tau", log_tau)
+        # the 1-D convolution of Sec. 3.2 that gives X_n
+        self.proj = nn.ModuleDict({m: nn.Conv1d(d, d, cfg.proj_kernel, padding=cfg.proj_kernel // 2)
+                                   for m in MODALITIES})
+        if cfg.reconstruction:
+            self.flow = nn.ModuleDict({m: Flow(d, cfg.flow_steps, cfg.flow_hidden, cfg.flow_kernel)
+                                       for m in MODALITIES})
+            self.rec = nn.ModuleDict({m: ReconstructionModule(d, cfg.rcan_blocks, cfg.rcan_kernel, cfg.rcan_reduction)
+                                      for m in MODALITIES})
+            if cfg.nll_prior == "class" and cfg.nll_weight > 0:
+                self.prior_mean = nn.ParameterDict({m: nn.Parameter(torch.zeros(cfg.num_classes, d))
+                                                    for m in MODALITIES})
+        self.fusion = CrossModalFusion(d, cfg.fusion_heads, cfg.fusion_ff_ratio, cfg.dropout, cfg.fusion_queries)
+        self.classifier = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(cfg.dropout),
+                                        nn.Linear(d, cfg.num_classes))
+
+    # ------------------------------------------------------------------ checks
+    def _check_inputs(self, feats: dict[str, Tensor], masks: dict[str, Tensor], available: Tensor,
+                      present: Tensor | None) -> Tensor:
+        n_mod = len(MODALITIES)
+        if available.dtype != torch.bool or available.dim() != 2 or available.shape[1] != n_mod:
+            raise ValueError(f"CMARR: available must be a bool (B, {n_mod}) tensor, got {available.dtype} {tuple(available.shape)}")
+        B = available.shape[0]
+        if present is None:
+            present = available
+        elif present.dtype != torch.bool or present.shape != available.shape:
+            raise ValueError(f"CMARR: present must be a bool tensor shaped like available {tuple(available.shape)}, "
+                             f"got {present.dtype} {tuple(present.shape)}")
+        flags = torch.stack([(available & ~present).any(), ~available.any(dim=1).all()]).tolist()  # one host sync
+        if flags[0]:
+            raise ValueError("CMARR: a modality marked available is not present")
+        if flags[1]:
+            raise ValueError("CMARR: every sample needs at least one available modality")
+        for m in MODALITIES:
+            if m not in feats or m not in masks:
+                raise ValueError(f"CMARR: feats and masks need modality {m!r} (fill unavailable rows with anything)")
+            x, mask = feats[m], masks[m]
+            if x.dim() != 3 or x.shape[0] != B or x.shape[2] != self.cfg.dims[m]:
+                raise ValueError(f"CMARR: feats[{m!r}] must be (B={B}, T, {self.cfg.dims[m]}), got {tuple(x.shape)}")
+            if mask.dtype != torch.bool or mask.shape != x.shape[:2]:
+                raise ValueError(f"CMARR: masks[{m!r}] must be bool {tuple(x.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+        return present
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, feats: dict[str, Tensor], masks: dict[str, Tensor], available: Tensor,
+                present: Tensor | None = None, labels: Tensor | None = None) -> CMARROutput:
+        """Run the model on one batch.
+
+        Args:
+            feats: modality -> (B, T_m, D_m) float, padded; raw frames or already pooled to
+                ``seq_len`` steps (pooling a row of exactly ``seq_len`` valid steps is the identity).
+            masks: modality -> (B, T_m) bool, True = valid frame.
+            available: (B, 3) bool, the modalities given as inputs (the condition).
+            present: (B, 3) bool, the modalities that exist in the data (reconstruction
+                targets where not available); default ``available``. Must contain ``available``.
+            labels: (B,) long or None; with labels the losses are computed.
+        """
+        cfg = self.cfg
+        present = self._check_inputs(feats, masks, available, present)
+        # true features are read where they exist (inputs, and targets / Fig. 5 references)
+        read = present  # (B, 3)
+        avail_f = available.to(torch.float32)
+
+        h, step_mask = {}, {}
+        for i, m in enumerate(MODALITIES):
+            keep = read[:, i : i + 1] & masks[m]  # (B, T_m): never read unavailable rows or padding
+            x = torch.where(keep.unsqueeze(-1), feats[m], torch.zeros((), dtype=feats[m].dtype, device=feats[m].device))
+            x, step_mask[m] = pool_to_steps(x, keep, cfg.seq_len)  # (B, S, D_m), (B, S)
+            h[m] = self.inp[m](x.to(self.inp[m].weight.dtype))  # (B, S, d)
+        empty = torch.stack([read[:, i] & ~step_mask[m][:, 0] for i, m in enumerate(MODALITIES)], dim=1)  # (B, 3)
+        if bool(empty.any()):  # one host sync for all modalities
+            bad = [m for i, m in enumerate(MODALITIES) if bool(empty[:, i].any())]
+            raise ValueError(f"CMARR: feats{bad} have rows marked available/present without a valid frame")
+
+        # ---- alignment (Sec. 3.1.2)
+        mu, logsigma = {}, {}
+        if self.use_umc:
+            for m in MODALITIES:
+                mu[m], logsigma[m] = self.umc[m](h[m], step_mask[m])  # (B, S, d) each (log sigma may be None)
+
+        # ---- projection to X_n (Sec. 3.2)
+        x_n = {}
+        for m in MODALITIES:
+            src = mu[m] if (self.use_umc and cfg.proj_input == "umc_mu") else h[m]
+            src = torch.where(step_mask[m].unsqueeze(-1), src, torch.zeros_like(src))  # padding steps are zero
+            x_n[m] = self.proj[m](src.transpose(1, 2)).transpose(1, 2)  # (B, S, d)
+
+        # ---- reconstruction (Eqs. 6-8) or zero-filled inputs (baseline)
+        ones = torch.ones_like(step_mask[MODALITIES[0]])
+        y, y_mask, x_hat = {}, {}, {}
+        if cfg.reconstruction:
+            z = {m: self.flow[m](x_n[m])[0] for m in MODALITIES}  # Eq. 6, (B, S, d)
+            for i, m in enumerate(MODALITIES):
+                others = [j for j in range(len(MODALITIES)) if j != i]
+                z_sum = sum(torch.where(available[:, j].view(-1, 1, 1), z[MODALITIES[j]], torch.zeros_like(z[m]))
+                            for j in others)
+                count = sum(avail_f[:, j] for j in others).clamp(min=1.0).view(-1, 1, 1)
+                z_tilde = z_sum / count  # Eq. 7, (B, S, d); rows where m is available are discarded below
+                x_tilde, _ = self.flow[m].inverse(z_tilde)  # Eq. 8
+                x_hat[m] = self.rec[m](x_tilde)  # (B, S, d)
+                y[m] = torch.where(available[:, i].view(-1, 1, 1), x_n[m], x_hat[m])
+                y_mask[m] = torch.where(available[:, i : i + 1], step_mask[m], ones)
+        else:
+            # baseline: an unavailable modality is a zero-filled input (MMIN protocol), i.e. the
+            # same layers applied to zero features
+            for i, m in enumerate(MODALITIES):
+                zeros = h[m].new_zeros((1, cfg.seq_len, cfg.dims[m]))
+                x_fill = self.proj[m](self.inp[m](zeros).transpose(1, 2)).transpose(1, 2)  # (1, S, d)
+                x_hat[m] = x_fill.expand_as(x_n[m])
+                y[m] = torch.where(available[:, i].view(-1, 1, 1), x_n[m], x_hat[m])
+                y_mask[m] = torch.where(available[:, i : i + 1], step_mask[m], ones)
+
+        # ---- fusion (Eqs. 10-13) and classification
+        fused = self.fusion(y, y_mask, available)  # (B, d)
+        logits = self.classifier(fused)  # (B, num_classes)
+
+        reps = self._reps(x_n, x_hat, step_mask, available, present)
+        out = CMARROutput(logits=logits, reps=reps)
+        if labels is not None:
+            out.losses = self._losses(labels, logits, mu, logsigma, x_n, x_hat, y, y_mask, step_mask,
+                                      available, present)
+        return out
+
+    # ------------------------------------------------------------------ pieces
+    def _reps(self, x_n, x_hat, step_mask, available, present) -> dict:
+        nan = torch.tensor(float("nan"), device=available.device)
+        real, recon = {}, {}
+        with torch.no_grad():
+            for i, m in enumerate(MODALITIES):
+                pooled = masked_mean(x_n[m], step_mask[m])  # (B, d)
+                real[m] = torch.where(present[:, i : i + 1], pooled, nan).detach()
+                pooled_hat = x_hat[m].mean(dim=1)  # (B, d), every step of X^_m is valid
+                recon[m] = torch.where(~available[:, i : i + 1], pooled_hat, nan).detach()
+        return {"real": real, "recon": recon, "recon_mask": ~available, "present_mask": present}
+
+    def _losses(self, labels, logits, mu, logsigma, x_n, x_hat, y, y_mask, step_mask, available, present):
+        cfg = self.cfg
+        zero = logits.new_zeros((), dtype=torch.float32)
+        losses: dict[str, Tensor] = {k: zero for k in LOSS_NAMES}
+        losses["cls"] = loss_cls(logits, labels)
+
+        if cfg.uses_udcl:  # Eqs. 1-5 over the modalities present in the data
+            mu_bar = torch.stack([masked_mean(mu[m], step_mask[m]) for m in MODALITIES], dim=1)  # (B, 3, d)
+            sigma_bar = None
+            if cfg.udcl_representation == "distribution":
+                sigma_bar = torch.stack([masked_mean(torch.exp(logsigma[m]), step_mask[m]) for m in MODALITIES], dim=1)
+            losses["udcl"] = loss_udcl(
+                mu_bar, sigma_bar, present, a=self.udcl_a, b=self.udcl_b, tau=torch.exp(self.log_tau).clamp(min=cfg.tau_min),
+                point_similarity=cfg.point_similarity, direction_reduction=cfg.udcl_direction_reduction,
+                pair_reduction=cfg.udcl_pair_reduction)
+
+        if cfg.reconstruction and cfg.lambda_rec > 0:  # Eq. 9 on rows present but not available
+            num, den = zero, zero
+            for i, m in enumerate(MODALITIES):
+                target = present[:, i] & ~available[:, i]  # (B,)
+                x_true = x_n[m].detach() if cfg.rec_detach_target else x_n[m]
+                l_m = loss_rec(x_hat[m], x_true, target, mask=step_mask[m], reduction=cfg.rec_reduction)
+                n_m = target.sum().to(zero.dtype)
+                num, den = num + l_m * n_m, den + n_m
+            losses["rec"] = num / den.clamp(min=1.0)
+
+        if cfg.reconstruction and cfg.nll_weight > 0:  # trains the flows (open point, see CMARRConfig)
+            num, den = zero, zero
+            for i, m in enumerate(MODALITIES):
+                x_in = x_n[m].detach() if cfg.nll_detach_input else x_n[m]
+                z_m, logdet_m = self.flow[m](x_in)
+                prior = self.prior_mean[m][labels].unsqueeze(1) if cfg.nll_prior == "class" else None  # (B, 1, d)
+                l_m = loss_nll(z_m, logdet_m, present[:, i], prior_mean=prior)
+                n_m = present[:, i].sum().to(zero.dtype)
+                num, den = num + l_m * n_m, den + n_m
+            losses["nll"] = num / den.clamp(min=1.0)
+
+        if cfg.beta > 0:  # SupCon over all modalities of all instances (Sec. 3.3.1)
+            pooled = torch.stack([masked_mean(y[m], y_mask[m]) for m in MODALITIES], dim=1)  # (B, 3, d)
+            feats = pooled.reshape(-1, pooled.shape[-1])  # (B * 3, d)
+            losses["spcl"] = loss_spcl(feats, labels.repeat_interleave(len(MODALITIES)), cfg.spcl_temperature)
+
+        losses["total"] = total_loss(losses, alpha=cfg.alpha, beta=cfg.beta, lambda_rec=cfg.lambda_rec,
+                                     nll_weight=cfg.nll_weight)
+        return losses
