@@ -1,0 +1,243 @@
+"""Clips cut from videos (span, half, decoded once), bad videos, and the video extractor."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cmarr.extract import video as video_mod
+from cmarr.extract.base import ExtractError
+from cmarr.extract.video import ClipFrame, ClipRequest, iter_clips, prefetch
+from cmarr.extract.video_extractor import VideoConfig, VideoExtractor
+
+FPS, W, H, N = 20, 80, 48, 40  # 2.0 s
+
+
+def _write_index_avi(path: Path) -> Path:
+    """Left half: red = 5 * frame index; right half: constant green. MJPG keeps these flat
+    colours within a few levels."""
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), FPS, (W, H))
+    assert w.isOpened()
+    for i in range(N):
+        f = np.zeros((H, W, 3), np.uint8)  # BGR
+        f[:, : W // 2, 2] = 5 * i
+        f[:, W // 2:, 1] = 200
+        w.write(f)
+    w.release()
+    return path
+
+
+def _collect(path, reqs, fps=10.0):
+    frames, ends = {}, {}
+    for ev in iter_clips(path, reqs, fps):
+        if isinstance(ev, ClipFrame):
+            frames.setdefault(ev.key, []).append(ev)
+        else:
+            assert ev.key not in ends
+            ends[ev.key] = ev
+    return frames, ends
+
+
+def test_span_half_and_decoded_once(tmp_path, monkeypatch):
+    p = _write_index_avi(tmp_path / "dialog.avi")
+    opened = []
+    real = cv2.VideoCapture
+
+    def counting(*a):
+        opened.append(a[0])
+        return real(*a)
+
+    monkeypatch.setattr(video_mod.cv2, "VideoCapture", counting)
+    reqs = [ClipRequest("A", 0.5, 1.0, "left"), ClipRequest("B", 0.25, 1.5, "right"),
+            ClipRequest("C", 0.0, math.inf, "full"), ClipRequest("D", 1.8, 2.5, "left"),
+            ClipRequest("E", 3.0, 3.5, "left")]
+    frames, ends = _collect(p, reqs)
+    assert len(opened) == 2  # one probe + one decoding pass for all five clips
+    assert set(ends) == {"A", "B", "C", "D", "E"}
+    # A: samples at 0.5, 0.6, ..., 0.9 s -> frames 10, 12, ..., 18 of the left half
+    a = frames["A"]
+    assert [f.index for f in a] == list(range(5))
+    assert np.allclose([f.time for f in a], [0.0, 0.1, 0.2, 0.3, 0.4], atol=1e-6)
+    assert all(f.image.shape == (H, W // 2, 3) for f in a)
+    red = [float(f.image[..., 0].mean()) for f in a]
+    assert np.allclose(red, [5 * i for i in (10, 12, 14, 16, 18)], atol=4)
+    assert all(float(f.image[..., 1].mean()) < 5 for f in a)  # not the green right half
+    # B: right half, 0.25 .. 1.45 s -> 13 samples
+    b = frames["B"]
+    assert len(b) == 13 and ends["B"].n_frames == 13 and ends["B"].error is None
+    assert all(f.image.shape == (H, W - W // 2, 3) and float(f.image[..., 1].mean()) > 190 for f in b)
+    # C: the whole file, full width, 2.0 s at 10/s
+    assert len(frames["C"]) == 20 and frames["C"][0].image.shape == (H, W, 3)
+    # D: the video ends at 2.0 s, inside the span: the 2 frames that exist are kept, 5 missing
+    assert ends["D"].n_frames == 2 and ends["D"].n_missing == 5 and ends["D"].error is None
+    # E: starts after the end of the file: an error, no frames
+    assert "E" not in frames and "ends at 2.000 s" in ends["E"].error
+
+
+def test_sample_rate_above_file_fps_takes_each_frame_once(tmp_path):
+    p = _write_index_avi(tmp_path / "d.avi")
+    frames, ends = _collect(p, [ClipRequest("A", 0.0, 0.5, "left")], fps=50.0)
+    red = [float(f.image[..., 0].mean()) for f in frames["A"]]
+    assert len(red) == 10 and np.allclose(red, [5 * i for i in range(10)], atol=4)
+
+
+def test_unreadable_truncated_and_empty_videos(tmp_path):
+    junk = tmp_path / "junk.avi"
+    junk.write_bytes(b"RIFF\x00\x00not a video at all" * 10)
+    _, ends = _collect(junk, [ClipRequest("A", 0, 1, "left"), ClipRequest("B", 0, 1, "right")])
+    assert all("unreadable video" in e.error and str(junk) in e.error for e in ends.values())
+
+    empty = tmp_path / "empty.avi"
+    w = cv2.VideoWriter(str(empty), cv2.VideoWriter_fourcc(*"MJPG"), FPS, (W, H))
+    w.release()
+    frames, ends = _collect(empty, [ClipRequest("A", 0, 1, "full")])
+    assert not frames and ends["A"].error
+
+    full = _write_index_avi(tmp_path / "full.avi")
+    _, ends = _collect(full, [ClipRequest("inverted", 1.0, 0.5, "left")])
+    assert "invalid video span" in ends["inverted"].error
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 3])
+    frames, ends = _collect(cut, [ClipRequest("A", 0.0, 1.9, "left")])
+    e = ends["A"]
+    # a third of the file: either no frame at all (an error) or fewer frames, the rest counted
+    if e.error is None:
+        assert 0 < e.n_frames < 19 and e.n_frames + e.n_missing == 19
+        assert len(frames["A"]) == e.n_frames
+    else:
+        assert "A" not in frames
+
+
+def test_parallel_decode_matches_sequential(tmp_path):
+    from cmarr.extract.video import decode_parallel
+
+    paths = [_write_index_avi(tmp_path / f"v{k}.avi") for k in range(3)]
+    jobs = [(p, [ClipRequest(f"{p.stem}_a", 0.1, 0.7, "left"), ClipRequest(f"{p.stem}_b", 0.5, 1.2, "right")])
+            for p in paths]
+    seq = [e for p, reqs in jobs for e in iter_clips(p, reqs, 10.0)]
+    par = list(decode_parallel(jobs, 10.0, workers=3, maxsize=4))
+    key = lambda e: (e.key, getattr(e, "index", -1))
+    assert sorted(map(key, seq)) == sorted(map(key, par))
+    for stem in ("v0", "v1", "v2"):  # one file's events keep their order
+        assert [key(e) for e in par if e.key.startswith(stem)] == [key(e) for e in seq if e.key.startswith(stem)]
+    frames_seq = {key(e): e.image for e in seq if isinstance(e, ClipFrame)}
+    assert all(np.array_equal(frames_seq[key(e)], e.image) for e in par if isinstance(e, ClipFrame))
+
+
+def test_prefetch_passes_items_and_errors():
+    assert list(prefetch(iter(range(100)), maxsize=4)) == list(range(100))
+
+    def bad():
+        yield 1
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        list(prefetch(bad()))
+
+
+# -- the extractor --------------------------------------------------------------------------
+
+def test_extractor_refuses_without_checkpoint(tmp_path):
+    with pytest.raises(ExtractError, match="no Denseface checkpoint"):
+        VideoExtractor(VideoConfig())
+    with pytest.raises(ExtractError, match="not found"):
+        VideoExtractor(VideoConfig(checkpoint=str(tmp_path / "missing.pt")))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ExtractError, match="bad.pt"):
+        VideoExtractor(VideoConfig(checkpoint=str(bad)))
+
+
+@pytest.fixture(scope="module")
+def iemocap_fixture(tmp_path_factory):
+    from cmarr.extract.fixtures import make_iemocap_tree
+    from cmarr.extract.iemocap import prepare_iemocap
+
+    root = tmp_path_factory.mktemp("iemocap")
+    desc = make_iemocap_tree(root, sessions=(1,), dialogs_per_session=1, utts_per_dialog=4, quirks=False)
+    return root, desc, prepare_iemocap(root).df
+
+
+def test_fixture_dialog_clips_hold_speaker_half_and_span(iemocap_fixture):
+    root, desc, df = iemocap_fixture
+    dialog = next(iter(desc["dialogs"].values()))
+    Wd, Hd = dialog["frame_size"]
+    reqs = [ClipRequest(r.utterance_id, r.video_start, r.video_end, r.video_half) for r in df.itertuples()]
+    assert {r.half for r in reqs} == {"left", "right"}
+    frames, ends = _collect(root / df.video_path.iloc[0], reqs)
+    for r in reqs:
+        got = frames[r.key]
+        assert len(got) == math.ceil((r.end - r.start) * 10 - 1e-9) == ends[r.key].n_frames
+        assert all(f.image.shape == (Hd, Wd // 2, 3) for f in got)
+        # each half has its own background: left blue-grey (R < B), right green (G > R, G > B)
+        corner = np.stack([f.image[:4, :4].reshape(-1, 3).mean(0) for f in got]).mean(0)
+        if r.half == "left":
+            assert corner[2] > corner[0] + 30
+        else:
+            assert corner[1] > corner[0] + 30 and corner[1] > corner[2] + 30
+        assert got[-1].time < r.end - r.start
+
+
+def test_extractor_on_fixture_dialog(iemocap_fixture, tmp_path):
+    root, desc, df = iemocap_fixture
+    torch.set_num_threads(2)
+    ex = VideoExtractor(VideoConfig(allow_random_weights=True, sample_fps=5.0, batch_size=8, device="cpu"))
+    prov = ex.provenance()
+    assert prov["random_weights"] is True and prov["denseface_checkpoint_sha256"] is None
+    assert prov["sample_fps"] == 5.0 and prov["detector"]["min_face_size"] == 20
+    # one utterance per half, spans shortened to 0.6 s (3 frames at 5/s): Denseface on a CPU is slow
+    rows = pd.concat([df[df.video_half == "left"].iloc[:1], df[df.video_half == "right"].iloc[:1]])
+    rows["video_end"] = rows["video_start"] + 0.6
+    # one utterance without video, one whose video is blank (no face), one missing file
+    blank = tmp_path / "blank.avi"
+    w = cv2.VideoWriter(str(blank), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for _ in range(6):
+        w.write(np.full((48, 64, 3), 90, np.uint8))
+    w.release()
+    extra = pd.DataFrame([
+        {"utterance_id": "no_video", "video_path": "", "video_start": 0.0, "video_end": 1.0, "video_half": "full"},
+        {"utterance_id": "blank", "video_path": str(blank), "video_start": float("nan"),
+         "video_end": float("nan"), "video_half": "full"},
+        {"utterance_id": "gone", "video_path": "nowhere.avi", "video_start": 0.0, "video_end": 1.0,
+         "video_half": "full"}])
+    rows = pd.concat([rows[extra.columns], extra], ignore_index=True)
+    results = {r.utterance_id: r for r in ex.extract(rows, root)}
+    assert set(results) == set(rows.utterance_id)
+    for uid in rows.utterance_id.iloc[:2]:
+        r = results[uid]
+        assert r.error is None, r.error
+        mask, times = r.meta["face_mask"], r.meta["frame_times"]
+        assert len(mask) == 3 and r.matrix.shape == (int(mask.sum()), 342) and mask.all()
+        assert np.isfinite(r.matrix).all() and np.abs(r.matrix).sum() > 0
+        assert len(times) == len(mask) and np.all(np.diff(times) > 0)
+        assert r.meta["frames_missing"] == 0
+    assert results["no_video"].error and results["no_video"].matrix is None
+    assert results["blank"].error == "no face detected in any of 3 sampled frames"
+    assert "video not found" in results["gone"].error
+
+
+def test_msp_no_face_clips_become_missing_video(tmp_path):
+    """MSP-IMPROV: a clip whose video shows no face gets no video entry; a clip with a face does."""
+    from cmarr.extract.fixtures import make_msp_improv_tree
+    from cmarr.extract.msp_improv import prepare_msp_improv
+
+    desc = make_msp_improv_tree(tmp_path, sessions=(2,), utts_per_session=4, quirks=True)
+    df = prepare_msp_improv(tmp_path, drop_no_face=False).df
+    no_face = df[df.utterance_id.isin(desc["no_face_ids"]) & (df.video_path != "")]
+    face = df[~df.utterance_id.isin(desc["no_face_ids"]) & (df.video_path != "")].iloc[:1]
+    assert len(no_face) >= 1 and len(face) == 1
+    rows = pd.concat([no_face, face]).copy()
+    rows["video_end"] = 0.6  # 3 frames at 5/s each
+    torch.set_num_threads(2)
+    ex = VideoExtractor(VideoConfig(allow_random_weights=True, sample_fps=5.0, batch_size=8, device="cpu"))
+    results = {r.utterance_id: r for r in ex.extract(rows, tmp_path)}
+    for uid in no_face.utterance_id:
+        assert results[uid].matrix is None
+        assert results[uid].error == "no face detected in any of 3 sampled frames"
+    r = results[face.utterance_id.iloc[0]]
+    assert r.error is None and r.meta["face_mask"].all() and r.matrix.shape == (3, 342)
