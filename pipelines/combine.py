@@ -1,0 +1,92 @@
+"""``cm-arr-results``: combine per-fold RUN_DIRs of separate jobs into one result.
+
+    cm-arr-results RUN_DIR_A RUN_DIR_B ... --out COMBINED_DIR
+
+Each RUN_DIR was written by ``cm-arr-train --folds k`` (one or more folds each). The runs
+must share one config (apart from folds and device) and one store; a fold present in two
+RUN_DIRs is an error. Writes ``metrics.json`` and ``results.md`` (Table 2 layout) into
+``--out`` and prints the table.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Sequence
+
+import typer
+import yaml
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, help="Combine per-fold cm-arr-train RUN_DIRs into one metrics.json / results.md.")
+err = Console(stderr=True, soft_wrap=True)
+out = Console()
+
+
+class CombineError(Exception):
+    pass
+
+
+def combine_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
+    """Merge the finished folds of ``run_dirs``; write metrics.json / results.md in ``out_dir``."""
+    from .config import config_from_dict
+    from .metrics import write_results
+    from .train import _comparable, summary_document
+
+    if not run_dirs:
+        raise CombineError("no RUN_DIRs given")
+    results, first_cfg, first_dir, store, model_cfg = {}, None, None, None, None
+    for d in map(Path, run_dirs):
+        cfg_path = d / "config.yaml"
+        if not cfg_path.is_file():
+            raise CombineError(f"{d}: not a cm-arr-train RUN_DIR (no config.yaml)")
+        cfg_doc = yaml.safe_load(cfg_path.read_text()) or {}
+        side = yaml.safe_load((d / "model_config.yaml").read_text()) if (d / "model_config.yaml").is_file() else {}
+        if first_cfg is None:
+            first_cfg, first_dir = cfg_doc, d
+            store, model_cfg = side.get("store", {}), side.get("model", {})
+        else:
+            if _comparable(cfg_doc) != _comparable(first_cfg):
+                raise CombineError(f"{d}: its config differs from {first_dir}'s (only folds and device may differ)")
+            if side.get("store", {}).get("utterance_ids_sha256") != store.get("utterance_ids_sha256"):
+                raise CombineError(f"{d}: was trained on another store than {first_dir}")
+        found = sorted(d.glob("fold*/metrics.json"))
+        if not found:
+            raise CombineError(f"{d}: has no finished fold (no fold*/metrics.json)")
+        for p in found:
+            r = json.loads(p.read_text())
+            k = int(r["fold"])
+            if k in results:
+                raise CombineError(f"{d}: fold {k} is also in another RUN_DIR; give each fold once")
+            results[k] = r
+    cfg = config_from_dict(first_cfg, str(first_dir / "config.yaml"))
+    cfg_folds = tuple(sorted(results))
+    from .config import with_overrides
+
+    cfg = with_overrides(cfg, {"protocol.folds": list(cfg_folds)})
+    metrics = summary_document(cfg, results, store, model_cfg)
+    metrics["combined_from"] = [str(d) for d in run_dirs]
+    write_results(out_dir, metrics, title=f"{cfg.variant}, folds {', '.join(map(str, cfg_folds))} (combined)")
+    return metrics
+
+
+@app.command()
+def combine(run_dirs: List[Path] = typer.Argument(..., help="RUN_DIRs written by cm-arr-train."),
+            out_dir: Path = typer.Option(..., "--out", help="Where to write metrics.json and results.md.")) -> None:
+    from .config import ConfigError
+    from .metrics import rich_table
+
+    try:
+        metrics = combine_runs(run_dirs, out_dir)
+    except (CombineError, ConfigError) as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(2)
+    out.print(rich_table(metrics, title=f"{metrics['variant']}: WAR / UAR (%), {len(metrics['folds'])} folds"))
+    out.print(f"written: {Path(out_dir) / 'metrics.json'}, {Path(out_dir) / 'results.md'}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""Training configuration: frozen dataclasses, filled from YAML, overridden by CLI flags.
+
+Config flows one way: defaults below -> YAML file (``--config``) -> command-line flags.
+The resolved config is written beside every checkpoint and result (``RUN_DIR/config.yaml``
+and inside each checkpoint). A key the dataclasses do not know, or a value of the wrong
+type, raises :class:`ConfigError` naming the file and the key.
+
+Layout of a YAML file (every section optional)::
+
+    variant: cm-arr          # a Table 3 row: cm-arr | baseline | no-udcl | no-spcl | no-attention | point
+    seed: 0
+    device: auto             # auto | cpu | cuda | cuda:N
+    model: {}                # CMARRConfig field overrides (cmarr.model.CMARRConfig), e.g. {beta: 0.5}
+    optim: {lr: 1.0e-5, batch_size: 16, epochs: 100, ...}
+    data: {load: memory, pipeline: auto, validation: stratified, val_fraction: 0.1, ...}
+    protocol: {folds: [], train_conditions: auto, select_metric: uar, ...}
+
+Choices the paper leaves open are fields here; each field's default and meaning is in the
+docstring of its section.
+"""
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used. ``str(e)`` names the file (or flag) and the key."""
+
+
+VARIANT_NAMES = ("cm-arr", "baseline", "no-udcl", "no-spcl", "no-attention", "point")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimisation (paper Sec. 4.2 gives lr, batch size and epochs; the rest is ours).
+
+    lr [1e-5], batch_size [16], epochs [100]: paper, Sec. 4.2.
+    optimizer ["adam"]: the paper does not name it; Adam is what MMIN and DiCMoR use.
+      "adamw" decouples ``weight_decay``.
+    weight_decay [0.0], betas [(0.9, 0.999)]: Adam defaults.
+    grad_clip [0.0]: max global gradient norm; 0 = no clipping.
+    eval_batch_size [512]: evaluation batches (no gradients, so larger is faster).
+    amp ["auto"]: mixed precision. "auto" = bf16 autocast on CUDA, off elsewhere; "bf16"
+      forces it (also on CPU); "off" = fp32 everywhere.
+    compile ["off"]: ``torch.compile`` the model ("on", or "auto" = on when CUDA).
+    """
+
+    lr: float = 1e-5
+    batch_size: int = 16
+    epochs: int = 100
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 0.0
+    eval_batch_size: int = 512
+    amp: Literal["auto", "off", "bf16"] = "auto"
+    compile: Literal["auto", "off", "on"] = "off"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Reading the store, batching, and the validation split.
+
+    load ["memory"]: "memory" reads every matrix into RAM once (IEMOCAP fits, about 3.3 GB
+      fp16 speech); "lazy" opens the HDF5 file per DataLoader worker and reads per batch.
+    num_workers [0]: DataLoader workers of the eager pipeline (the lazy path benefits).
+    pipeline ["auto"]: "eager" pads raw frame sequences per batch (DataLoader) and lets the
+      model pool them; "resident" pools every utterance once to ``seq_len`` steps with
+      ``cmarr.model.pool_to_steps`` (parameter-free, the model's first operation, so the
+      result is the same) and keeps the fold's tensors on the device, batches indexed there.
+      "auto" = resident on CUDA, eager elsewhere.
+    validation ["stratified"]: how the validation part is drawn from the training sessions
+      (the test fold is never used for selection), see :mod:`cmarr.pipelines.validation`:
+      "stratified" = a label-stratified ``val_fraction`` of the training utterances, seeded;
+      "next-session" = all utterances of the next session after the test one (cyclic);
+      "speaker" = the MMIN rule: the test session is split by speaker, one speaker is
+      validation and the other test (the held-out session's other speaker).
+    val_fraction [0.1]: share of training utterances held out by "stratified".
+    fill_absent ["nan"]: value placed in the input rows of a modality that is absent or
+      unavailable. NaN, so that a model that reads a missing input produces NaN (a leak
+      shows) instead of silently using zeros.
+    """
+
+    load: Literal["memory", "lazy"] = "memory"
+    num_workers: int = 0
+    pipeline: Literal["auto", "eager", "resident"] = "auto"
+    validation: Literal["stratified", "next-session", "speaker"] = "stratified"
+    val_fraction: float = 0.1
+    fill_absent: Literal["nan", "zero"] = "nan"
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """Folds, missing-condition sampling for training, and epoch selection.
+
+    folds [()]: folds to run (1-based, the store's ``fold`` column); empty = every fold.
+    train_conditions ["auto"]: how :func:`cmarr.pipelines.data.sample_conditions` picks a
+      training sample's available modalities. "missing" (MMIN): one of the six missing
+      conditions uniformly, among those whose modalities the sample has; "missing+full":
+      the seven conditions; "full": all present modalities (the baseline, Sec. 4.4).
+      "auto" = "missing" unless the model config says ``train_missing=False`` (baseline).
+    select_metric ["uar"]: validation metric that picks the best epoch ("uar" or "war").
+    select_conditions ["all"]: conditions it is averaged over: "all" seven, the six
+      "missing" ones, or "full" only.
+    """
+
+    folds: tuple[int, ...] = ()
+    train_conditions: Literal["auto", "missing", "missing+full", "full"] = "auto"
+    select_metric: Literal["uar", "war"] = "uar"
+    select_conditions: Literal["all", "missing", "full"] = "all"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs besides the feature store.
+
+    variant ["cm-arr"]: the Table 3 row (``CMARRConfig.for_variant``).
+    seed [0]: seeds weights, the validation split, batch order and condition sampling.
+    device ["auto"]: "auto" = CUDA when available, else CPU.
+    model [{}]: overrides of ``cmarr.model.CMARRConfig`` fields, applied after the variant.
+    """
+
+    variant: Literal["cm-arr", "baseline", "no-udcl", "no-spcl", "no-attention", "point"] = "cm-arr"
+    seed: int = 0
+    device: str = "auto"
+    model: Mapping[str, Any] = field(default_factory=dict)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["model"] = dict(self.model)
+        out["optim"]["betas"] = list(self.optim.betas)
+        out["protocol"]["folds"] = list(self.protocol.folds)
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------
+# typed construction from plain data
+
+_FLOAT_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} values"
+    if origin in (dict, collections.abc.Mapping) or tp in (dict, collections.abc.Mapping):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in canonical form."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) and "on" in choices and "off" in choices:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a bool
+        if value not in choices:
+            raise bad
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise bad
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (dict, collections.abc.Mapping) or tp in (dict, collections.abc.Mapping):
+        if not isinstance(value, Mapping):
+            raise bad
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):
+        for a in typing.get_args(tp):
+            try:
+                return _coerce(value, a, where)
+            except ConfigError:
+                pass
+        raise bad
+    if tp is type(None):
+        if value is not None:
+            raise bad
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        # YAML 1.1 reads "1e-5" (no dot) as a string; accept numeric strings for floats.
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            return float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise ConfigError(f"{where}: unsupported annotation {tp!r}")  # a bug in this module
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(repr(k) for k in unknown)} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for key, value in data.items():
+        tp = hints[key]
+        sub = f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, sub)
+        else:
+            kwargs[key] = _coerce(value, tp, sub)
+    return cls(**kwargs)
+
+
+def _check_values(cfg: TrainConfig, where: str) -> None:
+    """Range checks (types are checked on construction)."""
+    o, d = cfg.optim, cfg.data
+    checks = [
+        (o.lr > 0, "optim.lr", "must be > 0"),
+        (o.batch_size >= 2, "optim.batch_size", "must be >= 2 (the contrastive losses need pairs)"),
+        (o.epochs >= 1, "optim.epochs", "must be >= 1"),
+        (o.eval_batch_size >= 1, "optim.eval_batch_size", "must be >= 1"),
+        (o.grad_clip >= 0, "optim.grad_clip", "must be >= 0"),
+        (o.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
+        (0 < d.val_fraction < 1, "data.val_fraction", "must be in (0, 1)"),
+        (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
+        (all(f >= 1 for f in cfg.protocol.folds), "protocol.folds", "folds are 1-based"),
+        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "device",
+         f"must be auto, cpu, cuda or cuda:N (got {cfg.device!r})"),
+    ]
+    for ok, key, msg in checks:
+        if not ok:
+            raise ConfigError(f"{where}: {key} {msg}")
+    if cfg.model:
+        from cmarr.model import CMARRConfig
+
+        names = {f.name for f in dataclasses.fields(CMARRConfig)}
+        unknown = sorted(set(cfg.model) - names - {"variant"})
+        if "variant" in cfg.model:
+            raise ConfigError(f"{where}: model.variant: set the variant at the top level ('variant:' or --variant)")
+        if unknown:
+            raise ConfigError(f"{where}: unknown model key{'s' if len(unknown) > 1 else ''} "
+                              f"{', '.join('model.' + k for k in unknown)} (see cmarr.model.CMARRConfig)")
+        hints = typing.get_type_hints(CMARRConfig)
+        for key, value in cfg.model.items():
+            _coerce(value, hints[key], f"{where}: model.{key}")
+
+
+def config_from_dict(data: Mapping[str, Any] | None, where: str = "<config>") -> TrainConfig:
+    """A checked :class:`TrainConfig` from plain data (a parsed YAML document)."""
+    try:
+        cfg = _build(TrainConfig, data or {}, "")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    _check_values(cfg, where)
+    return cfg
+
+
+def load_config(path: str | Path | None) -> TrainConfig:
+    """Read a YAML config file (``None`` = the defaults)."""
+    if path is None:
+        return config_from_dict({})
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such config file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is not None and not isinstance(data, Mapping):
+        raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return config_from_dict(data, str(p))
+
+
+def with_overrides(cfg: TrainConfig, overrides: Mapping[str, Any], where: str = "command line") -> TrainConfig:
+    """``cfg`` with dotted-key overrides applied (``{"optim.epochs": 3, "seed": 1}``)."""
+    data = cfg.to_dict()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            if part not in node or not isinstance(node[part], dict):
+                raise ConfigError(f"{where}: unknown key {dotted!r}")
+            node = node[part]
+        if parts[0] != "model" and parts[-1] not in node:
+            raise ConfigError(f"{where}: unknown key {dotted!r}")
+        node[parts[-1]] = value
+    return config_from_dict(data, where)
+
+
+def parse_set_option(text: str) -> tuple[str, Any]:
+    """``"optim.lr=1e-4"`` -> ``("optim.lr", 1e-4)`` (the value is read as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. optim.lr=1e-4")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value

@@ -1,0 +1,627 @@
+"""Training and evaluation of CM-ARR under the leave-one-session-out protocol (Sec. 4.2).
+
+:class:`FoldRecipe` trains one fold in named stages: ``setup`` (split, model, optimizer,
+data pipeline, resume), ``train_epoch``, ``evaluate``, ``save_checkpoint``, ``resume``, and
+``fit`` which runs them. :func:`run_training` runs the requested folds and writes RUN_DIR:
+
+    RUN_DIR/config.yaml          the resolved TrainConfig (+ the model config it gives)
+    RUN_DIR/fold<k>/log.csv      one row per epoch: losses, validation WAR/UAR, selection
+    RUN_DIR/fold<k>/best.pt      best epoch on validation: weights, configs, store provenance
+    RUN_DIR/fold<k>/last.pt      the resume point (weights, optimizer, RNG, log), every epoch
+    RUN_DIR/fold<k>/metrics.json test metrics of best.pt under the seven conditions
+    RUN_DIR/metrics.json         per fold and condition WAR, UAR, confusion; mean/std; Avg
+    RUN_DIR/results.md           Table 2 layout
+
+Choices the paper leaves open, made here (config fields in brackets):
+
+- Epoch selection on validation only [data.validation, protocol.select_metric,
+  protocol.select_conditions]; the test part is evaluated once, with the best checkpoint.
+- Training conditions [protocol.train_conditions] via :func:`data.sample_conditions`.
+- Evaluation: each test utterance is scored under each of the seven conditions; inputs of
+  modalities that are not available are filled with NaN [data.fill_absent], so a model that
+  read them would produce NaN. An utterance with no input in a condition (e.g. no face
+  under {v}) is not scored there and is counted as ``n_no_input``.
+- A final training batch of a single utterance is dropped for that epoch (the contrastive
+  losses need pairs; shuffling makes it a different utterance every epoch).
+- Adam [optim.optimizer]; bf16 autocast on CUDA [optim.amp]; resident pooled tensors on CUDA
+  [data.pipeline].
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import yaml
+
+from .config import ConfigError, TrainConfig, load_config, with_overrides
+from .data import (CONDITION_NAMES, LABELS, MODALITIES, Batch, DataError, ResidentData, StoreData,
+                   condition_available, eager_loader, fill_value, hide_unavailable,
+                   resolve_train_conditions, sample_conditions)
+from .metrics import MISSING_CONDITIONS, build_metrics, score, with_average, write_results
+from .validation import FoldSplit, SplitError, split_fold
+
+
+class TrainError(Exception):
+    """A run that cannot proceed (mismatched resume, bad folds, non-finite loss...)."""
+
+
+# ----------------------------------------------------------------------------------------
+# helpers
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """torchrun environment: world size 1 when not distributed."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> DistInfo:
+    """Initialise torch.distributed when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(setting: str, dist: DistInfo = DistInfo()) -> torch.device:
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    if setting.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainError(f"device {setting!r} requested but CUDA is not available")
+        if setting == "cuda" and dist.enabled:
+            setting = f"cuda:{dist.local_rank}"
+    return torch.device(setting)
+
+
+def _seed(*parts: int) -> int:
+    h = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def model_config_for(cfg: TrainConfig, dims: Mapping[str, int]):
+    """The CMARRConfig of a run: the variant's row of Table 3, then ``cfg.model`` overrides."""
+    from cmarr.model import CMARRConfig
+
+    try:
+        return CMARRConfig.for_variant(cfg.variant, **{"dims": dict(dims), "num_classes": len(LABELS), **dict(cfg.model)})
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model config: {e}") from None
+
+
+def store_fingerprint(data: StoreData) -> dict[str, Any]:
+    ids = "\n".join(data.ids).encode()
+    return {"path": str(data.path), "n_utterances": len(data), "utterance_ids_sha256": hashlib.sha256(ids).hexdigest(),
+            "dims": dict(data.dims)}
+
+
+def _comparable(cfg_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A config without the keys that may differ between jobs of one run (folds, device)."""
+    d = json.loads(json.dumps(cfg_dict))
+    d.get("protocol", {}).pop("folds", None)
+    d.pop("device", None)
+    return d
+
+
+# ----------------------------------------------------------------------------------------
+# one fold
+
+
+class FoldRecipe:
+    """Trains and evaluates one fold. Stages: setup, train_epoch, evaluate, save_checkpoint, resume."""
+
+    def __init__(self, cfg: TrainConfig, data: StoreData, fold: int, run_dir: str | Path,
+                 device: torch.device, dist: DistInfo = DistInfo(), log: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.data = data
+        self.fold = int(fold)
+        self.dir = Path(run_dir) / f"fold{self.fold}"
+        self.device = device
+        self.dist = dist
+        self.log = log or (lambda s: None)
+        self.epoch = 0  # epochs completed
+        self.best_score = -float("inf")
+        self.best_epoch = 0
+        self.rows: list[dict[str, Any]] = []
+
+    # ---- setup ----------------------------------------------------------------------
+    def setup(self) -> "FoldRecipe":
+        from cmarr.model import CMARR
+
+        cfg, data = self.cfg, self.data
+        self.split: FoldSplit = split_fold(data.folds, data.labels, data.speakers, self.fold, cfg.data.validation,
+                                           cfg.data.val_fraction, cfg.seed, where=str(data.path))
+        self.mcfg = model_config_for(cfg, data.dims)
+        self.mode = resolve_train_conditions(cfg.protocol.train_conditions, self.mcfg.train_missing)
+        torch.manual_seed(_seed(cfg.seed, self.fold, 0))
+        self.model = CMARR(self.mcfg).to(self.device)
+        self.net = self.model
+        if self.dist.enabled:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+        self.compiled = self._maybe_compile()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        o = cfg.optim
+        opt_cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
+        extra = {"fused": True} if self.device.type == "cuda" else {}
+        self.optimizer = opt_cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, **extra)
+        self.amp = (o.amp == "bf16") or (o.amp == "auto" and self.device.type == "cuda")
+        self.fill = fill_value(cfg.data.fill_absent)
+        pipeline = cfg.data.pipeline
+        if pipeline == "auto":
+            pipeline = "resident" if self.device.type == "cuda" else "eager"
+        self.pipeline = pipeline
+        if pipeline == "resident":
+            steps = self.mcfg.seq_len
+            self.res = {name: ResidentData(data, getattr(self.split, name), steps, self.device, self.fill)
+                        for name in ("train", "val", "test")}
+        self.resume()
+        return self
+
+    def _maybe_compile(self):
+        c = self.cfg.optim.compile
+        if c == "on" or (c == "auto" and self.device.type == "cuda"):
+            return torch.compile(self.net)
+        return self.net
+
+    def _autocast(self):
+        if self.amp:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ---- training -------------------------------------------------------------------
+    def _train_batches(self, epoch: int):
+        """Batches of this rank for ``epoch`` (order seeded by seed, fold, epoch)."""
+        bs = self.cfg.optim.batch_size
+        n = len(self.split.train)
+        g = torch.Generator()
+        g.manual_seed(_seed(self.cfg.seed, self.fold, epoch, 1))
+        order = torch.randperm(n, generator=g)
+        if self.dist.enabled:  # same permutation on every rank, padded to a multiple of the world size
+            pad = (-n) % self.dist.world
+            order = torch.cat([order, order[:pad]])[self.dist.rank::self.dist.world]
+        if self.pipeline == "resident":
+            order = order.to(self.device)
+            for s in range(0, len(order), bs):
+                rows = order[s:s + bs]
+                if len(rows) >= 2:
+                    yield self.res["train"].batch(rows)
+        else:
+            idx = self.split.train[order.numpy()]
+            loader = eager_loader(self.data, idx, bs, shuffle=False, seed=0, fill=self.fill,
+                                  num_workers=self.cfg.data.num_workers)
+            for b in loader:
+                if len(b) >= 2:
+                    yield b.to(self.device, non_blocking=True)
+
+    def train_step(self, b: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """One optimisation step on batch ``b``; returns the (detached) loss terms."""
+        available = sample_conditions(b.present, self.mode, gen)  # (B, 3)
+        with self._autocast():
+            out = self.compiled(b.feats, b.masks, available, present=b.present, labels=b.labels)
+        loss = out.losses["total"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        return {k: v.detach() for k, v in out.losses.items()}
+
+    def condition_generator(self, epoch: int) -> torch.Generator:
+        """Generator of the training conditions of ``epoch`` (seeded by seed, fold, epoch, rank)."""
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(_seed(self.cfg.seed, self.fold, epoch, 2, self.dist.rank))
+        return gen
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over this fold's training part; returns mean losses."""
+        from cmarr.model import LOSS_NAMES
+
+        self.net.train()
+        gen = self.condition_generator(epoch)
+        names = (*LOSS_NAMES, "total")
+        sums = torch.zeros(len(names), device=self.device)
+        steps = 0
+        for b in self._train_batches(epoch):
+            losses = self.train_step(b, gen)
+            sums += torch.stack([losses[k].float() for k in names])  # stays on the device: no sync per step
+            steps += 1
+        vals = (sums / max(steps, 1)).tolist()
+        if not np.isfinite(vals[-1]):
+            raise TrainError(f"fold {self.fold}, epoch {epoch}: the training loss is not finite ({vals[-1]})")
+        return {f"loss_{k}": v for k, v in zip(names, vals)} | {"steps": steps}
+
+    # ---- evaluation -----------------------------------------------------------------
+    def _eval_batches(self, part: str):
+        bs = self.cfg.optim.eval_batch_size
+        if self.pipeline == "resident":
+            yield from self.res[part].batches(bs)
+        else:
+            idx = getattr(self.split, part)
+            for b in eager_loader(self.data, idx, bs, shuffle=False, seed=0, fill=self.fill,
+                                  num_workers=self.cfg.data.num_workers):
+                yield b.to(self.device, non_blocking=True)
+
+    @torch.no_grad()
+    def predict(self, part: str, conditions: Sequence[str] = CONDITION_NAMES) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+        """Predictions on ``part`` ("val" / "test") per condition: (labels, preds, n_no_input).
+
+        All conditions of a batch go through the model in one call (rows stacked), with the
+        inputs of unavailable modalities filled with NaN."""
+        model = self.model  # unwrapped: every rank holds the same weights
+        model.eval()
+        ys = {c: [] for c in conditions}
+        ps = {c: [] for c in conditions}
+        skipped = {c: 0 for c in conditions}
+        for b in self._eval_batches(part):
+            avail = [condition_available(b.present, c) for c in conditions]  # each (B, 3)
+            ok = [a.any(dim=1) for a in avail]
+            for c, k in zip(conditions, ok):
+                skipped[c] += int((~k).sum())
+            avail_all = torch.cat([a[k] for a, k in zip(avail, ok)])  # (B', 3)
+            feats = {m: torch.cat([b.feats[m][k] for k in ok]) for m in MODALITIES}
+            masks = {m: torch.cat([b.masks[m][k] for k in ok]) for m in MODALITIES}
+            feats = hide_unavailable(feats, avail_all, self.fill)  # NaN: a leak would show
+            with self._autocast():
+                logits = model(feats, masks, avail_all, present=avail_all).logits
+            pred = logits.float().argmax(dim=1).cpu().numpy()
+            if not torch.isfinite(logits).all():
+                raise TrainError(f"fold {self.fold}: non-finite logits in evaluation (a missing input leaked?)")
+            s = 0
+            for c, k in zip(conditions, ok):
+                n = int(k.sum())
+                ps[c].append(pred[s:s + n])
+                ys[c].append(b.labels[k].cpu().numpy())
+                s += n
+        return {c: (np.concatenate(ys[c]) if ys[c] else np.zeros(0, np.int64),
+                    np.concatenate(ps[c]) if ps[c] else np.zeros(0, np.int64), skipped[c]) for c in conditions}
+
+    def evaluate(self, part: str = "val") -> dict[str, dict[str, Any]]:
+        """WAR, UAR, confusion per condition on ``part``, plus "avg" over the six missing ones."""
+        out = {}
+        for c, (y, p, skipped) in self.predict(part).items():
+            if len(y) == 0:
+                raise TrainError(f"fold {self.fold}: no {part} utterance has any input under condition {c}")
+            out[c] = score(y, p, len(LABELS), skipped)
+        return with_average(out)
+
+    def selection_score(self, val: Mapping[str, Mapping[str, Any]]) -> float:
+        p = self.cfg.protocol
+        conds = {"all": CONDITION_NAMES, "missing": MISSING_CONDITIONS, "full": ("svt",)}[p.select_conditions]
+        return float(np.mean([val[c][p.select_metric] for c in conds]))
+
+    # ---- checkpoints ----------------------------------------------------------------
+    def _checkpoint(self, kind: str, val: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        ck = {
+            "kind": kind, "fold": self.fold, "epoch": self.epoch, "variant": self.cfg.variant,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "model_config": self.mcfg.to_dict(), "train_config": self.cfg.to_dict(),
+            "provenance": self.data.provenance, "store": store_fingerprint(self.data),
+            "labels": list(LABELS), "modalities": list(MODALITIES),
+            "split": {k: [self.data.ids[i] for i in getattr(self.split, k)] for k in ("train", "val", "test")},
+            "best_score": self.best_score, "best_epoch": self.best_epoch,
+        }
+        if val is not None:
+            ck["val_metrics"] = {c: {k: v for k, v in m.items()} for c, m in val.items()}
+        if kind == "last":
+            ck["optimizer"] = self.optimizer.state_dict()
+            ck["rng"] = {"torch": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            ck["rows"] = self.rows
+        return ck
+
+    def save_checkpoint(self, kind: str, val: Mapping[str, Any] | None = None) -> Path | None:
+        if not self.dist.main:
+            return None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"{kind}.pt"
+        _atomic_save(self._checkpoint(kind, val), path)
+        return path
+
+    def resume(self) -> bool:
+        """Continue from ``last.pt`` when it exists (same config and store required)."""
+        path = self.dir / "last.pt"
+        if not path.exists():
+            return False
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # a damaged file: say which and how to go on
+            raise TrainError(f"{path}: cannot be read ({type(e).__name__}: {e}); remove it to restart the fold") from None
+        if _comparable(ck["train_config"]) != _comparable(self.cfg.to_dict()):
+            raise TrainError(f"{path}: was made with another config; use another --out or the same config")
+        if ck["store"]["utterance_ids_sha256"] != store_fingerprint(self.data)["utterance_ids_sha256"]:
+            raise TrainError(f"{path}: was made from another store (utterance ids differ)")
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        if ck["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        self.epoch = int(ck["epoch"])
+        self.best_score = float(ck["best_score"])
+        self.best_epoch = int(ck["best_epoch"])
+        self.rows = list(ck["rows"])
+        self.log(f"fold {self.fold}: resumed after epoch {self.epoch} from {path}")
+        return True
+
+    def _write_log(self) -> None:
+        if not self.dist.main or not self.rows:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        cols = list(self.rows[0].keys())
+        tmp = self.dir / f"log.csv.tmp-{os.getpid()}"
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(self.rows)
+        os.replace(tmp, self.dir / "log.csv")
+
+    # ---- the loop -------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train the remaining epochs, select on validation, evaluate the best on test."""
+        epochs = self.cfg.optim.epochs
+        while self.epoch < epochs:
+            epoch = self.epoch + 1
+            t0 = time.perf_counter()
+            losses = self.train_epoch(epoch)
+            val = self.evaluate("val")
+            sel = self.selection_score(val)
+            self.epoch = epoch
+            improved = sel > self.best_score
+            if improved:
+                self.best_score, self.best_epoch = sel, epoch
+                self.save_checkpoint("best", val)
+            row = {"epoch": epoch, **{k: round(v, 6) for k, v in losses.items() if k != "steps"},
+                   "steps": losses["steps"],
+                   "val_war_avg": round(val["avg"]["war"], 6), "val_uar_avg": round(val["avg"]["uar"], 6),
+                   "val_war_full": round(val["svt"]["war"], 6), "val_uar_full": round(val["svt"]["uar"], 6),
+                   "val_select": round(sel, 6), "best": int(improved), "seconds": round(time.perf_counter() - t0, 3)}
+            self.rows.append(row)
+            self._write_log()
+            self.save_checkpoint("last")
+            self.log(f"fold {self.fold} epoch {epoch}/{epochs}: loss {losses['loss_total']:.4f} "
+                     f"val UAR avg {val['avg']['uar']:.4f} full {val['svt']['uar']:.4f}{' *' if improved else ''}")
+        return self.test_best()
+
+    def test_best(self) -> dict[str, Any]:
+        """Load ``best.pt`` and score the test part under the seven conditions (once)."""
+        path = self.dir / "best.pt"
+        if self.dist.enabled:
+            torch.distributed.barrier()
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(ck["model"])
+        test = self.evaluate("test")
+        result = {"fold": self.fold, "best_epoch": int(ck["epoch"]), "val_score": float(ck["best_score"]),
+                  "n_train": len(self.split.train), "n_val": len(self.split.val), "n_test": len(self.split.test),
+                  "conditions": test}
+        if self.dist.main:
+            tmp = self.dir / f"metrics.json.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps(result, indent=1))
+            os.replace(tmp, self.dir / "metrics.json")
+        if self.dist.enabled:
+            torch.distributed.barrier()  # the other ranks read the fold's metrics.json next
+        return result
+
+
+# ----------------------------------------------------------------------------------------
+# a whole run
+
+
+def resolve_config(config: TrainConfig | str | Path | None = None, *, variant: str | None = None,
+                   folds: Sequence[int] | None = None, device: str | None = None, seed: int | None = None,
+                   epochs: int | None = None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Defaults -> YAML (or a TrainConfig) -> these arguments (CLI flags)."""
+    cfg = config if isinstance(config, TrainConfig) else load_config(config)
+    flags = {"variant": variant, "protocol.folds": list(folds) if folds else None, "device": device,
+             "seed": seed, "optim.epochs": epochs, **dict(overrides or {})}
+    return with_overrides(cfg, flags)
+
+
+def collect_fold_results(run_dir: Path, folds: Sequence[int]) -> dict[int, dict[str, Any]]:
+    out = {}
+    for k in folds:
+        p = Path(run_dir) / f"fold{k}" / "metrics.json"
+        if p.exists():
+            out[k] = json.loads(p.read_text())
+    return out
+
+
+def summary_document(cfg: TrainConfig, fold_results: Mapping[int, Mapping[str, Any]], store: Mapping[str, Any],
+                     model_config: Mapping[str, Any]) -> dict[str, Any]:
+    per_fold = {k: r["conditions"] for k, r in fold_results.items()}
+    extra = {"variant": cfg.variant, "best_epochs": {str(k): r["best_epoch"] for k, r in fold_results.items()},
+             "sizes": {str(k): {s: r[f"n_{s}"] for s in ("train", "val", "test")} for k, r in fold_results.items()},
+             "store": dict(store), "config": cfg.to_dict(), "model_config": dict(model_config)}
+    return build_metrics(per_fold, LABELS, extra)
+
+
+def _write_config(run_dir: Path, cfg: TrainConfig, model_cfg: Mapping[str, Any], store: Mapping[str, Any]) -> None:
+    """Write RUN_DIR/config.yaml (the resolved TrainConfig, usable as ``--config``) and
+    RUN_DIR/model_config.yaml (the CMARRConfig it gives and the store it ran on), or check
+    that existing ones match (resume, concurrent fold jobs)."""
+    path = run_dir / "config.yaml"
+    side = run_dir / "model_config.yaml"
+    if path.exists():
+        old = yaml.safe_load(path.read_text()) or {}
+        if _comparable(old) != _comparable(cfg.to_dict()):
+            raise TrainError(f"{run_dir}: holds a run with another config (see its config.yaml); use another --out")
+        if side.exists():
+            old_store = (yaml.safe_load(side.read_text()) or {}).get("store", {})
+            if old_store.get("utterance_ids_sha256") != store["utterance_ids_sha256"]:
+                raise TrainError(f"{run_dir}: holds a run on another store; use another --out")
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for p, text in ((side, yaml.safe_dump({"model": dict(model_cfg), "store": dict(store)}, sort_keys=False)),
+                    (path, "# resolved configuration of this run: cm-arr-train --config THIS_FILE reruns it\n"
+                           + cfg.to_yaml())):
+        tmp = p.with_name(f"{p.name}.tmp-{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, p)
+
+
+def run_training(features_path: str | Path, config: TrainConfig | str | Path | None = None,
+                 variant: str | None = None, out_dir: str | Path = "runs/cm-arr",
+                 folds: Sequence[int] | None = None, device: str | None = None, seed: int | None = None,
+                 epochs: int | None = None, overrides: Mapping[str, Any] | None = None, jobs: int = 1,
+                 data: StoreData | None = None, log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Train and evaluate the requested folds; write RUN_DIR; return the metrics document.
+
+    ``jobs > 1`` runs folds as that many concurrent processes (``cm-arr-train --folds k``
+    into the same RUN_DIR) and combines their results. Under torchrun every rank trains
+    the same folds with distributed data parallel; rank 0 writes the files.
+    """
+    log = log or (lambda s: None)
+    cfg = resolve_config(config, variant=variant, folds=folds, device=device, seed=seed, epochs=epochs,
+                         overrides=overrides)
+    run_dir = Path(out_dir)
+    if data is None:
+        data = StoreData(features_path, load=cfg.data.load)
+    all_folds = data.fold_ids
+    wanted = list(cfg.protocol.folds) or all_folds
+    for k in wanted:
+        if k not in all_folds:
+            raise SplitError(f"{data.path}: fold {k} has no test utterances (the store's folds are "
+                             f"{', '.join(map(str, all_folds))})")
+    dist = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(cfg.device, dist)
+    mcfg = model_config_for(cfg, data.dims)
+    store = store_fingerprint(data)
+    if dist.main:
+        _write_config(run_dir, cfg, mcfg.to_dict(), store)
+    if jobs > 1 and len(wanted) > 1 and not dist.enabled:
+        _run_jobs(features_path, run_dir, wanted, jobs, log)
+    else:
+        for k in wanted:
+            if (run_dir / f"fold{k}" / "metrics.json").exists():
+                log(f"fold {k}: already done in {run_dir / f'fold{k}'}")
+                continue
+            recipe = FoldRecipe(cfg, data, k, run_dir, dev, dist, log=log if dist.main else None).setup()
+            recipe.fit()
+    results = collect_fold_results(run_dir, wanted)
+    missing = [k for k in wanted if k not in results]
+    if missing:
+        raise TrainError(f"{run_dir}: folds {missing} produced no metrics")
+    metrics = summary_document(cfg, results, store, mcfg.to_dict())
+    if dist.main:
+        write_results(run_dir, metrics, title=f"{cfg.variant} on {Path(features_path).name}")
+    return metrics
+
+
+def _run_jobs(features_path, run_dir: Path, folds: Sequence[int], jobs: int, log) -> None:
+    """Run ``cm-arr-train --folds k`` processes, ``jobs`` at a time, into ``run_dir``."""
+    pending = list(folds)
+    running: list[tuple[int, subprocess.Popen]] = []
+    failed = []
+    env = dict(os.environ)
+    while pending or running:
+        while pending and len(running) < jobs:
+            k = pending.pop(0)
+            cmd = [sys.executable, "-m", "cmarr.pipelines.train_cli", "--features", str(features_path),
+                   "--config", str(run_dir / "config.yaml"), "--folds", str(k), "--out", str(run_dir), "--quiet"]
+            log(f"fold {k}: started as a separate process")
+            running.append((k, subprocess.Popen(cmd, env=env)))
+        time.sleep(0.2)
+        for k, p in list(running):
+            if p.poll() is not None:
+                running.remove((k, p))
+                if p.returncode != 0:
+                    failed.append(k)
+                log(f"fold {k}: process ended ({p.returncode})")
+    if failed:
+        raise TrainError(f"{run_dir}: the processes of folds {failed} failed (see their output above)")
+
+
+# ----------------------------------------------------------------------------------------
+# representations for the t-SNE figure (Fig. 5)
+
+
+def collect_reps(checkpoint: str | Path, store: str | Path | StoreData, fold: int | None = None,
+                 condition: str = "t", part: str = "test", device: str = "cpu",
+                 batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Pooled real and reconstructed representations of one fold's ``part`` under ``condition``.
+
+    Returns ``{"labels": (N,), "utterance_ids": (N,), "real_<m>": (N, d), "recon_<m>": (N, d),
+    "recon_mask": (N, 3), "present_mask": (N, 3)}``: ``real_m`` is the pooled ``X_m`` of the
+    true features (NaN where the store lacks ``m``), ``recon_m`` the pooled reconstruction
+    ``X^_m`` where ``m`` was not available under ``condition`` (else NaN). Utterances with no
+    input in the condition are left out (their count is ``n_no_input``). ``fold`` (optional)
+    is checked against the checkpoint's fold; the split is the one stored in the checkpoint.
+    Unlike evaluation, the true features of unavailable modalities are passed in (as
+    ``present``) so that ``real_m`` can be compared with ``recon_m`` (Fig. 5); the logits
+    are not used.
+    """
+    from cmarr.model import CMARR, CMARRConfig
+
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if fold is not None and int(fold) != int(ck["fold"]):
+        raise TrainError(f"{checkpoint}: is the checkpoint of fold {ck['fold']}, not fold {fold}")
+    if condition not in CONDITION_NAMES:
+        raise TrainError(f"unknown condition {condition!r}; choose one of {', '.join(CONDITION_NAMES)}")
+    data = store if isinstance(store, StoreData) else StoreData(store)
+    if ck["store"]["utterance_ids_sha256"] != store_fingerprint(data)["utterance_ids_sha256"]:
+        raise TrainError(f"{checkpoint}: was trained on another store than {data.path}")
+    mdict = dict(ck["model_config"])
+    model = CMARR(CMARRConfig(**mdict)).to(device)
+    model.load_state_dict(ck["model"])
+    model.eval()
+    ids = ck["split"][part]
+    pos = {u: i for i, u in enumerate(data.ids)}
+    idx = np.array([pos[u] for u in ids], dtype=np.int64)
+    out: dict[str, list] = {"labels": [], "utterance_ids": [], "recon_mask": [], "present_mask": []}
+    for m in MODALITIES:
+        out[f"real_{m}"], out[f"recon_{m}"] = [], []
+    n_no_input = 0
+    fill = fill_value(TrainConfig().data.fill_absent)
+    with torch.no_grad():
+        for b in eager_loader(data, idx, batch_size, shuffle=False, seed=0, fill=fill):
+            b = b.to(device)
+            avail = condition_available(b.present, condition)
+            ok = avail.any(dim=1)
+            n_no_input += int((~ok).sum())
+            feats = {m: b.feats[m][ok] for m in MODALITIES}
+            masks = {m: b.masks[m][ok] for m in MODALITIES}
+            res = model(feats, masks, avail[ok], present=b.present[ok]).reps
+            out["labels"].append(b.labels[ok].cpu().numpy())
+            out["utterance_ids"].append(np.array([data.ids[i] for i in b.index[ok].cpu().numpy()]))
+            out["recon_mask"].append(res["recon_mask"].cpu().numpy())
+            out["present_mask"].append(res["present_mask"].cpu().numpy())
+            for m in MODALITIES:
+                out[f"real_{m}"].append(res["real"][m].float().cpu().numpy())
+                out[f"recon_{m}"].append(res["recon"][m].float().cpu().numpy())
+    arrays = {k: np.concatenate(v) for k, v in out.items()}
+    arrays["n_no_input"] = np.array(n_no_input)
+    return arrays

@@ -1,0 +1,86 @@
+"""``cm-arr-train``: train and evaluate CM-ARR (or a Table 3 variant) on a feature store.
+
+    cm-arr-train --features FEATS.h5 [--config CONFIG.yaml] [--folds 1,2,...]
+                 [--variant cm-arr|baseline|no-udcl|no-spcl|no-attention|point]
+                 [--out RUN_DIR] [--device auto|cpu|cuda] [--seed N] [--epochs N]
+                 [--jobs N] [--set optim.lr=1e-4 ...]
+
+Writes RUN_DIR (see :mod:`cmarr.pipelines.train`) and prints the Table 2 layout at the end.
+Under ``torchrun --nproc-per-node N -m cmarr.pipelines.train_cli ...`` it trains with
+distributed data parallel. Rerunning with the same RUN_DIR resumes an interrupted run.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, help="Train and evaluate CM-ARR on a feature store.")
+err = Console(stderr=True, soft_wrap=True)
+out = Console()
+
+
+def parse_folds(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        folds = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise typer.BadParameter(f"--folds {text!r}: expected comma-separated fold numbers, e.g. 1,2,3") from None
+    if not folds or any(f < 1 for f in folds):
+        raise typer.BadParameter(f"--folds {text!r}: folds are 1-based")
+    return folds
+
+
+@app.command()
+def train(
+    features: Path = typer.Option(..., "--features", help="Feature store (HDF5) made by cm-arr-features."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (see pipelines/configs/)."),
+    folds: Optional[str] = typer.Option(None, "--folds", help="Comma-separated folds to run (default: all)."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="cm-arr | baseline | no-udcl | no-spcl | no-attention | point"),
+    out_dir: Path = typer.Option(Path("runs/cm-arr"), "--out", help="RUN_DIR for config, logs, checkpoints, metrics."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override optim.epochs."),
+    jobs: int = typer.Option(1, "--jobs", help="Run folds as this many concurrent processes."),
+    set_: List[str] = typer.Option([], "--set", help="Override any config key: --set optim.lr=1e-4"),
+    quiet: bool = typer.Option(False, "--quiet", help="No per-epoch lines."),
+) -> None:
+    from cmarr.extract.store import StoreError
+
+    from .config import ConfigError, parse_set_option
+    from .data import DataError
+    from .metrics import rich_table
+    from .train import TrainError, run_training
+    from .validation import SplitError
+
+    try:
+        fold_list = parse_folds(folds)
+        overrides = dict(parse_set_option(s) for s in set_)
+        if variant is not None:
+            from .config import VARIANT_NAMES
+            if variant not in VARIANT_NAMES:
+                raise ConfigError(f"--variant {variant!r}: choose one of {', '.join(VARIANT_NAMES)}")
+        metrics = run_training(features, config=config, variant=variant, out_dir=out_dir, folds=fold_list,
+                               device=device, seed=seed, epochs=epochs, overrides=overrides, jobs=jobs,
+                               log=None if quiet else (lambda s: err.print(s, highlight=False)))
+    except (ConfigError, DataError, SplitError, StoreError, TrainError) as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(2)
+    except typer.BadParameter as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(2)
+    if not quiet:
+        out.print(rich_table(metrics, title=f"{metrics['variant']}: WAR / UAR (%) on {features.name}"))
+        out.print(f"results in {out_dir}/ (metrics.json, results.md, config.yaml, fold*/)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

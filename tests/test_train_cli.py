@@ -1,0 +1,284 @@
+"""End-to-end cm-arr-train runs on tiny synthetic stores: outputs, reproducibility, resume,
+combining fold jobs, t-SNE representations, bad input, and DDP with two CPU processes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cmarr.pipelines.combine import app as combine_app
+from cmarr.pipelines.synthetic import make_synthetic_store
+from cmarr.pipelines.train import FoldRecipe, collect_reps, resolve_config, run_training
+from cmarr.pipelines.train_cli import app
+
+torch.set_num_threads(1)
+runner = CliRunner()
+
+TINY = """\
+model: {d_model: 16, seq_len: 8, flow_hidden: 16, flow_steps: 1, umc_heads: 2, fusion_heads: 2, rcan_blocks: 1}
+optim: {lr: 1.0e-3, batch_size: 8, epochs: 2, eval_batch_size: 64}
+data: {val_fraction: 0.2}
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    store = make_synthetic_store(root / "s.h5", n_per_class=4, sessions=3, seed=5)
+    cfg = root / "tiny.yaml"
+    cfg.write_text(TINY)
+    return root, store, cfg
+
+
+def _train(args):
+    res = runner.invoke(app, [str(a) for a in args])
+    return res
+
+
+def _no_traceback(res):
+    assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit)
+
+
+# ---------------------------------------------------------------- outputs of every variant
+
+@pytest.mark.parametrize("variant", ["cm-arr", "baseline", "no-udcl", "no-spcl", "no-attention", "point"])
+def test_cli_writes_all_outputs(env, variant):
+    root, store, cfg = env
+    out = root / f"run-{variant}"
+    res = _train(["--features", store, "--config", cfg, "--variant", variant, "--folds", "1", "--epochs", "1",
+                  "--out", out, "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "{s, v, t}" in res.output and "Avg." in res.output  # the table is printed
+    for f in ("config.yaml", "model_config.yaml", "metrics.json", "results.md", "fold1/log.csv", "fold1/best.pt",
+              "fold1/last.pt", "fold1/metrics.json"):
+        assert (out / f).is_file(), f
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["variant"] == variant
+    f1 = m["folds"]["1"]
+    assert set(f1) == {"t", "s", "v", "vt", "sv", "st", "svt", "avg"}
+    for c in ("t", "s", "v", "vt", "sv", "st", "svt"):
+        assert 0 <= f1[c]["war"] <= 1 and np.asarray(f1[c]["confusion"]).shape == (4, 4)
+        assert np.asarray(f1[c]["confusion"]).sum() + f1[c]["n_no_input"] == m["sizes"]["1"]["test"]
+    assert f1["avg"]["uar"] == pytest.approx(np.mean([f1[c]["uar"] for c in ("t", "s", "v", "vt", "sv", "st")]))
+    ck = torch.load(out / "fold1" / "best.pt", map_location="cpu", weights_only=False)
+    assert ck["provenance"]["speech"]["model"] == "synthetic" and ck["train_config"]["variant"] == variant
+    assert set(ck["split"]["test"]).isdisjoint(ck["split"]["val"])
+    md = (out / "results.md").read_text()
+    assert "| {v, t} |" in md
+
+
+# ---------------------------------------------------------------- reproducibility and resume
+
+def test_fixed_seed_reproduces_metrics_and_training_learns(env):
+    root, store, cfg = env
+    a = run_training(store, cfg, out_dir=root / "seed-a", folds=[2], device="cpu", seed=3, epochs=3, log=None)
+    b = run_training(store, cfg, out_dir=root / "seed-b", folds=[2], device="cpu", seed=3, epochs=3, log=None)
+    assert a["folds"] == b["folds"]
+    la = (root / "seed-a" / "fold2" / "log.csv").read_text().splitlines()
+    lb = (root / "seed-b" / "fold2" / "log.csv").read_text().splitlines()
+    strip = lambda rows: [",".join(r.split(",")[:-1]) for r in rows]  # drop the seconds column
+    assert strip(la) == strip(lb) and len(la) == 4
+    losses = [float(r.split(",")[6]) for r in la[1:]]  # loss_total column
+    assert losses[-1] < losses[0]
+
+
+def test_resume_after_interruption_gives_the_same_result(env):
+    root, store, cfg = env
+    full = run_training(store, cfg, out_dir=root / "uninterrupted", folds=[3], device="cpu", log=None)
+    # interrupted: the process dies during epoch 2, after epoch 1 was checkpointed
+    tcfg = resolve_config(cfg, folds=[3], device="cpu")
+    from cmarr.pipelines.data import StoreData
+
+    class Killed(FoldRecipe):
+        def train_epoch(self, epoch):
+            if epoch == 2:
+                raise KeyboardInterrupt
+            return super().train_epoch(epoch)
+
+    out = root / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        Killed(tcfg, StoreData(store), 3, out, torch.device("cpu")).setup().fit()
+    assert (out / "fold3" / "last.pt").is_file() and not (out / "fold3" / "metrics.json").exists()
+    logs = []
+    resumed = run_training(store, cfg, out_dir=out, folds=[3], device="cpu", log=logs.append)
+    assert any("resumed after epoch 1" in s for s in logs)
+    assert resumed["folds"] == full["folds"]
+    strip = lambda p: [",".join(r.split(",")[:-1]) for r in p.read_text().splitlines()]
+    assert strip(out / "fold3" / "log.csv") == strip(root / "uninterrupted" / "fold3" / "log.csv")
+    # a finished fold is not trained again
+    logs.clear()
+    run_training(store, cfg, out_dir=out, folds=[3], device="cpu", log=logs.append)
+    assert any("already done" in s for s in logs)
+
+
+def test_combine_fold_jobs(env):
+    root, store, cfg = env
+    for k in (1, 2):
+        assert _train(["--features", store, "--config", cfg, "--folds", str(k), "--epochs", "1", "--out",
+                       root / f"job{k}", "--quiet"]).exit_code == 0
+    both = run_training(store, cfg, out_dir=root / "jobs-both", folds=[1, 2], epochs=1, log=None)
+    res = runner.invoke(combine_app, [str(root / "job1"), str(root / "job2"), "--out", str(root / "combined")])
+    assert res.exit_code == 0, res.output
+    m = json.loads((root / "combined" / "metrics.json").read_text())
+    assert m["folds"] == both["folds"] and m["summary"] == both["summary"]
+    assert (root / "combined" / "results.md").read_text().count("|") > 20
+    bad = runner.invoke(combine_app, [str(root / "job1"), str(root / "job1"), "--out", str(root / "c2")])
+    assert bad.exit_code == 2 and "fold 1 is also in another RUN_DIR" in bad.output and "Traceback" not in bad.output
+
+
+def test_collect_reps_for_tsne(env):
+    root, store, cfg = env
+    ck = root / "run-cm-arr" / "fold1" / "best.pt"
+    if not ck.exists():
+        run_training(store, cfg, variant="cm-arr", out_dir=root / "run-cm-arr", folds=[1], epochs=1, log=None)
+    reps = collect_reps(ck, store, condition="t")
+    n = len(reps["labels"])
+    assert n > 0 and reps["real_speech"].shape == (n, 16)
+    # under {t}, speech and video are reconstructed, text is not
+    assert np.isfinite(reps["recon_speech"]).all() and np.isnan(reps["recon_text"]).all()
+    assert reps["recon_mask"][:, 0].all() and not reps["recon_mask"][:, 1].any()
+    present_v = reps["present_mask"][:, 2]
+    assert np.isfinite(reps["real_video"][present_v]).all() and np.isnan(reps["real_video"][~present_v]).all()
+
+
+def test_evaluation_never_reads_missing_inputs(env):
+    """Unavailable inputs are NaN in evaluation; logits stay finite in all seven conditions."""
+    root, store, cfg = env
+    from cmarr.pipelines.data import StoreData
+
+    r = FoldRecipe(resolve_config(cfg, device="cpu"), StoreData(store), 1, root / "leak", torch.device("cpu")).setup()
+    seen = []
+    orig = r.model.forward
+
+    def spy(feats, masks, available, **kw):
+        for j, m in enumerate(("speech", "text", "video")):
+            hidden = ~available[:, j]
+            if hidden.any():
+                seen.append(bool(torch.isnan(feats[m][hidden]).all()))
+        out = orig(feats, masks, available, **kw)
+        assert torch.isfinite(out.logits).all()
+        return out
+
+    r.model.forward = spy
+    preds = r.predict("test")
+    assert set(preds) == {"t", "s", "v", "vt", "sv", "st", "svt"}
+    assert seen and all(seen)
+
+
+# ---------------------------------------------------------------- bad input
+
+def _rewrite_table(path, fn):
+    """Replace a store's utterance table (as another tool or an old version might write it)."""
+    import h5py
+    import pandas as pd
+
+    with h5py.File(path, "r+") as f:
+        g = f["utterances"]
+        cols = json.loads(g.attrs["columns"])
+        data = {c: (list(g[c].asstr()[()]) if h5py.check_string_dtype(g[c].dtype) else g[c][()]) for c in cols}
+        df = fn(pd.DataFrame(data, columns=cols))
+        for c in cols:
+            del g[c]
+        for c in df.columns:
+            s = df[c]
+            if pd.api.types.is_numeric_dtype(s):
+                g.create_dataset(c, data=s.to_numpy())
+            else:
+                g.create_dataset(c, data=np.array(s.astype(str).tolist(), dtype=object), dtype=h5py.string_dtype())
+        g.attrs["columns"] = json.dumps(list(df.columns))
+
+
+def _edit_store(src, dst, edit):
+    shutil.copy(src, dst)
+    _rewrite_table(dst, edit)
+    return dst
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no-labels", "has no labels"),
+    ("no-folds", "has no folds"),
+    ("bad-labels", "outside the four classes"),
+    ("empty-fold", "fold 7 has no test utterances"),
+    ("no-video", "no video features at all"),
+    ("unknown-key", "optim: unknown key 'learning_rate'"),
+    ("wrong-type", "optim.batch_size: expected int"),
+    ("missing-file", "no such file"),
+])
+def test_bad_input_is_a_clear_message(env, case, message):
+    root, store, cfg = env
+    d = root / "bad"
+    d.mkdir(exist_ok=True)
+    args = ["--features", store, "--config", cfg, "--out", d / f"out-{case}", "--epochs", "1"]
+    if case == "no-labels":
+        args[1] = _edit_store(store, d / "nolab.h5", lambda df: df.drop(columns=["label"]))
+    elif case == "no-folds":
+        args[1] = _edit_store(store, d / "nofold.h5", lambda df: df.drop(columns=["fold"]))
+    elif case == "bad-labels":
+        args[1] = _edit_store(store, d / "badlab.h5", lambda df: df.assign(label=["exc"] * len(df)))
+    elif case == "empty-fold":
+        args += ["--folds", "7"]
+    elif case == "no-video":
+        args[1] = make_synthetic_store(d / "nov.h5", n_per_class=2, sessions=2, modalities=("speech", "text"))
+    elif case == "unknown-key":
+        (d / "k.yaml").write_text("optim:\n  learning_rate: 0.1\n")
+        args[3] = d / "k.yaml"
+    elif case == "wrong-type":
+        (d / "t.yaml").write_text("optim:\n  batch_size: sixteen\n")
+        args[3] = d / "t.yaml"
+    elif case == "missing-file":
+        args[1] = d / "nope.h5"
+    res = _train(args)
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert "Traceback" not in res.output
+    if case in ("unknown-key", "wrong-type"):
+        assert str(args[3]) in res.output  # names the file
+
+
+# ---------------------------------------------------------------- distributed data parallel
+
+def test_ddp_two_cpu_processes_gloo(env, tmp_path):
+    root, store, cfg = env
+    script = tmp_path / "ddp_run.py"
+    script.write_text(
+        "import hashlib, sys, torch, torch.distributed as dist\n"
+        "torch.set_num_threads(1)\n"
+        "from cmarr.pipelines import train as T\n"
+        "store, cfg, out = sys.argv[1:4]\n"
+        "seen = {}\n"
+        "orig = T.FoldRecipe.fit\n"
+        "def fit(self):\n"
+        "    res = orig(self)\n"
+        "    h = hashlib.sha256()\n"
+        "    for k, v in sorted(self.model.state_dict().items()): h.update(v.detach().cpu().numpy().tobytes())\n"
+        "    seen['hash'] = h.hexdigest(); seen['steps'] = self.rows[-1]['steps']\n"
+        "    return res\n"
+        "T.FoldRecipe.fit = fit\n"
+        "m = T.run_training(store, cfg, out_dir=out, folds=[1], device='cpu', epochs=1, log=None)\n"
+        "print('RANK', dist.get_rank(), dist.get_world_size(), dist.get_backend(), seen['hash'], seen['steps'],"
+        " m['summary']['avg']['uar_mean'], flush=True)\n")
+    env_vars = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    out = tmp_path / "ddp-run"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           "29533", str(script), str(store), str(cfg), str(out)],
+                          capture_output=True, text=True, timeout=240, env=env_vars)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = sorted(ln.split() for ln in proc.stdout.splitlines() if ln.startswith("RANK"))
+    assert [ln[1] for ln in lines] == ["0", "1"] and all(ln[2] == "2" and ln[3] == "gloo" for ln in lines)
+    assert lines[0][4] == lines[1][4]  # both ranks hold the same weights after training (best checkpoint)
+    assert lines[0][6] == lines[1][6]  # and report the same metrics
+    single = run_training(store, cfg, out_dir=tmp_path / "single", folds=[1], device="cpu", epochs=1, log=None)
+    # each rank took half the batches of the epoch
+    rows = (out / "fold1" / "log.csv").read_text().splitlines()
+    n_ddp = int(rows[1].split(",")[7])
+    n_single = int((tmp_path / "single" / "fold1" / "log.csv").read_text().splitlines()[1].split(",")[7])
+    assert n_ddp == pytest.approx(n_single / 2, abs=1)
+    assert (out / "metrics.json").is_file() and single["folds"]["1"].keys() == json.loads((out / "metrics.json").read_text())["folds"]["1"].keys()
