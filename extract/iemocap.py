@@ -32,7 +32,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from .manifest import Dropped, ManifestError, ManifestResult, is_junk, make_manifest, read_text, rel
+from .manifest import (R_NO_MEDIA, R_NOT_4CLASS, R_UNKNOWN_CODE, R_UNPARSEABLE, Dropped, ManifestError,
+                       ManifestResult, is_junk, make_manifest, read_text, rel)
 
 CORPUS = "iemocap"
 SESSIONS = (1, 2, 3, 4, 5)
@@ -50,13 +51,9 @@ UTT_RE = re.compile(r"^(Ses0([1-5])([FM])_[A-Za-z0-9_]+?)_([FM])(\d{3})$")
 # ``Ses01F_impro01_F000 [006.2901-008.2357]: Excuse me.``
 TRANSCRIPT_RE = re.compile(rf"^(\S+)\s+\[\s*{_NUM}\s*-\s*{_NUM}\s*\]:\s?(.*)$")
 
-R_UNPARSEABLE = "unparseable label line"
-R_NOT_4CLASS = "consensus not in the 4-class set"
-R_UNKNOWN_CODE = "unknown consensus code"
 R_BAD_ID = "utterance id does not fit its dialog file"
 R_DUPLICATE = "duplicate utterance id"
 R_BAD_TIMES = "end before start"
-R_NO_MEDIA = "no media (wav, video and transcript all absent)"
 
 EXPECTED = ("Session1..Session5 folders, each with dialog/EmoEvaluation/<dialog>.txt "
             "(label files), dialog/transcriptions/, dialog/avi/DivX/ and sentences/wav/<dialog>/")

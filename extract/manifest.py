@@ -62,6 +62,12 @@ IEMOCAP_CANONICAL = "iemocap_4class.csv"
 MSP_NO_FACE = "msp_improv_no_face.txt"
 
 
+# drop reasons shared by both corpora
+R_UNPARSEABLE = "unparseable label line"
+R_NOT_4CLASS = "consensus not in the 4-class set"
+R_UNKNOWN_CODE = "unknown consensus code"
+R_NO_MEDIA = "no media (wav, video and transcript all absent)"
+
 class ManifestError(Exception):
     """A problem that stops a manifest from being built. ``str(e) == f"{path}: {problem}"``."""
 

@@ -30,8 +30,8 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from .manifest import (Dropped, ManifestError, ManifestResult, is_junk, load_msp_no_face,
-                       make_manifest, read_text, rel)
+from .manifest import (R_NO_MEDIA, R_NOT_4CLASS, R_UNKNOWN_CODE, R_UNPARSEABLE, Dropped, ManifestError,
+                       ManifestResult, is_junk, load_msp_no_face, make_manifest, read_text, rel)
 
 CORPUS = "msp-improv"
 SESSIONS = (1, 2, 3, 4, 5, 6)
@@ -47,15 +47,11 @@ PAPER_RECORDING_TYPES = ("S",)
 ID_RE = re.compile(r"^MSP-IMPROV-S(\d{2})([A-Z])-([FM])(\d{2})-([A-Z])-(\w+)$")
 SUMMARY_START = re.compile(r"^(UTD|MSP)-IMPROV-")
 
-R_UNPARSEABLE = "unparseable label line"
 R_TYPE = "recording type not in the paper's set"
-R_NOT_4CLASS = "consensus not in the 4-class set"
-R_UNKNOWN_CODE = "unknown consensus code"
 R_BAD_ID = "clip id does not parse"
 R_DUPLICATE = "duplicate clip id"
 R_NO_FACE = "no face found (no-face list)"
 R_SESSION_ABSENT = "session absent from this copy (no media of it)"
-R_NO_MEDIA = "no media (wav, video and transcript all absent)"
 R_NO_DURATION = "no readable wav or video to give the duration"
 
 EXPECTED = ("Evalution.txt (or Evaluation.txt) with the labels, and the clips under "

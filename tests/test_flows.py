@@ -11,13 +11,7 @@ from cmarr.model.flows import ActNorm, AffineCoupling, Flow, InvertibleConv1x1LU
 C, T = 6, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster than two contending with other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise(module: torch.nn.Module, std: float = 0.3) -> torch.nn.Module:

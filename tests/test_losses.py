@@ -11,13 +11,7 @@ from cmarr.model.losses import (info_nce, loss_cls, loss_nll, loss_rec, loss_spc
                                 wasserstein2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster than two contending with other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_wasserstein2_eq1() -> None:

@@ -13,13 +13,7 @@ SMALL = dict(dims=DIMS, d_model=16, seq_len=6, umc_heads=2, fusion_heads=2, flow
 LENGTHS = {"speech": 15, "text": 7, "video": 9}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster than two contending with other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_cfg(variant: str = "cm-arr", **overrides) -> CMARRConfig:

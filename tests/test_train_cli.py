@@ -175,30 +175,9 @@ def test_evaluation_never_reads_missing_inputs(env):
 
 # ---------------------------------------------------------------- bad input
 
-def _rewrite_table(path, fn):
-    """Replace a store's utterance table (as another tool or an old version might write it)."""
-    import h5py
-    import pandas as pd
-
-    with h5py.File(path, "r+") as f:
-        g = f["utterances"]
-        cols = json.loads(g.attrs["columns"])
-        data = {c: (list(g[c].asstr()[()]) if h5py.check_string_dtype(g[c].dtype) else g[c][()]) for c in cols}
-        df = fn(pd.DataFrame(data, columns=cols))
-        for c in cols:
-            del g[c]
-        for c in df.columns:
-            s = df[c]
-            if pd.api.types.is_numeric_dtype(s):
-                g.create_dataset(c, data=s.to_numpy())
-            else:
-                g.create_dataset(c, data=np.array(s.astype(str).tolist(), dtype=object), dtype=h5py.string_dtype())
-        g.attrs["columns"] = json.dumps(list(df.columns))
-
-
-def _edit_store(src, dst, edit):
+def _edit_store(src, dst, edit, rewrite_table):
     shutil.copy(src, dst)
-    _rewrite_table(dst, edit)
+    rewrite_table(dst, edit)
     return dst
 
 
@@ -212,17 +191,17 @@ def _edit_store(src, dst, edit):
     ("wrong-type", "optim.batch_size: expected int"),
     ("missing-file", "no such file"),
 ])
-def test_bad_input_is_a_clear_message(env, case, message):
+def test_bad_input_is_a_clear_message(env, case, message, rewrite_table):
     root, store, cfg = env
     d = root / "bad"
     d.mkdir(exist_ok=True)
     args = ["--features", store, "--config", cfg, "--out", d / f"out-{case}", "--epochs", "1"]
     if case == "no-labels":
-        args[1] = _edit_store(store, d / "nolab.h5", lambda df: df.drop(columns=["label"]))
+        args[1] = _edit_store(store, d / "nolab.h5", lambda df: df.drop(columns=["label"]), rewrite_table)
     elif case == "no-folds":
-        args[1] = _edit_store(store, d / "nofold.h5", lambda df: df.drop(columns=["fold"]))
+        args[1] = _edit_store(store, d / "nofold.h5", lambda df: df.drop(columns=["fold"]), rewrite_table)
     elif case == "bad-labels":
-        args[1] = _edit_store(store, d / "badlab.h5", lambda df: df.assign(label=["exc"] * len(df)))
+        args[1] = _edit_store(store, d / "badlab.h5", lambda df: df.assign(label=["exc"] * len(df)), rewrite_table)
     elif case == "empty-fold":
         args += ["--folds", "7"]
     elif case == "no-video":

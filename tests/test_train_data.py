@@ -72,22 +72,6 @@ def test_load_store(store):
     np.testing.assert_array_equal(lazy.get(i, "speech"), d.get(i, "speech"))
 
 
-def _rewrite_table(path, fn):
-    with h5py.File(path, "r+") as f:
-        g = f["utterances"]
-        cols = json.loads(g.attrs["columns"])
-        data = {c: (list(g[c].asstr()[()]) if h5py.check_string_dtype(g[c].dtype) else g[c][()]) for c in cols}
-        df = fn(pd.DataFrame(data, columns=cols))
-        for c in cols:
-            del g[c]
-        for c in df.columns:
-            s = df[c]
-            if pd.api.types.is_numeric_dtype(s):
-                g.create_dataset(c, data=s.to_numpy())
-            else:
-                g.create_dataset(c, data=np.array(s.astype(str).tolist(), dtype=object), dtype=h5py.string_dtype())
-        g.attrs["columns"] = json.dumps(list(df.columns))
-
 
 @pytest.mark.parametrize("edit,message", [
     (lambda df: df.drop(columns=["label"]), "has no labels"),
@@ -95,12 +79,12 @@ def _rewrite_table(path, fn):
     (lambda df: df.drop(columns=["fold"]), "has no folds"),
     (lambda df: df.assign(label=["fru"] + list(df["label"][1:])), "outside the four classes.*'fru'"),
 ])
-def test_bad_tables(tmp_path, store, edit, message):
+def test_bad_tables(tmp_path, store, edit, message, rewrite_table):
     import shutil
 
     p = tmp_path / "bad.h5"
     shutil.copy(store, p)
-    _rewrite_table(p, edit)
+    rewrite_table(p, edit)
     with pytest.raises(DataError, match=message) as e:
         StoreData(p)
     assert str(p) in str(e.value)
