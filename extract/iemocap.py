@@ -134,7 +134,10 @@ def prepare_iemocap(root: str | os.PathLike,
     ``ManifestError`` when ``root`` is not the corpus or a label/transcription file cannot be
     read."""
     label_map = dict(IEMOCAP_LABEL_MAP if label_map is None else label_map)
-    root, notes = find_root(Path(root))
+    # media paths are relative to the folder the user named, which the extractors are given
+    # too, even when the release sits one level below it
+    given = Path(root)
+    root, notes = find_root(given)
     dropped: list[Dropped] = []
     rows: list[dict] = []
     sessions: list[int] = []
@@ -190,8 +193,8 @@ def prepare_iemocap(root: str | os.PathLike,
                     dropped.append(Dropped(uid, R_BAD_TIMES, where, f"{e['start']} - {e['end']}"))
                     continue
                 gender, marker = m.group(4), m.group(3)
-                wav = rel(wavs[uid], root) if uid in wavs else ""
-                video = rel(avi, root) if avi is not None else ""
+                wav = rel(wavs[uid], given) if uid in wavs else ""
+                video = rel(avi, given) if avi is not None else ""
                 text = texts.get(uid, "")
                 if not (wav or video or text):
                     dropped.append(Dropped(uid, R_NO_MEDIA, where))

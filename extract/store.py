@@ -789,8 +789,9 @@ def validate_store(path: str | os.PathLike, manifest: pd.DataFrame | None = None
         for key in ("dim", "cm_arr_version", "library_versions"):
             if key not in prov:
                 problems.append(f"{m}: provenance lacks {key!r}")
-        if not any(k in prov for k in ("model", "checkpoint_sha256")):
-            problems.append(f"{m}: provenance names no model or checkpoint")
+        named = any(v for k, v in prov.items() if k == "model" or k.endswith("checkpoint_sha256"))
+        if not named and prov.get("random_weights") is not True:
+            problems.append(f"{m}: provenance names no model or checkpoint (nor says the weights are random)")
         dim = int(prov.get("dim", -1))
         if store.dims[m] != dim:
             problems.append(f"{m}: frames have width {store.dims[m]}, provenance says {dim}")

@@ -222,6 +222,10 @@ def test_root_above_the_release_folder_is_accepted(small):
     r = prepare_iemocap(root.parent)
     assert list(r.df["utterance_id"]) == info["ids"]
     assert any("IEMOCAP_full_release" in n for n in r.notes)
+    # media paths are relative to the folder the user named (the extractors get the same --root)
+    wavs = [p for p in r.df["wav_path"] if p]
+    assert wavs and all((root.parent / p).is_file() for p in wavs)
+    assert all((root.parent / p).is_file() for p in r.df["video_path"] if p)
 
 
 def test_unparseable_label_lines_are_counted_with_file_and_line(small):

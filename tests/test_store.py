@@ -341,3 +341,18 @@ def test_info_table(tmp_path):
     assert code == 0, text
     assert "5 utterances" in text and "wav2vec2-base" in text
     assert "video" in text and "speech" in text
+
+
+def test_validate_requires_provenance_to_name_the_model(tmp_path):
+    ids = ["a", "b"]
+    random = {"speech": {"extractor": "wav2vec2", "dim": 6, "random_weights": True}}
+    ok = tmp_path / "random.h5"
+    with StoreWriter(ok, table(ids), random) as w:
+        for i, u in enumerate(ids):
+            w.add(u, "speech", feats(i, 3, 6))
+    assert validate_store(ok)[0] == []
+    anonymous = tmp_path / "anonymous.h5"
+    with StoreWriter(anonymous, table(ids), {"speech": {"extractor": "wav2vec2", "dim": 6}}) as w:
+        for i, u in enumerate(ids):
+            w.add(u, "speech", feats(i, 3, 6))
+    assert any("names no model or checkpoint" in p for p in validate_store(anonymous)[0])
