@@ -582,7 +582,9 @@ class StoreWriter:
             store = FeatureStore(self.out)  # raises StoreError for anything unreadable
             for m, p in store.provenance.items():
                 if m in self.provenance:
-                    diff = provenance_differences(p, self.provenance[m])
+                    # the finished store records the width it found; a job that did not declare one compares equal
+                    mine = {**self.provenance[m], "dim": self.provenance[m].get("dim", p.get("dim"))}
+                    diff = provenance_differences(p, mine)
                     if diff:
                         raise StoreError(self.out, f"exists with {m} features made differently ({'; '.join(diff[:3])}); "
                                          "write to another --out or remove it")

@@ -111,6 +111,19 @@ def test_output_appears_only_when_complete_and_resume_skips_done(tmp_path):
         np.testing.assert_allclose(s.get(u, "speech"), feats(i, 4, 6).astype(np.float16))
 
 
+def test_rerun_of_a_finished_store_has_nothing_to_do(tmp_path):
+    out = tmp_path / "f.h5"
+    undeclared = {"speech": {"model": "m"}}  # width found from the data
+    with StoreWriter(out, table(["a", "b"]), undeclared) as w:
+        w.add("a", "speech", feats(0, 4, 6))
+        w.add("b", "speech", feats(1, 4, 6))
+    before = FeatureStore(out).get("b", "speech")
+    with StoreWriter(out, table(["a", "b"]), undeclared) as w:
+        assert w.done() == {("a", "speech"), ("b", "speech")}
+    np.testing.assert_array_equal(FeatureStore(out).get("b", "speech"), before)
+    assert FeatureStore(out).provenance["speech"]["dim"] == 6
+
+
 def test_resume_refuses_other_settings(tmp_path):
     out = tmp_path / "f.h5"
     w = StoreWriter(out, table(["a", "b"]), {"speech": PROV["speech"]}, chunk_size=1)
