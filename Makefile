@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/extract_speech_text.py
 	$(PY) benchmarks/extract_video.py --frames 64
 	$(PY) benchmarks/train.py
+	$(PY) benchmarks/model_step.py
 
 # the whole pipeline on an embedded corpus (about 2 min on 2 cores); DEMO_ARGS="--seed 1", "--quick", "--audio synth"
 demo: $(STAMP)
