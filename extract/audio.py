@@ -21,19 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .base import PathError
+
 #: The rate wav2vec2 models are trained on.
 TARGET_SAMPLE_RATE = 16_000
 #: The resampling filter, as recorded in provenance.
 RESAMPLER = "soxr HQ"
 
 
-class AudioError(Exception):
-    """An audio file that cannot be used. ``str(e) == f"{path}: {problem}"``."""
-
-    def __init__(self, path: str | os.PathLike, problem: str):
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+class AudioError(PathError):
+    """An audio file that cannot be used. ``str(e)`` is ``"<path>: <problem>"``."""
 
 
 def _first_line(e: BaseException) -> str:

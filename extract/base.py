@@ -8,6 +8,7 @@ Legend: ``T`` frames of one utterance, ``D`` feature width of the modality.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -50,6 +51,16 @@ class Extractor:
         """Yield one ``Result`` per row of ``rows`` (in any order, each id exactly once).
         Media paths in ``rows`` are relative to ``root``."""
         raise NotImplementedError
+
+
+class PathError(Exception):
+    """A problem with one file or folder. ``str(e) == f"{path}: {problem}"``; ``path`` and
+    ``problem`` are kept for callers that format their own message."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
 
 
 class ExtractError(Exception):

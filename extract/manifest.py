@@ -36,6 +36,8 @@ from typing import Iterable
 
 import pandas as pd
 
+from .base import PathError
+
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "utterance_id", "corpus", "session", "speaker", "gender", "label", "consensus",
     "start", "end", "fold", "wav_path", "transcript", "video_path", "video_start",
@@ -68,13 +70,8 @@ R_NOT_4CLASS = "consensus not in the 4-class set"
 R_UNKNOWN_CODE = "unknown consensus code"
 R_NO_MEDIA = "no media (wav, video and transcript all absent)"
 
-class ManifestError(Exception):
-    """A problem that stops a manifest from being built. ``str(e) == f"{path}: {problem}"``."""
-
-    def __init__(self, path: str | os.PathLike, problem: str):
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+class ManifestError(PathError):
+    """A problem that stops a manifest from being built. ``str(e)`` is ``"<path>: <problem>"``."""
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,8 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from .base import PathError
+
 FORMAT = "cm-arr-features"
 SCHEMA_VERSION = 1
 MODALITIES = ("speech", "text", "video")
@@ -61,13 +63,8 @@ VOLATILE_PROVENANCE_KEYS = frozenset({"created", "host"})
 _ARRAY_META = {"frame_times": np.float32, "face_mask": bool}
 
 
-class StoreError(Exception):
+class StoreError(PathError):
     """A store that cannot be read, written or merged. ``str(e)`` is ``"<path>: <problem>"``."""
-
-    def __init__(self, path: str | os.PathLike, problem: str):
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
 
 
 def project_version() -> str:

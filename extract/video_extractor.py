@@ -18,6 +18,7 @@ call).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -44,8 +45,9 @@ class VideoConfig:
       unless ``allow_random_weights`` (tests and demos only: seeded random weights,
       normalisation mean 0 / std 1, both recorded in provenance).
     - ``sample_fps``: frames sampled per second of clip (10, as the paper's lineage).
-    - detector: ``min_face_size`` 20 px, ``thresholds`` (0.6, 0.7, 0.7), ``factor`` 0.709,
-      ``selection`` "largest" (or "probability"), ``margin`` 0.1 (see ``DetectorConfig``).
+    - ``detector``: the face detector's settings (``DetectorConfig``: min face size 20 px,
+      thresholds (0.6, 0.7, 0.7), factor 0.709, selection "largest", margin 0.1); its
+      ``half`` and ``crop_size`` are set from this config.
     - ``batch_size``: frames per detector call (64); ``face_batch_size``: faces per
       Denseface call (256); ``device``: None or "auto" = CUDA when present, else CPU; ``half``:
       float16 MTCNN and Denseface on CUDA (default off).
@@ -57,11 +59,7 @@ class VideoConfig:
     checkpoint: str | None = None
     allow_random_weights: bool = False
     sample_fps: float = 10.0
-    min_face_size: int = 20
-    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
-    factor: float = 0.709
-    selection: str = "largest"
-    margin: float = 0.1
+    detector: DetectorConfig = DetectorConfig()
     batch_size: int = 64
     face_batch_size: int = 256
     device: str | None = None
@@ -70,9 +68,7 @@ class VideoConfig:
     decode_workers: int = 4
 
     def detector_config(self) -> DetectorConfig:
-        return DetectorConfig(min_face_size=self.min_face_size, thresholds=tuple(self.thresholds),
-                              factor=self.factor, selection=self.selection, margin=self.margin,
-                              crop_size=64, half=self.half)
+        return dataclasses.replace(self.detector, crop_size=64, half=self.half)
 
 
 class _Clip:
@@ -153,7 +149,7 @@ class VideoExtractor(Extractor):
             "frame_rule": "sample k at start + k/sample_fps takes frame floor(t*fps), fps read from the file",
             "frame_times": "seconds from the clip start, every sampled frame; face_mask marks face frames",
             "short_video_rule": "frames that exist are kept, frames_missing counts the rest; no frame -> error",
-            "crop": {"size": 64, "channels": "gray (BT.601 luma)", "margin": c.margin,
+            "crop": {"size": 64, "channels": "gray (BT.601 luma)", "margin": c.detector.margin,
                      "resample": "bilinear ROI average"},
             "normalisation": {"rule": "(gray/255 - mean) / std", "mean": self.mean, "std": self.std,
                               "source": "random weights: identity" if c.checkpoint is None else "checkpoint"},
