@@ -19,6 +19,12 @@ Data flow for one batch (``B`` samples, modalities ``n`` in ``MODALITIES``, ``S 
 A modality that is not available is never read into the logits: its input rows are replaced
 by zeros with ``torch.where`` before the first layer (so NaN there cannot reach a value or a
 gradient), and ``Y_m`` selects the reconstruction with ``torch.where``.
+
+The per-modality layers after step 1 (UMC, projection, flow, reconstruction module) keep
+separate weights per modality but are stacked along a leading modality axis and run as one
+call each (:mod:`cmarr.model.grouped`): tensors inside are (3, B, S, d) in ``MODALITIES`` order.
+A step at batch 16 is bound by the number of operators, not by arithmetic, so this is what
+makes it fast.
 """
 
 from __future__ import annotations
@@ -32,10 +38,11 @@ from torch import Tensor, nn
 from .config import MODALITIES, CMARRConfig
 from .flows import Flow
 from .fusion import CrossModalFusion
+from .grouped import GroupConv1d, from_conv, group_masked_mean, to_conv
 from .losses import LOSS_NAMES, loss_cls, loss_nll, loss_rec, loss_spcl, loss_udcl, total_loss
 from .pooling import pool_to_steps
 from .reconstruction import ReconstructionModule
-from .umc import UMC, masked_mean
+from .umc import UMC
 
 
 @dataclass
@@ -78,16 +85,14 @@ class CMARR(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
+        n = len(MODALITIES)
         # per-modality linear to the common width (D_v != D_s): the "feature extraction" head
         self.inp = nn.ModuleDict({m: nn.Linear(cfg.dims[m], d) for m in MODALITIES})
         self.use_umc = cfg.reconstruction and (cfg.uses_udcl or cfg.proj_input == "umc_mu")
         with_sigma = cfg.uses_udcl and cfg.udcl_representation == "distribution"
-        if self.use_umc:
-            self.umc = nn.ModuleDict({
-                m: UMC(d, cfg.umc_heads, cfg.umc_mlp_ratio, cfg.dropout, attention=cfg.umc_attention,
-                       with_sigma=with_sigma)
-                for m in MODALITIES
-            })
+        if self.use_umc:  # one UMC per modality (group axis = MODALITIES)
+            self.umc = UMC(d, cfg.umc_heads, cfg.umc_mlp_ratio, cfg.dropout, attention=cfg.umc_attention,
+                           with_sigma=with_sigma, groups=n)
         if cfg.uses_udcl:
             ab_used = not (cfg.udcl_representation == "point" and cfg.point_similarity == "cosine")
             if cfg.learn_ab and ab_used:
@@ -101,17 +106,13 @@ class CMARR(nn.Module):
                 self.log_tau = nn.Parameter(log_tau)
             else:
                 self.register_buffer("log_tau", log_tau)
-        # the 1-D convolution of Sec. 3.2 that gives X_n
-        self.proj = nn.ModuleDict({m: nn.Conv1d(d, d, cfg.proj_kernel, padding=cfg.proj_kernel // 2)
-                                   for m in MODALITIES})
+        # the 1-D convolution of Sec. 3.2 that gives X_n, one per modality
+        self.proj = GroupConv1d(n, d, d, cfg.proj_kernel, padding=cfg.proj_kernel // 2)
         if cfg.reconstruction:
-            self.flow = nn.ModuleDict({m: Flow(d, cfg.flow_steps, cfg.flow_hidden, cfg.flow_kernel)
-                                       for m in MODALITIES})
-            self.rec = nn.ModuleDict({m: ReconstructionModule(d, cfg.rcan_blocks, cfg.rcan_kernel, cfg.rcan_reduction)
-                                      for m in MODALITIES})
+            self.flow = Flow(d, cfg.flow_steps, cfg.flow_hidden, cfg.flow_kernel, groups=n)
+            self.rec = ReconstructionModule(d, cfg.rcan_blocks, cfg.rcan_kernel, cfg.rcan_reduction, groups=n)
             if cfg.nll_prior == "class" and cfg.nll_weight > 0:
-                self.prior_mean = nn.ParameterDict({m: nn.Parameter(torch.zeros(cfg.num_classes, d))
-                                                    for m in MODALITIES})
+                self.prior_mean = nn.Parameter(torch.zeros(n, cfg.num_classes, d))  # (3, classes, d)
         self.fusion = CrossModalFusion(d, cfg.fusion_heads, cfg.fusion_ff_ratio, cfg.dropout, cfg.fusion_queries)
         self.classifier = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(cfg.dropout),
                                         nn.Linear(d, cfg.num_classes))
@@ -128,11 +129,6 @@ class CMARR(nn.Module):
         elif present.dtype != torch.bool or present.shape != available.shape:
             raise ValueError(f"CMARR: present must be a bool tensor shaped like available {tuple(available.shape)}, "
                              f"got {present.dtype} {tuple(present.shape)}")
-        flags = torch.stack([(available & ~present).any(), ~available.any(dim=1).all()]).tolist()  # one host sync
-        if flags[0]:
-            raise ValueError("CMARR: a modality marked available is not present")
-        if flags[1]:
-            raise ValueError("CMARR: every sample needs at least one available modality")
         for m in MODALITIES:
             if m not in feats or m not in masks:
                 raise ValueError(f"CMARR: feats and masks need modality {m!r} (fill unavailable rows with anything)")
@@ -161,119 +157,119 @@ class CMARR(nn.Module):
         present = self._check_inputs(feats, masks, available, present)
         # true features are read where they exist (inputs, and targets / Fig. 5 references)
         read = present  # (B, 3)
-        avail_f = available.to(torch.float32)
+        A = available.T  # (3, B) the condition, modality-major like the stacked tensors
 
-        h, step_mask = {}, {}
+        h, step_mask = [], []
         for i, m in enumerate(MODALITIES):
             keep = read[:, i : i + 1] & masks[m]  # (B, T_m): never read unavailable rows or padding
             x = torch.where(keep.unsqueeze(-1), feats[m], torch.zeros((), dtype=feats[m].dtype, device=feats[m].device))
-            x, step_mask[m] = pool_to_steps(x, keep, cfg.seq_len)  # (B, S, D_m), (B, S)
-            h[m] = self.inp[m](x.to(self.inp[m].weight.dtype))  # (B, S, d)
-        empty = torch.stack([read[:, i] & ~step_mask[m][:, 0] for i, m in enumerate(MODALITIES)], dim=1)  # (B, 3)
-        if bool(empty.any()):  # one host sync for all modalities
-            bad = [m for i, m in enumerate(MODALITIES) if bool(empty[:, i].any())]
+            x, sm = pool_to_steps(x, keep, cfg.seq_len)  # (B, S, D_m), (B, S)
+            h.append(self.inp[m](x.to(self.inp[m].weight.dtype)))  # (B, S, d)
+            step_mask.append(sm)
+        H, M = torch.stack(h), torch.stack(step_mask)  # (3, B, S, d), (3, B, S)
+        # all input checks that need values, with one host sync
+        empty = read.T & ~M[:, :, 0]  # (3, B): marked available/present without a valid frame
+        flags = torch.cat([(available & ~present).any().view(1), (~available.any(dim=1)).any().view(1),
+                           empty.any(dim=1)]).tolist()
+        if flags[0]:
+            raise ValueError("CMARR: a modality marked available is not present")
+        if flags[1]:
+            raise ValueError("CMARR: every sample needs at least one available modality")
+        if any(flags[2:]):
+            bad = [m for m, f in zip(MODALITIES, flags[2:]) if f]
             raise ValueError(f"CMARR: feats{bad} have rows marked available/present without a valid frame")
 
         # ---- alignment (Sec. 3.1.2)
-        mu, logsigma = {}, {}
+        mu = logsigma = None
         if self.use_umc:
-            for m in MODALITIES:
-                mu[m], logsigma[m] = self.umc[m](h[m], step_mask[m])  # (B, S, d) each (log sigma may be None)
+            mu, logsigma = self.umc(H, M)  # (3, B, S, d) each (log sigma may be None)
 
         # ---- projection to X_n (Sec. 3.2)
-        x_n = {}
-        for m in MODALITIES:
-            src = mu[m] if (self.use_umc and cfg.proj_input == "umc_mu") else h[m]
-            src = torch.where(step_mask[m].unsqueeze(-1), src, torch.zeros_like(src))  # padding steps are zero
-            x_n[m] = self.proj[m](src.transpose(1, 2)).transpose(1, 2)  # (B, S, d)
+        src = mu if (self.use_umc and cfg.proj_input == "umc_mu") else H
+        src = torch.where(M.unsqueeze(-1), src, torch.zeros((), dtype=src.dtype, device=src.device))  # padding steps are zero
+        X = from_conv(self.proj(to_conv(src)), len(MODALITIES))  # (3, B, S, d)
 
         # ---- reconstruction (Eqs. 6-8) or zero-filled inputs (baseline)
-        ones = torch.ones_like(step_mask[MODALITIES[0]])
-        y, y_mask, x_hat = {}, {}, {}
+        z_nll = logdet_nll = None
         if cfg.reconstruction:
-            z = {m: self.flow[m](x_n[m])[0] for m in MODALITIES}  # Eq. 6, (B, S, d)
-            for i, m in enumerate(MODALITIES):
-                others = [j for j in range(len(MODALITIES)) if j != i]
-                z_sum = sum(torch.where(available[:, j].view(-1, 1, 1), z[MODALITIES[j]], torch.zeros_like(z[m]))
-                            for j in others)
-                count = sum(avail_f[:, j] for j in others).clamp(min=1.0).view(-1, 1, 1)
-                z_tilde = z_sum / count  # Eq. 7, (B, S, d); rows where m is available are discarded below
-                x_tilde, _ = self.flow[m].inverse(z_tilde)  # Eq. 8
-                x_hat[m] = self.rec[m](x_tilde)  # (B, S, d)
-                y[m] = torch.where(available[:, i].view(-1, 1, 1), x_n[m], x_hat[m])
-                y_mask[m] = torch.where(available[:, i : i + 1], step_mask[m], ones)
+            B = X.shape[1]
+            if cfg.nll_weight > 0 and cfg.nll_detach_input:
+                # one flow pass for Eq. 6 and for the likelihood of the detached input
+                z_all, logdet_all = self.flow(torch.cat([X, X.detach()], dim=1))  # (3, 2B, S, d), (3, 2B)
+                Z, z_nll, logdet_nll = z_all[:, :B], z_all[:, B:], logdet_all[:, B:]
+            else:
+                Z, logdet = self.flow(X)  # Eq. 6, (3, B, S, d)
+                if cfg.nll_weight > 0:
+                    z_nll, logdet_nll = Z, logdet
+            # Eq. 7: Z~ = mean of the available Z_n. For a modality m that is not available this
+            # is the mean over the other modalities; rows where m is available are discarded below.
+            a_f = A.to(Z.dtype)[:, :, None, None]  # (3, B, 1, 1)
+            z_tilde = (Z * a_f).sum(dim=0) / a_f.sum(dim=0).clamp(min=1.0)  # (B, S, d)
+            x_tilde, _ = self.flow.inverse(z_tilde.expand_as(Z))  # Eq. 8, (3, B, S, d)
+            x_hat = self.rec(x_tilde)  # (3, B, S, d)
         else:
             # baseline: an unavailable modality is a zero-filled input (MMIN protocol), i.e. the
             # same layers applied to zero features
-            for i, m in enumerate(MODALITIES):
-                zeros = h[m].new_zeros((1, cfg.seq_len, cfg.dims[m]))
-                x_fill = self.proj[m](self.inp[m](zeros).transpose(1, 2)).transpose(1, 2)  # (1, S, d)
-                x_hat[m] = x_fill.expand_as(x_n[m])
-                y[m] = torch.where(available[:, i].view(-1, 1, 1), x_n[m], x_hat[m])
-                y_mask[m] = torch.where(available[:, i : i + 1], step_mask[m], ones)
+            zeros = torch.stack([self.inp[m](H.new_zeros((1, cfg.seq_len, cfg.dims[m]))) for m in MODALITIES])
+            x_hat = from_conv(self.proj(to_conv(zeros)), len(MODALITIES)).expand_as(X)  # (3, B, S, d)
+        Y = torch.where(A[:, :, None, None], X, x_hat)  # (3, B, S, d)
+        Y_mask = M | ~A.unsqueeze(-1)  # (3, B, S): every step of X^_m is valid
 
         # ---- fusion (Eqs. 10-13) and classification
-        fused = self.fusion(y, y_mask, available)  # (B, d)
+        fused = self.fusion(Y, Y_mask, available)  # (B, d)
         logits = self.classifier(fused)  # (B, num_classes)
 
-        reps = self._reps(x_n, x_hat, step_mask, available, present)
+        reps = self._reps(X, x_hat, M, available, present)
         out = CMARROutput(logits=logits, reps=reps)
         if labels is not None:
-            out.losses = self._losses(labels, logits, mu, logsigma, x_n, x_hat, y, y_mask, step_mask,
+            out.losses = self._losses(labels, logits, mu, logsigma, X, x_hat, Y, Y_mask, M, z_nll, logdet_nll,
                                       available, present)
         return out
 
     # ------------------------------------------------------------------ pieces
-    def _reps(self, x_n, x_hat, step_mask, available, present) -> dict:
-        nan = torch.tensor(float("nan"), device=available.device)
-        real, recon = {}, {}
+    def _reps(self, X, x_hat, M, available, present) -> dict:
         with torch.no_grad():
-            for i, m in enumerate(MODALITIES):
-                pooled = masked_mean(x_n[m], step_mask[m])  # (B, d)
-                real[m] = torch.where(present[:, i : i + 1], pooled, nan).detach()
-                pooled_hat = x_hat[m].mean(dim=1)  # (B, d), every step of X^_m is valid
-                recon[m] = torch.where(~available[:, i : i + 1], pooled_hat, nan).detach()
-        return {"real": real, "recon": recon, "recon_mask": ~available, "present_mask": present}
+            nan = torch.tensor(float("nan"), device=available.device)
+            pooled = group_masked_mean(X, M)  # (3, B, d)
+            pooled_hat = x_hat.mean(dim=2)  # (3, B, d), every step of X^_m is valid
+            real = torch.where(present.T.unsqueeze(-1), pooled, nan)
+            recon = torch.where(~available.T.unsqueeze(-1), pooled_hat, nan)
+        return {"real": dict(zip(MODALITIES, real.unbind(0))), "recon": dict(zip(MODALITIES, recon.unbind(0))),
+                "recon_mask": ~available, "present_mask": present}
 
-    def _losses(self, labels, logits, mu, logsigma, x_n, x_hat, y, y_mask, step_mask, available, present):
+    def _losses(self, labels, logits, mu, logsigma, X, x_hat, Y, Y_mask, M, z_nll, logdet_nll, available, present):
         cfg = self.cfg
         zero = logits.new_zeros((), dtype=torch.float32)
         losses: dict[str, Tensor] = {k: zero for k in LOSS_NAMES}
         losses["cls"] = loss_cls(logits, labels)
 
         if cfg.uses_udcl:  # Eqs. 1-5 over the modalities present in the data
-            mu_bar = torch.stack([masked_mean(mu[m], step_mask[m]) for m in MODALITIES], dim=1)  # (B, 3, d)
+            mu_bar = group_masked_mean(mu, M).transpose(0, 1)  # (B, 3, d)
             sigma_bar = None
             if cfg.udcl_representation == "distribution":
-                sigma_bar = torch.stack([masked_mean(torch.exp(logsigma[m]), step_mask[m]) for m in MODALITIES], dim=1)
+                sigma_bar = group_masked_mean(torch.exp(logsigma), M).transpose(0, 1)  # (B, 3, d)
             losses["udcl"] = loss_udcl(
                 mu_bar, sigma_bar, present, a=self.udcl_a, b=self.udcl_b, tau=torch.exp(self.log_tau).clamp(min=cfg.tau_min),
                 point_similarity=cfg.point_similarity, direction_reduction=cfg.udcl_direction_reduction,
                 pair_reduction=cfg.udcl_pair_reduction)
 
+        # Eq. 9 and the flow likelihood are averages over (modality, row) pairs: every present row
+        # has all seq_len steps valid after pooling, so this equals weighting each modality's
+        # mean by its number of rows
         if cfg.reconstruction and cfg.lambda_rec > 0:  # Eq. 9 on rows present but not available
-            num, den = zero, zero
-            for i, m in enumerate(MODALITIES):
-                target = present[:, i] & ~available[:, i]  # (B,)
-                x_true = x_n[m].detach() if cfg.rec_detach_target else x_n[m]
-                l_m = loss_rec(x_hat[m], x_true, target, mask=step_mask[m], reduction=cfg.rec_reduction)
-                n_m = target.sum().to(zero.dtype)
-                num, den = num + l_m * n_m, den + n_m
-            losses["rec"] = num / den.clamp(min=1.0)
+            target = (present & ~available).T  # (3, B)
+            x_true = X.detach() if cfg.rec_detach_target else X
+            losses["rec"] = loss_rec(x_hat.flatten(0, 1), x_true.flatten(0, 1), target.flatten(), mask=M.flatten(0, 1),
+                                     reduction=cfg.rec_reduction)
 
         if cfg.reconstruction and cfg.nll_weight > 0:  # trains the flows (open point, see CMARRConfig)
-            num, den = zero, zero
-            for i, m in enumerate(MODALITIES):
-                x_in = x_n[m].detach() if cfg.nll_detach_input else x_n[m]
-                z_m, logdet_m = self.flow[m](x_in)
-                prior = self.prior_mean[m][labels].unsqueeze(1) if cfg.nll_prior == "class" else None  # (B, 1, d)
-                l_m = loss_nll(z_m, logdet_m, present[:, i], prior_mean=prior)
-                n_m = present[:, i].sum().to(zero.dtype)
-                num, den = num + l_m * n_m, den + n_m
-            losses["nll"] = num / den.clamp(min=1.0)
+            prior = None
+            if cfg.nll_prior == "class":
+                prior = self.prior_mean[:, labels].flatten(0, 1).unsqueeze(1)  # (3 B, 1, d)
+            losses["nll"] = loss_nll(z_nll.flatten(0, 1), logdet_nll.flatten(), present.T.flatten(), prior_mean=prior)
 
         if cfg.beta > 0:  # SupCon over all modalities of all instances (Sec. 3.3.1)
-            pooled = torch.stack([masked_mean(y[m], y_mask[m]) for m in MODALITIES], dim=1)  # (B, 3, d)
+            pooled = group_masked_mean(Y, Y_mask).transpose(0, 1)  # (B, 3, d)
             feats = pooled.reshape(-1, pooled.shape[-1])  # (B * 3, d)
             losses["spcl"] = loss_spcl(feats, labels.repeat_interleave(len(MODALITIES)), cfg.spcl_temperature)
 

@@ -3,9 +3,13 @@
 Every transform follows the nflows convention: ``forward(x) -> (z, logabsdet)`` and
 ``inverse(z) -> (x, logabsdet)``, with ``logabsdet`` (B,) the log absolute determinant of the
 Jacobian of the map just applied, so ``inverse(forward(x))`` is ``x`` and the two
-log-determinants cancel. Inputs are sequences (B, T, C): the channel-mixing layers act on
-every step alike (Glow's 1x1 convolutions with time as the spatial axis), the coupling
-network looks at neighbouring steps, and the log-determinant sums over all steps.
+log-determinants cancel. Inputs are sequences: the channel-mixing layers act on every step
+alike (Glow's 1x1 convolutions with time as the spatial axis), the coupling network looks at
+neighbouring steps, and the log-determinant sums over all steps.
+
+The model has one flow per modality with separate weights. They are stacked along a leading
+group axis (``groups``, :mod:`cmarr.model.grouped`): sequences are (G, B, T, C) and
+log-determinants (G, B), and group ``g`` is exactly the flow of its own weights.
 
 One flow step is ActNorm -> invertible 1x1 convolution (LU) -> affine coupling, all three
 applied (unlike the DiCMoR flow, whose ActNorm and 1x1 layers are built but never called,
@@ -18,9 +22,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .grouped import GroupConv1d, from_conv, to_conv
+
 
 class Transform(nn.Module):
-    """Base class: an invertible map of (B, T, C) sequences."""
+    """Base class: an invertible map of (G, B, T, C) sequences, log-determinants (G, B)."""
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -37,20 +43,22 @@ class ActNorm(Transform):
     that would bias the statistics. log|det J| = T * sum(log_scale).
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, groups: int = 1) -> None:
         super().__init__()
-        self.log_scale = nn.Parameter(torch.zeros(channels))
-        self.shift = nn.Parameter(torch.zeros(channels))
+        self.log_scale = nn.Parameter(torch.zeros(groups, channels))
+        self.shift = nn.Parameter(torch.zeros(groups, channels))
+
+    def _logdet(self, x: Tensor, sign: int) -> Tensor:
+        G, B, T, _ = x.shape
+        return (sign * T * self.log_scale.sum(dim=1, keepdim=True)).expand(G, B)  # (G, B)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        z = x * torch.exp(self.log_scale) + self.shift  # (B, T, C)
-        logabsdet = (x.shape[1] * self.log_scale.sum()).expand(x.shape[0])  # (B,)
-        return z, logabsdet
+        z = x * torch.exp(self.log_scale)[:, None, None] + self.shift[:, None, None]  # (G, B, T, C)
+        return z, self._logdet(x, 1)
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        x = (z - self.shift) * torch.exp(-self.log_scale)  # (B, T, C)
-        logabsdet = (-z.shape[1] * self.log_scale.sum()).expand(z.shape[0])  # (B,)
-        return x, logabsdet
+        x = (z - self.shift[:, None, None]) * torch.exp(-self.log_scale)[:, None, None]  # (G, B, T, C)
+        return x, self._logdet(z, -1)
 
 
 class InvertibleConv1x1LU(Transform):
@@ -58,15 +66,21 @@ class InvertibleConv1x1LU(Transform):
 
     ``W = P L (U + diag(sign * exp(log_s)))``, with ``P`` a fixed permutation, ``L`` unit
     lower-triangular and ``U`` strictly upper-triangular; ``z_t = W x_t`` at every step ``t``.
-    Initialised from a random rotation. log|det J| = T * sum(log_s).
+    Initialised from a random rotation (one per group). log|det J| = T * sum(log_s).
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, groups: int = 1) -> None:
         super().__init__()
-        q, _ = torch.linalg.qr(torch.randn(channels, channels, dtype=torch.float64))
-        p, lower, upper = torch.linalg.lu(q)
-        s = torch.diagonal(upper)
+        ps, lowers, uppers = [], [], []
+        for _ in range(groups):
+            q, _ = torch.linalg.qr(torch.randn(channels, channels, dtype=torch.float64))
+            p, lower, upper = torch.linalg.lu(q)
+            ps.append(p), lowers.append(lower), uppers.append(upper)
+        p, lower, upper = torch.stack(ps), torch.stack(lowers), torch.stack(uppers)  # (G, C, C)
+        s = torch.diagonal(upper, dim1=1, dim2=2)  # (G, C)
         self.register_buffer("P", p.float())
+        # P^T y = y[perm]: the inverse applies the permutation by indexing, exactly
+        self.register_buffer("perm", p.argmax(dim=1))  # (G, C): column j of P has its 1 in row perm[j]
         self.register_buffer("sign_s", torch.sign(s).float())
         self.register_buffer("lower_mask", torch.tril(torch.ones(channels, channels), diagonal=-1))
         self.register_buffer("eye", torch.eye(channels))
@@ -75,29 +89,33 @@ class InvertibleConv1x1LU(Transform):
         self.log_s = nn.Parameter(torch.log(torch.abs(s)).float())
 
     def _factors(self) -> tuple[Tensor, Tensor]:
-        lower = self.lower * self.lower_mask + self.eye  # (C, C) unit lower-triangular
-        upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * torch.exp(self.log_s))  # (C, C)
+        lower = self.lower * self.lower_mask + self.eye  # (G, C, C) unit lower-triangular
+        upper = self.upper * self.lower_mask.T + torch.diag_embed(self.sign_s * torch.exp(self.log_s))  # (G, C, C)
         return lower, upper
 
     def weight(self) -> Tensor:
         lower, upper = self._factors()
-        return self.P @ lower @ upper  # (C, C)
+        return self.P @ lower @ upper  # (G, C, C)
+
+    def _logdet(self, x: Tensor, sign: int) -> Tensor:
+        G, B, T, _ = x.shape
+        return (sign * T * self.log_s.sum(dim=1, keepdim=True)).expand(G, B)  # (G, B)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        z = x @ self.weight().T  # (B, T, C)
-        logabsdet = (x.shape[1] * self.log_s.sum()).expand(x.shape[0])  # (B,)
-        return z, logabsdet
+        G, C = x.shape[0], x.shape[-1]
+        z = torch.bmm(x.reshape(G, -1, C), self.weight().transpose(1, 2)).reshape(x.shape)  # (G, B, T, C)
+        return z, self._logdet(x, 1)
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
         lower, upper = self._factors()
-        # x = U^-1 L^-1 P^T z, solved with triangular solves (exact and differentiable)
-        # in the weights' precision: triangular solves have no reduced-precision kernels
-        y = self.P.T @ z.reshape(-1, z.shape[-1]).T.to(lower.dtype)  # (C, B*T)
-        y = torch.linalg.solve_triangular(lower, y, upper=False, unitriangular=True)
-        y = torch.linalg.solve_triangular(upper, y, upper=True)
-        x = y.T.reshape(z.shape)  # (B, T, C)
-        logabsdet = (-z.shape[1] * self.log_s.sum()).expand(z.shape[0])  # (B,)
-        return x, logabsdet
+        G, C = z.shape[0], z.shape[-1]
+        # rows: x W^T = z  <=>  (x U^T) L^T = z P, solved with triangular solves (exact and
+        # differentiable) in the weights' precision: they have no reduced-precision kernels
+        rows = z.reshape(G, -1, C).to(lower.dtype)  # (G, N, C)
+        rows = torch.gather(rows, 2, self.perm[:, None, :].expand_as(rows))  # z P
+        rows = torch.linalg.solve_triangular(lower.transpose(1, 2), rows, upper=True, left=False, unitriangular=True)
+        x = torch.linalg.solve_triangular(upper.transpose(1, 2), rows, upper=False, left=False)
+        return x.reshape(z.shape), self._logdet(z, -1)
 
 
 class AffineCoupling(Transform):
@@ -113,39 +131,40 @@ class AffineCoupling(Transform):
 
     eps = 1e-3
 
-    def __init__(self, channels: int, hidden: int, kernel: int) -> None:
+    def __init__(self, channels: int, hidden: int, kernel: int, groups: int = 1) -> None:
         super().__init__()
+        self.groups = groups
         self.n_a = channels // 2
         n_b = channels - self.n_a
         pad = kernel // 2
         self.net = nn.Sequential(
-            nn.Conv1d(self.n_a, hidden, kernel, padding=pad),
+            GroupConv1d(groups, self.n_a, hidden, kernel, padding=pad),
             nn.ReLU(),
-            nn.Conv1d(hidden, hidden, 1),
+            GroupConv1d(groups, hidden, hidden, 1),
             nn.ReLU(),
-            nn.Conv1d(hidden, 2 * n_b, kernel, padding=pad),
+            GroupConv1d(groups, hidden, 2 * n_b, kernel, padding=pad),
         )
         last = self.net[-1]
         nn.init.normal_(last.weight, std=1e-3)
         nn.init.zeros_(last.bias)
 
     def _scale_shift(self, x_a: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.net(x_a.transpose(1, 2)).transpose(1, 2)  # (B, T, 2 * n_b)
-        shift, s = h.chunk(2, dim=-1)  # (B, T, n_b) each
+        h = from_conv(self.net(to_conv(x_a)), self.groups)  # (G, B, T, 2 * n_b)
+        shift, s = h.chunk(2, dim=-1)  # (G, B, T, n_b) each
         scale = torch.sigmoid(s + 2.0) + self.eps
         return scale, shift
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x_a, x_b = x[..., : self.n_a], x[..., self.n_a:]
         scale, shift = self._scale_shift(x_a)
-        z = torch.cat([x_a, (x_b + shift) * scale], dim=-1)  # (B, T, C)
-        return z, torch.log(scale).sum(dim=(1, 2))
+        z = torch.cat([x_a, (x_b + shift) * scale], dim=-1)  # (G, B, T, C)
+        return z, torch.log(scale).sum(dim=(2, 3))
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
         z_a, z_b = z[..., : self.n_a], z[..., self.n_a:]
         scale, shift = self._scale_shift(z_a)
-        x = torch.cat([z_a, z_b / scale - shift], dim=-1)  # (B, T, C)
-        return x, -torch.log(scale).sum(dim=(1, 2))
+        x = torch.cat([z_a, z_b / scale - shift], dim=-1)  # (G, B, T, C)
+        return x, -torch.log(scale).sum(dim=(2, 3))
 
 
 class CompositeTransform(Transform):
@@ -156,14 +175,14 @@ class CompositeTransform(Transform):
         self.transforms = nn.ModuleList(transforms)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        total = x.new_zeros(x.shape[0])
+        total = x.new_zeros(x.shape[:2])
         for t in self.transforms:
             x, logabsdet = t(x)
             total = total + logabsdet
         return x, total
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        total = z.new_zeros(z.shape[0])
+        total = z.new_zeros(z.shape[:2])
         for t in reversed(self.transforms):
             z, logabsdet = t.inverse(z)
             total = total + logabsdet
@@ -173,12 +192,13 @@ class CompositeTransform(Transform):
 class Flow(CompositeTransform):
     """The flow ``F_n`` of one modality (Eq. 6): ``steps`` x [ActNorm, 1x1 conv (LU), coupling].
 
+    ``groups`` flows with separate weights run together (one per modality in the model).
     Config fields: ``flow_steps``, ``flow_hidden``, ``flow_kernel``.
     """
 
-    def __init__(self, channels: int, steps: int, hidden: int, kernel: int) -> None:
+    def __init__(self, channels: int, steps: int, hidden: int, kernel: int, groups: int = 1) -> None:
         layers: list[Transform] = []
         for _ in range(steps):
-            layers += [ActNorm(channels), InvertibleConv1x1LU(channels), AffineCoupling(channels, hidden, kernel)]
+            layers += [ActNorm(channels, groups), InvertibleConv1x1LU(channels, groups),
+                       AffineCoupling(channels, hidden, kernel, groups)]
         super().__init__(layers)
-

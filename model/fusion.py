@@ -21,7 +21,9 @@ to all seven conditions with one rule (config ``fusion_queries``):
   query modality was reconstructed enter the self-attention (their tokens are masked in per
   sample); in the full condition, where nothing is reconstructed, all three do.
 
-The fused sequence ``H`` is mean-pooled over its valid tokens for the classifier.
+The fused sequence ``H`` is mean-pooled over its valid tokens for the classifier. The six
+cross-attention blocks (and the three merge layers) keep separate weights but run as one
+grouped call each (:mod:`cmarr.model.grouped`).
 """
 
 from __future__ import annotations
@@ -30,35 +32,28 @@ import torch
 from torch import Tensor, nn
 
 from .config import MODALITIES
-from .umc import masked_mean, safe_key_padding
+from .grouped import GroupAttention, GroupLayerNorm, GroupLinear, GroupMLP, group_masked_mean
 
-
-class FeedForward(nn.Module):
-    def __init__(self, width: int, ratio: int, dropout: float) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(width, width * ratio), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(width * ratio, width), nn.Dropout(dropout))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+# Cross-Attention_{qk}, one per ordered pair (query q, key/value k), q != k, in this order
+PAIRS: tuple[tuple[int, int], ...] = tuple((q, k) for q in range(len(MODALITIES)) for k in range(len(MODALITIES))
+                                           if q != k)
 
 
 class CrossAttention(nn.Module):
-    """Pre-norm transformer block whose queries come from one sequence and keys/values from another."""
+    """Pre-norm transformer block whose queries come from one sequence and keys/values from
+    another; ``groups`` blocks with separate weights run together on (G, B, T, C)."""
 
-    def __init__(self, width: int, heads: int, ff_ratio: int, dropout: float) -> None:
+    def __init__(self, width: int, heads: int, ff_ratio: int, dropout: float, groups: int = 1) -> None:
         super().__init__()
-        self.norm_q = nn.LayerNorm(width)
-        self.norm_kv = nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
-        self.norm_ff = nn.LayerNorm(width)
-        self.ff = FeedForward(width, ff_ratio, dropout)
+        self.norm_q = GroupLayerNorm(groups, width)
+        self.norm_kv = GroupLayerNorm(groups, width)
+        self.attn = GroupAttention(groups, width, heads, dropout)
+        self.norm_ff = GroupLayerNorm(groups, width)
+        self.ff = GroupMLP(groups, width, ff_ratio, dropout, out_dropout=True)
 
     def forward(self, q: Tensor, kv: Tensor, kv_mask: Tensor) -> Tensor:
-        """q (B, Tq, C), kv (B, Tk, C), kv_mask (B, Tk) bool -> (B, Tq, C)."""
-        kv_n = self.norm_kv(kv)
-        h, _ = self.attn(self.norm_q(q), kv_n, kv_n, key_padding_mask=safe_key_padding(kv_mask), need_weights=False)
-        h = q + h
+        """q (G, B, Tq, C), kv (G, B, Tk, C), kv_mask (G, B, Tk) bool -> (G, B, Tq, C)."""
+        h = q + self.attn(self.norm_q(q), self.norm_kv(kv), kv_mask)
         return h + self.ff(self.norm_ff(h))
 
 
@@ -67,17 +62,16 @@ class SelfAttention(nn.Module):
 
     def __init__(self, width: int, heads: int, ff_ratio: int, dropout: float) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
-        self.norm_ff = nn.LayerNorm(width)
-        self.ff = FeedForward(width, ff_ratio, dropout)
+        self.norm = GroupLayerNorm(1, width)
+        self.attn = GroupAttention(1, width, heads, dropout)
+        self.norm_ff = GroupLayerNorm(1, width)
+        self.ff = GroupMLP(1, width, ff_ratio, dropout, out_dropout=True)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """x (B, T, C), mask (B, T) -> (B, T, C)."""
-        x_n = self.norm(x)
-        h, _ = self.attn(x_n, x_n, x_n, key_padding_mask=safe_key_padding(mask), need_weights=False)
-        h = x + h
-        return h + self.ff(self.norm_ff(h))
+        x = x.unsqueeze(0)  # (1, B, T, C)
+        h = x + self.attn(self.norm(x), None, mask.unsqueeze(0))
+        return (h + self.ff(self.norm_ff(h))).squeeze(0)
 
 
 class CrossModalFusion(nn.Module):
@@ -88,39 +82,39 @@ class CrossModalFusion(nn.Module):
         if queries not in ("all", "missing"):
             raise ValueError(f"fusion queries must be 'all' or 'missing', got {queries!r}")
         self.queries = queries
-        # Cross-Attention_{qk}: one per ordered pair (query q, key/value k), q != k
-        self.cross = nn.ModuleDict({
-            f"{q}_{k}": CrossAttention(width, heads, ff_ratio, dropout)
-            for q in MODALITIES for k in MODALITIES if q != k
-        })
-        # Eq. 12: Concat[H_qk1, H_qk2] along channels, back to the common width
-        self.merge = nn.ModuleDict({q: nn.Linear(2 * width, width) for q in MODALITIES})
+        n = len(MODALITIES)
+        self.cross = CrossAttention(width, heads, ff_ratio, dropout, groups=len(PAIRS))  # group p = PAIRS[p]
+        self.register_buffer("q_index", torch.tensor([q for q, _ in PAIRS]), persistent=False)
+        self.register_buffer("k_index", torch.tensor([k for _, k in PAIRS]), persistent=False)
+        # Eq. 12: Concat[H_qk1, H_qk2] along channels, back to the common width (one per query q)
+        self.merge = GroupLinear(n, 2 * width, width)
         self.self_attn = SelfAttention(width, heads, ff_ratio, dropout)
         self.norm_out = nn.LayerNorm(width)
 
-    def forward(self, y: dict[str, Tensor], y_mask: dict[str, Tensor], available: Tensor) -> Tensor:
+    def forward(self, y: Tensor, y_mask: Tensor, available: Tensor) -> Tensor:
         """Fuse the three modality sequences into one vector per sample.
 
         Args:
-            y: modality -> (B, T, C), ``X_m`` if available else ``X^_m``.
-            y_mask: modality -> (B, T) bool valid steps.
-            available: (B, 3) bool, the condition (index order ``MODALITIES``).
+            y: (3, B, T, C) in ``MODALITIES`` order, ``X_m`` if available else ``X^_m``.
+            y_mask: (3, B, T) bool valid steps.
+            available: (B, 3) bool, the condition.
 
         Returns:
             (B, C) pooled fused representation ``H``.
         """
+        n, B, T, C = y.shape
         if self.queries == "all":
             is_query = torch.ones_like(available)  # (B, 3)
         else:
             missing = ~available
             full = ~missing.any(dim=1, keepdim=True)  # (B, 1)
             is_query = missing | full  # (B, 3)
-        tokens, token_mask = [], []
-        for qi, q in enumerate(MODALITIES):
-            h_q = [self.cross[f"{q}_{k}"](y[q], y[k], y_mask[k]) for k in MODALITIES if k != q]  # 2 x (B, T, C), Eqs. 10-11
-            tokens.append(self.merge[q](torch.cat(h_q, dim=-1)))  # (B, T, C), Eq. 12
-            token_mask.append(y_mask[q] & is_query[:, qi : qi + 1])  # (B, T)
-        h_prime = torch.cat(tokens, dim=1)  # (B, 3 T, C)
-        mask = torch.cat(token_mask, dim=1)  # (B, 3 T)
+        h_qk = self.cross(y[self.q_index], y[self.k_index], y_mask[self.k_index])  # (6, B, T, C), Eqs. 10-11
+        # the two blocks of query q are PAIRS[2q], PAIRS[2q + 1]: concatenate them along channels
+        cat = h_qk.view(n, 2, B, T, C).permute(0, 2, 3, 1, 4).reshape(n, B, T, 2 * C)  # (3, B, T, 2C)
+        tokens = self.merge(cat)  # (3, B, T, C), Eq. 12
+        token_mask = y_mask & is_query.T.unsqueeze(-1)  # (3, B, T)
+        h_prime = tokens.transpose(0, 1).reshape(B, n * T, C)  # (B, 3 T, C), modality-major tokens
+        mask = token_mask.transpose(0, 1).reshape(B, n * T)  # (B, 3 T)
         h = self.self_attn(h_prime, mask)  # (B, 3 T, C), Eq. 13
-        return self.norm_out(masked_mean(h, mask))  # (B, C)
+        return self.norm_out(group_masked_mean(h.unsqueeze(0), mask.unsqueeze(0)).squeeze(0))  # (B, C)

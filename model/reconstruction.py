@@ -10,57 +10,61 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .grouped import GroupConv1d, from_conv, to_conv
+
 
 class ChannelAttention(nn.Module):
     """Squeeze-and-excitation over channels: average over time, C -> C/r -> C, sigmoid gate."""
 
-    def __init__(self, channels: int, reduction: int) -> None:
+    def __init__(self, channels: int, reduction: int, groups: int = 1) -> None:
         super().__init__()
         squeezed = max(1, channels // reduction)
         self.gate = nn.Sequential(
             nn.AdaptiveAvgPool1d(1),
-            nn.Conv1d(channels, squeezed, 1),
+            GroupConv1d(groups, channels, squeezed, 1),
             nn.ReLU(),
-            nn.Conv1d(squeezed, channels, 1),
+            GroupConv1d(groups, squeezed, channels, 1),
             nn.Sigmoid(),
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (B, C, T) -> (B, C, T)."""
-        return x * self.gate(x)  # gate (B, C, 1)
+        """x: (B, G * C, T) -> (B, G * C, T)."""
+        return x * self.gate(x)  # gate (B, G * C, 1)
 
 
 class RCAB(nn.Module):
     """Residual channel-attention block: x + CA(conv(ReLU(conv(x))))."""
 
-    def __init__(self, channels: int, kernel: int, reduction: int) -> None:
+    def __init__(self, channels: int, kernel: int, reduction: int, groups: int = 1) -> None:
         super().__init__()
         pad = kernel // 2
         self.body = nn.Sequential(
-            nn.Conv1d(channels, channels, kernel, padding=pad),
+            GroupConv1d(groups, channels, channels, kernel, padding=pad),
             nn.ReLU(),
-            nn.Conv1d(channels, channels, kernel, padding=pad),
-            ChannelAttention(channels, reduction),
+            GroupConv1d(groups, channels, channels, kernel, padding=pad),
+            ChannelAttention(channels, reduction, groups),
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (B, C, T) -> (B, C, T)."""
+        """x: (B, G * C, T) -> (B, G * C, T)."""
         return x + self.body(x)
 
 
 class ReconstructionModule(nn.Module):
     """One residual group: ``blocks`` RCABs and a closing convolution, with a long skip.
 
-    Config fields: ``rcan_blocks``, ``rcan_kernel``, ``rcan_reduction``. Input and output are
-    (B, T, C) sequences (``X~_m`` -> ``X^_m``).
+    Config fields: ``rcan_blocks``, ``rcan_kernel``, ``rcan_reduction``. ``groups`` modules
+    with separate weights (one per modality) run together: input and output are (G, B, T, C)
+    sequences (``X~_m`` -> ``X^_m``).
     """
 
-    def __init__(self, channels: int, blocks: int, kernel: int, reduction: int) -> None:
+    def __init__(self, channels: int, blocks: int, kernel: int, reduction: int, groups: int = 1) -> None:
         super().__init__()
-        self.blocks = nn.Sequential(*[RCAB(channels, kernel, reduction) for _ in range(blocks)])
-        self.tail = nn.Conv1d(channels, channels, kernel, padding=kernel // 2)
+        self.groups = groups
+        self.blocks = nn.Sequential(*[RCAB(channels, kernel, reduction, groups) for _ in range(blocks)])
+        self.tail = GroupConv1d(groups, channels, channels, kernel, padding=kernel // 2)
 
     def forward(self, x_tilde: Tensor) -> Tensor:
-        h = x_tilde.transpose(1, 2)  # (B, C, T)
+        h = to_conv(x_tilde)  # (B, G * C, T)
         h = h + self.tail(self.blocks(h))  # long skip
-        return h.transpose(1, 2)  # (B, T, C)
+        return from_conv(h, self.groups)  # (G, B, T, C)

@@ -1,4 +1,4 @@
-"""Uncertainty modelling component (UMC, Fig. 3) and its helpers.
+"""Uncertainty modelling component (UMC, Fig. 3).
 
 The UMC is the "probability distribution encoder" of MAP (Ji et al. 2023): it turns a
 point-based sequence ``R_n`` into a per-step diagonal Gaussian ``N(mu_n, sigma_n^2)``.
@@ -6,50 +6,23 @@ point-based sequence ``R_n`` into a per-step diagonal Gaussian ``N(mu_n, sigma_n
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-
-def safe_key_padding(mask: Tensor) -> Tensor:
-    """Key-padding mask for ``nn.MultiheadAttention`` from a (B, T) valid mask.
-
-    A row with no valid step would make every attention weight ``softmax(-inf) = NaN``; such
-    rows (absent modalities, whose results the caller discards) attend over all steps instead.
-    """
-    empty = ~mask.any(dim=1, keepdim=True)  # (B, 1)
-    return ~(mask | empty)  # (B, T) True = ignore
-
-
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``x`` (B, T, C) over the steps where ``mask`` (B, T) is True -> (B, C).
-
-    Rows without a valid step give zeros (the caller must not read them as data).
-    """
-    m = mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
-    return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
-
-
-class MLP(nn.Module):
-    """Feed-forward layer of Fig. 3: Linear -> GELU -> dropout -> Linear."""
-
-    def __init__(self, width: int, ratio: int, dropout: float) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(width, width * ratio)
-        self.fc2 = nn.Linear(width * ratio, width)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.drop(nn.functional.gelu(self.fc1(x))))
+from .grouped import GroupAttention, GroupLayerNorm, GroupLinear, GroupMLP
 
 
 class UMC(nn.Module):
-    """Uncertainty modelling component (Fig. 3), one per modality.
+    """Uncertainty modelling component (Fig. 3), one per modality, ``groups`` of them run together.
 
     For a sequence ``x`` (B, T, C): ``h = LN(GELU(Linear(x)))``; masked multi-head
     self-attention over ``h``; the attention output is split in two halves along channels,
     each projected back to ``C``, giving ``mu`` and ``log sigma``; ``mu = x + mu``, then
     ``mu = mu + MLP(LN(mu))``; ``log sigma = log sigma + MLP(LN(log sigma))`` (no residual from
     ``x``, as in MAP).
+
+    The model holds one UMC per modality with separate weights; they are stacked along a
+    leading group axis (``groups``, :mod:`cmarr.model.grouped`) so that all three run as one set
+    of operators. Inputs and outputs are (G, B, T, C).
 
     Config fields that shape it: ``umc_heads``, ``umc_mlp_ratio``, ``dropout``,
     ``umc_attention`` (False = Table 3's "w/o attention": the attention is left out and
@@ -59,29 +32,30 @@ class UMC(nn.Module):
     """
 
     def __init__(self, width: int, heads: int, mlp_ratio: int, dropout: float,
-                 attention: bool = True, with_sigma: bool = True) -> None:
+                 attention: bool = True, with_sigma: bool = True, groups: int = 1) -> None:
         super().__init__()
+        G = groups
         self.with_sigma = with_sigma
-        self.inp = nn.Linear(width, width)
-        self.norm_in = nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True) if attention else None
+        self.inp = GroupLinear(G, width, width)
+        self.norm_in = GroupLayerNorm(G, width)
+        self.attn = GroupAttention(G, width, heads, dropout) if attention else None
         half = width // 2 if with_sigma else width
-        self.to_mu = nn.Linear(half, width)
-        self.norm_mu = nn.LayerNorm(width)
-        self.mlp_mu = MLP(width, mlp_ratio, dropout)
+        self.to_mu = GroupLinear(G, half, width)
+        self.norm_mu = GroupLayerNorm(G, width)
+        self.mlp_mu = GroupMLP(G, width, mlp_ratio, dropout)
         if with_sigma:
-            self.to_logsigma = nn.Linear(width - half, width)
-            self.norm_sigma = nn.LayerNorm(width)
-            self.mlp_sigma = MLP(width, mlp_ratio, dropout)
+            self.to_logsigma = GroupLinear(G, width - half, width)
+            self.norm_sigma = GroupLayerNorm(G, width)
+            self.mlp_sigma = GroupMLP(G, width, mlp_ratio, dropout)
 
     def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Args: x (B, T, C), mask (B, T) bool. Returns mu (B, T, C), log sigma (B, T, C) or None."""
-        h = self.norm_in(nn.functional.gelu(self.inp(x)))  # (B, T, C)
+        """Args: x (G, B, T, C), mask (G, B, T) bool. Returns mu (G, B, T, C), log sigma (G, B, T, C) or None."""
+        h = self.norm_in(nn.functional.gelu(self.inp(x)))  # (G, B, T, C)
         if self.attn is not None:
-            h, _ = self.attn(h, h, h, key_padding_mask=safe_key_padding(mask), need_weights=False)  # (B, T, C)
+            h = self.attn(h, None, mask)  # (G, B, T, C)
         if self.with_sigma:
             half = h.shape[-1] // 2
-            mu, logsigma = self.to_mu(h[..., :half]), self.to_logsigma(h[..., half:])  # (B, T, C) each
+            mu, logsigma = self.to_mu(h[..., :half]), self.to_logsigma(h[..., half:])  # (G, B, T, C) each
         else:
             mu, logsigma = self.to_mu(h), None
         mu = x + mu

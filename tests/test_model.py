@@ -7,6 +7,9 @@ import torch
 
 from cmarr.model import CMARR, CONDITIONS, MODALITIES, VARIANTS, CMARRConfig, pool_to_steps
 
+# parameters whose axis 0 holds one copy per modality (or per fusion pair / query)
+GROUPED = ("umc.", "proj.", "flow.", "rec.", "prior_mean", "fusion.cross.", "fusion.merge.")
+
 DIMS = {"speech": 12, "text": 10, "video": 6}
 SMALL = dict(dims=DIMS, d_model=16, seq_len=6, umc_heads=2, fusion_heads=2, flow_steps=2, flow_hidden=8,
              rcan_reduction=4, umc_mlp_ratio=2)
@@ -175,6 +178,10 @@ def test_every_parameter_gets_a_gradient_with_missing_conditions(variant: str, o
     out.losses["total"].backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not no_grad, f"{variant} {overrides}: parameters without gradient: {no_grad}"
+    # the per-modality and per-pair layers hold their copies along axis 0: every copy is trained
+    no_grad = [f"{n}[{g}]" for n, p in model.named_parameters() if n.startswith(GROUPED)
+               for g in range(p.shape[0]) if p.grad[g].abs().sum() == 0]
+    assert not no_grad, f"{variant} {overrides}: parameter groups without gradient: {no_grad}"
 
 
 def test_a_single_missing_condition_trains_the_missing_modalities_modules() -> None:
@@ -186,11 +193,12 @@ def test_a_single_missing_condition_trains_the_missing_modalities_modules() -> N
     assert out.losses["rec"] > 0
     out.losses["total"].backward()
     for m in ("text", "video"):  # reconstructed: flow (inverse) and reconstruction module are trained
-        for prefix in (f"rec.{m}.", f"flow.{m}."):
-            grads = [p.grad for n, p in model.named_parameters() if n.startswith(prefix)]
-            assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), prefix
+        g = MODALITIES.index(m)
+        for prefix in ("rec.", "flow."):
+            grads = [p.grad[g] for n, p in model.named_parameters() if n.startswith(prefix)]
+            assert grads and all(gr.abs().sum() > 0 for gr in grads), (prefix, m)
     # the speech flow is trained by the likelihood and by L_rec through Z_s
-    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("flow.speech."))
+    assert all(p.grad[0].abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("flow."))
 
 
 # ------------------------------------------------------------------ targets, losses and reps
@@ -225,14 +233,13 @@ def test_rec_loss_is_the_mse_of_reconstruction_against_projected_features() -> N
     available = condition_mask(CONDITIONS["t"], 3)
     present = torch.ones(3, 3, dtype=torch.bool)
     captured = {}
-    hooks = [model.rec[m].register_forward_hook(lambda mod, inp, out, m=m: captured.__setitem__(f"hat_{m}", out))
-             for m in ("speech", "video")]
-    hooks += [model.proj[m].register_forward_hook(lambda mod, inp, out, m=m: captured.__setitem__(f"x_{m}", out.transpose(1, 2)))
-              for m in ("speech", "video")]
+    hooks = [model.rec.register_forward_hook(lambda mod, inp, out: captured.__setitem__("hat", out)),
+             model.proj.register_forward_hook(lambda mod, inp, out: captured.__setitem__("x", out))]
     out = model(feats, masks, available, present=present, labels=torch.tensor([0, 1, 2]))
     for h in hooks:
         h.remove()
-    se = sum(((captured[f"hat_{m}"] - captured[f"x_{m}"]) ** 2).sum() for m in ("speech", "video"))
+    x_n = captured["x"].view(3, len(MODALITIES), 16, -1).permute(1, 0, 3, 2)  # (B, 3d, S) -> (3, B, S, d)
+    se = sum(((captured["hat"][i] - x_n[i]) ** 2).sum() for i in (0, 2))  # speech and video were targets
     expected = se / (2 * 3 * 6 * 16)  # two target modalities x 3 rows x seq_len x d_model
     torch.testing.assert_close(out.losses["rec"], expected)
 
@@ -318,31 +325,46 @@ def test_umc_is_masked_and_without_attention_works_per_step() -> None:
     from cmarr.model import UMC
 
     torch.manual_seed(0)
-    x = torch.randn(2, 5, 8)
-    mask = torch.tensor([[True, True, True, False, False], [True] * 5])
+    x = torch.randn(1, 2, 5, 8)  # (G, B, T, C), one group
+    mask = torch.tensor([[[True, True, True, False, False], [True] * 5]])
     changed = x.clone()
-    changed[0, 3:] = 1e3  # padding of row 0
+    changed[0, 0, 3:] = 1e3  # padding of row 0
     umc = UMC(8, heads=2, mlp_ratio=2, dropout=0.0).eval()
     mu, logsigma = umc(x, mask)
     mu2, logsigma2 = umc(changed, mask)
-    assert mu.shape == logsigma.shape == (2, 5, 8)
-    torch.testing.assert_close(mu[0, :3], mu2[0, :3])
-    torch.testing.assert_close(logsigma[0, :3], logsigma2[0, :3])
-    torch.testing.assert_close(mu[1], mu2[1])
+    assert mu.shape == logsigma.shape == (1, 2, 5, 8)
+    torch.testing.assert_close(mu[0, 0, :3], mu2[0, 0, :3])
+    torch.testing.assert_close(logsigma[0, 0, :3], logsigma2[0, 0, :3])
+    torch.testing.assert_close(mu[0, 1], mu2[0, 1])
     # with attention a valid step sees the other valid steps; without it, only itself
     other = x.clone()
-    other[1, 4] += 1.0
-    assert not torch.allclose(umc(other, mask)[0][1, 0], mu[1, 0])
+    other[0, 1, 4] += 1.0
+    assert not torch.allclose(umc(other, mask)[0][0, 1, 0], mu[0, 1, 0])
     flat = UMC(8, heads=2, mlp_ratio=2, dropout=0.0, attention=False).eval()
-    torch.testing.assert_close(flat(other, mask)[0][1, :4], flat(x, mask)[0][1, :4])
+    torch.testing.assert_close(flat(other, mask)[0][0, 1, :4], flat(x, mask)[0][0, 1, :4])
     point = UMC(8, heads=2, mlp_ratio=2, dropout=0.0, with_sigma=False)
     assert point(x, mask)[1] is None and not hasattr(point, "to_logsigma")
+    # three UMCs in one call: each group is the UMC of its own weights and input
+    three = UMC(8, heads=2, mlp_ratio=2, dropout=0.0, groups=3).eval()
+    xs, masks3 = torch.randn(3, 2, 5, 8), mask.expand(3, 2, 5)
+    mu3, ls3 = three(xs, masks3)
+    for g in range(3):
+        one = UMC(8, heads=2, mlp_ratio=2, dropout=0.0).eval()
+        one.load_state_dict({k: v[g : g + 1] for k, v in three.state_dict().items()})
+        mu_g, ls_g = one(xs[g : g + 1], mask)
+        torch.testing.assert_close(mu_g[0], mu3[g])
+        torch.testing.assert_close(ls_g[0], ls3[g])
 
 
 def _perturbed_logits(model: CMARR, block: str, feats: dict, masks: dict, available: torch.Tensor) -> torch.Tensor:
+    """Logits after changing the weights of one cross-attention block, named "query_key"."""
+    from cmarr.model.fusion import PAIRS
+
+    q, k = block.split("_")
+    g = PAIRS.index((MODALITIES.index(q), MODALITIES.index(k)))
     with torch.no_grad():
-        for p in model.fusion.cross[block].parameters():
-            p.add_(0.5)
+        for p in model.fusion.cross.parameters():
+            p[g].add_(0.5)
     return model(feats, masks, available).logits
 
 
@@ -372,11 +394,18 @@ def test_reconstruction_module_keeps_shape_and_uses_channel_attention() -> None:
     from cmarr.model import ReconstructionModule
 
     torch.manual_seed(0)
-    rec = ReconstructionModule(16, blocks=2, kernel=3, reduction=4)
-    x = torch.randn(2, 6, 16)
-    assert rec(x).shape == (2, 6, 16)
+    rec = ReconstructionModule(16, blocks=2, kernel=3, reduction=4, groups=3)
+    x = torch.randn(3, 2, 6, 16)  # (G, B, T, C)
+    y = rec(x)
+    assert y.shape == (3, 2, 6, 16)
     gate = rec.blocks[0].body[3].gate
-    assert isinstance(gate[-1], torch.nn.Sigmoid) and gate[1].out_channels == 4  # C -> C/r -> C
+    assert isinstance(gate[-1], torch.nn.Sigmoid) and gate[1].weight.shape[:2] == (3, 4)  # C -> C/r -> C per group
+    # the groups are independent: changing group 1's input changes only group 1's output
+    x2 = x.clone()
+    x2[1] += 1.0
+    y2 = rec(x2)
+    torch.testing.assert_close(y2[[0, 2]], y[[0, 2]])
+    assert not torch.allclose(y2[1], y[1])
 
 
 def test_missing_latent_is_the_mean_of_the_available_latents_eq7() -> None:
@@ -384,11 +413,10 @@ def test_missing_latent_is_the_mean_of_the_available_latents_eq7() -> None:
     model = CMARR(small_cfg()).eval()
     feats, masks = make_batch(2)
     z_out, z_in = {}, {}
-    for m in MODALITIES:
-        flow = model.flow[m]
-        flow.register_forward_hook(lambda mod, inp, out, m=m: z_out.__setitem__(m, out[0]))
-        original = flow.inverse
-        flow.inverse = lambda z, m=m, original=original: (z_in.__setitem__(m, z), original(z))[1]
+    flow = model.flow
+    flow.register_forward_hook(lambda mod, inp, out: z_out.update(zip(MODALITIES, out[0])))
+    original = flow.inverse
+    flow.inverse = lambda z: (z_in.update(zip(MODALITIES, z)), original(z))[1]
     available = torch.tensor([[True, False, True],    # speech + video -> text from (Z_s + Z_v) / 2
                               [True, False, False]])  # speech only -> text and video from Z_s
     model(feats, masks, available)
