@@ -81,6 +81,10 @@ class CMARR(nn.Module):
     gradient.
     """
 
+    # Layout of the state dict; saved with checkpoints so that a checkpoint of another layout is
+    # refused with a clear message. 2: per-modality layers stacked on a leading group axis.
+    STATE_FORMAT = 2
+
     def __init__(self, cfg: CMARRConfig) -> None:
         super().__init__()
         self.cfg = cfg

@@ -141,6 +141,16 @@ def _comparable(cfg_dict: Mapping[str, Any]) -> dict[str, Any]:
 # one fold
 
 
+def check_model_format(ck: Mapping[str, Any], path: str | Path) -> None:
+    """Refuse a checkpoint whose weights are laid out differently from this version's model."""
+    from cmarr.model import CMARR
+
+    found = ck.get("model_format", 1)  # checkpoints without the field hold per-modality layers
+    if found != CMARR.STATE_FORMAT:
+        raise TrainError(f"{path}: holds model weights in layout {found}, this version reads layout "
+                         f"{CMARR.STATE_FORMAT}; retrain, or use the version that wrote it")
+
+
 class FoldRecipe:
     """Trains and evaluates one fold. Stages: setup, train_epoch, evaluate, save_checkpoint, resume."""
 
@@ -330,6 +340,7 @@ class FoldRecipe:
         ck = {
             "kind": kind, "fold": self.fold, "epoch": self.epoch, "variant": self.cfg.variant,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "model_format": type(self.model).STATE_FORMAT,
             "model_config": self.mcfg.to_dict(), "train_config": self.cfg.to_dict(),
             "provenance": self.data.provenance, "store": store_fingerprint(self.data),
             "labels": list(LABELS), "modalities": list(MODALITIES),
@@ -362,6 +373,7 @@ class FoldRecipe:
             ck = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # a damaged file: say which and how to go on
             raise TrainError(f"{path}: cannot be read ({type(e).__name__}: {e}); remove it to restart the fold") from None
+        check_model_format(ck, path)
         if _comparable(ck["train_config"]) != _comparable(self.cfg.to_dict()):
             raise TrainError(f"{path}: was made with another config; use another --out or the same config")
         if ck["store"]["utterance_ids_sha256"] != store_fingerprint(self.data)["utterance_ids_sha256"]:
@@ -423,6 +435,7 @@ class FoldRecipe:
         if self.dist.enabled:
             torch.distributed.barrier()
         ck = torch.load(path, map_location="cpu", weights_only=False)
+        check_model_format(ck, path)
         self.model.load_state_dict(ck["model"])
         test = self.evaluate("test")
         result = {"fold": self.fold, "best_epoch": int(ck["epoch"]), "val_score": float(ck["best_score"]),
@@ -587,6 +600,7 @@ def collect_reps(checkpoint: str | Path, store: str | Path | StoreData, fold: in
     from cmarr.model import CMARR, CMARRConfig
 
     ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    check_model_format(ck, checkpoint)
     if fold is not None and int(fold) != int(ck["fold"]):
         raise TrainError(f"{checkpoint}: is the checkpoint of fold {ck['fold']}, not fold {fold}")
     if condition not in CONDITION_NAMES:

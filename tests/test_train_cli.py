@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from cmarr.pipelines.combine import app as combine_app
 from cmarr.pipelines.synthetic import make_synthetic_store
-from cmarr.pipelines.train import FoldRecipe, collect_reps, resolve_config, run_training
+from cmarr.pipelines.train import FoldRecipe, TrainError, collect_reps, resolve_config, run_training
 from cmarr.pipelines.train_cli import app
 
 torch.set_num_threads(1)
@@ -117,6 +117,14 @@ def test_resume_after_interruption_gives_the_same_result(env):
     logs.clear()
     run_training(store, cfg, out_dir=out, folds=[3], device="cpu", log=logs.append)
     assert any("already done" in s for s in logs)
+    # a checkpoint written with another weight layout (no "model_format": per-modality layers) is refused
+    ck = torch.load(out / "fold3" / "last.pt", weights_only=False)
+    del ck["model_format"]
+    old = root / "old_layout"
+    (old / "fold3").mkdir(parents=True)
+    torch.save(ck, old / "fold3" / "last.pt")
+    with pytest.raises(TrainError, match=r"last\.pt: holds model weights in layout 1"):
+        run_training(store, cfg, out_dir=old, folds=[3], device="cpu", log=None)
 
 
 def test_combine_fold_jobs(env):
