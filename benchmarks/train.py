@@ -9,6 +9,8 @@ frames x 342), takes fold 1, and measures for each path:
 - ``eager``: the plain run: DataLoader padding raw frames per batch, fp32, no compile.
 - ``compile``: ``fast`` with ``torch.compile`` (``optim.compile=on``; compilation time is
   counted as setup).
+- ``graphs``: ``compile`` in mode "reduce-overhead" (``optim.compile_mode``), which replays
+  the compiled step as CUDA graphs (CUDA only; elsewhere it is ``compile``).
 - ``fast``: the project's fastest path: every utterance pooled once to ``seq_len`` steps
   and kept on the device (``data.pipeline=resident``), bf16 autocast on CUDA, large eval
   batches; ``fast xJ``: the same with J folds trained concurrently as J processes on one
@@ -64,7 +66,8 @@ def make_recipe(data, path: str, device: str, out: Path):
     from cmarr.pipelines.train import FoldRecipe, resolve_config
 
     over = {"data.pipeline": "eager" if path == "eager" else "resident",
-            "optim.compile": "on" if path == "compile" else "off",
+            "optim.compile": "on" if path in ("compile", "graphs") else "off",
+            "optim.compile_mode": "reduce-overhead" if path == "graphs" else "default",
             "optim.amp": "off" if path == "eager" else "auto",
             "optim.eval_batch_size": 64 if path == "eager" else 1024,
             "device": device}
@@ -121,7 +124,7 @@ def measure(data, path: str, device: str, steps: int, warmup: int, out: Path, du
     r.predict("val")
     sync(r.device)
     eval_s = time.perf_counter() - t
-    return {"path": path, "setup_s": setup_s + (warmup_s if path == "compile" else 0.0), "steps": n, "train_s": train_s, "steps_per_s": n / train_s,
+    return {"path": path, "setup_s": setup_s + (warmup_s if path in ("compile", "graphs") else 0.0), "steps": n, "train_s": train_s, "steps_per_s": n / train_s,
             "eval_rows": len(r.split.val) * 7, "eval_s": eval_s, "eval_rows_per_s": len(r.split.val) * 7 / eval_s,
             "n_utts": len(data)}
 
@@ -181,7 +184,7 @@ def main() -> None:
     ap.add_argument("--concurrent-start", type=float, default=90.0, help="seconds allowed for worker setup")
     ap.add_argument("--json", type=str, default=None, help="write the measurements here")
     ap.add_argument("--tmp", type=str, default="/tmp/cmarr-bench")
-    ap.add_argument("--paths", type=str, default="eager,fast", help="single-process paths: eager, fast, compile")
+    ap.add_argument("--paths", type=str, default="eager,fast", help="single-process paths: eager, fast, compile, graphs")
     ap.add_argument("--path", type=str, default=None, help="path of the concurrent workers (default: the fastest measured)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--start-at", type=float, default=None, help=argparse.SUPPRESS)
@@ -206,7 +209,7 @@ def main() -> None:
     eager_steps = max(3, args.steps // 5) if cuda else args.steps
     for path in args.paths.split(","):
         steps = eager_steps if path == "eager" else args.steps
-        m = measure(data, path, args.device, steps, args.warmup if path != "compile" else max(args.warmup, 3), Path(args.tmp))
+        m = measure(data, path, args.device, steps, args.warmup if path not in ("compile", "graphs") else max(args.warmup, 3), Path(args.tmp))
         rows.append(m)
         print(f"  {path}: {m['steps_per_s']:.1f} steps/s, eval {m['eval_rows_per_s']:.0f} rows/s, setup {m['setup_s']:.1f} s", flush=True)
     del data

@@ -145,7 +145,7 @@ class CMARR(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, feats: dict[str, Tensor], masks: dict[str, Tensor], available: Tensor,
-                present: Tensor | None = None, labels: Tensor | None = None) -> CMARROutput:
+                present: Tensor | None = None, labels: Tensor | None = None, validate: bool = True) -> CMARROutput:
         """Run the model on one batch.
 
         Args:
@@ -156,6 +156,9 @@ class CMARR(nn.Module):
             present: (B, 3) bool, the modalities that exist in the data (reconstruction
                 targets where not available); default ``available``. Must contain ``available``.
             labels: (B,) long or None; with labels the losses are computed.
+            validate: check the values of the inputs (one host sync). A caller whose batches
+                are known to be valid may skip it, e.g. under ``torch.func.vmap``, where a
+                value cannot be read on the host.
         """
         cfg = self.cfg
         present = self._check_inputs(feats, masks, available, present)
@@ -171,17 +174,17 @@ class CMARR(nn.Module):
             h.append(self.inp[m](x.to(self.inp[m].weight.dtype)))  # (B, S, d)
             step_mask.append(sm)
         H, M = torch.stack(h), torch.stack(step_mask)  # (3, B, S, d), (3, B, S)
-        # all input checks that need values, with one host sync
-        empty = read.T & ~M[:, :, 0]  # (3, B): marked available/present without a valid frame
-        flags = torch.cat([(available & ~present).any().view(1), (~available.any(dim=1)).any().view(1),
-                           empty.any(dim=1)]).tolist()
-        if flags[0]:
-            raise ValueError("CMARR: a modality marked available is not present")
-        if flags[1]:
-            raise ValueError("CMARR: every sample needs at least one available modality")
-        if any(flags[2:]):
-            bad = [m for m, f in zip(MODALITIES, flags[2:]) if f]
-            raise ValueError(f"CMARR: feats{bad} have rows marked available/present without a valid frame")
+        if validate:  # all input checks that need values, with one host sync
+            empty = read.T & ~M[:, :, 0]  # (3, B): marked available/present without a valid frame
+            flags = torch.cat([(available & ~present).any().view(1), (~available.any(dim=1)).any().view(1),
+                               empty.any(dim=1)]).tolist()
+            if flags[0]:
+                raise ValueError("CMARR: a modality marked available is not present")
+            if flags[1]:
+                raise ValueError("CMARR: every sample needs at least one available modality")
+            if any(flags[2:]):
+                bad = [m for m, f in zip(MODALITIES, flags[2:]) if f]
+                raise ValueError(f"CMARR: feats{bad} have rows marked available/present without a valid frame")
 
         # ---- alignment (Sec. 3.1.2)
         mu = logsigma = None

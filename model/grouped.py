@@ -139,9 +139,13 @@ class GroupAttention(nn.Module):
             q_ = torch.baddbmm(b[:, None, :C], q.reshape(G, -1, C), w[:, :, :C]).reshape(G, B, Tq, C)
             k_, v_ = torch.baddbmm(b[:, None, C:], kv.reshape(G, -1, C), w[:, :, C:]).reshape(
                 G, B, -1, 2 * C).chunk(2, dim=-1)
-        h = F.scaled_dot_product_attention(
-            self._heads(q_), self._heads(k_), self._heads(v_), attn_mask=attention_mask(kv_mask.reshape(G * B, -1)),
-            dropout_p=self.dropout if self.training else 0.0)  # (G * B, heads, Tq, C / heads)
+        # written out rather than F.scaled_dot_product_attention: at these lengths (tens of steps)
+        # it is as fast, and it has batching rules, so a trainer can vmap the model over folds
+        q_, k_, v_ = self._heads(q_), self._heads(k_), self._heads(v_)  # (G * B, heads, T, C / heads)
+        scores = (q_ * (q_.shape[-1] ** -0.5)) @ k_.transpose(-2, -1)  # (G * B, heads, Tq, Tk)
+        scores = scores.masked_fill(~attention_mask(kv_mask.reshape(G * B, -1)), float("-inf"))
+        weights = F.dropout(torch.softmax(scores, dim=-1), self.dropout, self.training)
+        h = weights @ v_  # (G * B, heads, Tq, C / heads)
         return self.out_proj(h.transpose(1, 2).reshape(G, B, Tq, C))
 
 

@@ -51,7 +51,13 @@ class OptimConfig:
     eval_batch_size [512]: evaluation batches (no gradients, so larger is faster).
     amp ["auto"]: mixed precision. "auto" = bf16 autocast on CUDA, off elsewhere; "bf16"
       forces it (also on CPU); "off" = fp32 everywhere.
-    compile ["off"]: ``torch.compile`` the model ("on", or "auto" = on when CUDA).
+    compile ["off"]: ``torch.compile`` the model ("on", or "auto" = on when CUDA). The
+      compiled training step skips the model's value checks (a host sync, which would split the
+      graph); the store's batches satisfy them by construction.
+    compile_mode ["default"]: the ``torch.compile`` mode. "reduce-overhead" also captures the
+      compiled step in CUDA graphs, which removes the per-operator launch cost that bounds a
+      step at batch 16 (fixed shapes: use it with ``data.pipeline = "resident"``);
+      "max-autotune" also tunes kernels (slow to compile).
     """
 
     lr: float = 1e-5
@@ -64,6 +70,7 @@ class OptimConfig:
     eval_batch_size: int = 512
     amp: Literal["auto", "off", "bf16"] = "auto"
     compile: Literal["auto", "off", "on"] = "off"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
 
 
 @dataclass(frozen=True)
