@@ -242,6 +242,8 @@ class FoldRecipe:
     def train_step(self, b: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """One optimisation step on batch ``b``; returns the (detached) loss terms."""
         available = sample_conditions(b.present, self.mode, gen)  # (B, 3)
+        if self.compiled is not self.net and self.cfg.optim.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the last step's graph outputs may be reused
         with self._autocast():
             # value checks are a host sync that would split a compiled graph: eager steps only
             out = self.compiled(b.feats, b.masks, available, present=b.present, labels=b.labels,
