@@ -13,7 +13,9 @@ IEMOCAP's (log-normal, mean about 4.5 s, clipped to 0.6-30 s); transcripts have 
 word counts (mean about 11 words, occasional ``[LAUGHTER]``).
 
 Timed: model input preparation, batching, host-device copies and the forward passes of
-``embed`` (in-memory audio); with ``--files`` (needs soundfile) also ``extract`` on wav files,
+``embed`` (in-memory audio); for text also the same texts through a 1-layer, 32-wide BERT,
+which leaves the host-side work (tokenization, batching, copies): the ceiling of text
+utterances/s on the machine's CPU, whatever the GPU; with ``--files`` (needs soundfile) also ``extract`` on wav files,
 which adds reading. Precision: the largest absolute difference of float16 / bfloat16
 autocast features from float32, next to the error the store's own float16 rounding makes.
 """
@@ -154,6 +156,7 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     from cmarr.extract.speech import SpeechConfig, SpeechExtractor, resolve_device, resolve_dtype
     from cmarr.extract.text import TextConfig, TextExtractor, apply_marker_rule
+    from transformers import AutoTokenizer
 
     device = resolve_device(args.device)
     gpu = device.startswith("cuda")
@@ -239,6 +242,29 @@ def main() -> None:
         print(f"text: {n_text} transcripts, {n_tokens} tokens (mean {n_tokens / n_text:.1f})")
         rows.append(("text", "embed, padded batches", n_text / dt, float(tdur.sum()) / dt))
         del ex, out
+        # the same texts through a 1-layer, 32-wide BERT: what is left is the host-side work
+        # (tokenization, batching, copies), the ceiling of utterances/s on this host
+        tiny = tmp / "bert-tiny"
+        from transformers import BertConfig, BertModel
+
+        BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=64)).save_pretrained(tiny)
+        for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            src = Path(tm) / f
+            if src.exists():
+                shutil.copy(src, tiny / f)
+            elif f != "tokenizer.json":  # a real hub model: its tokenizer files come from the cache
+                AutoTokenizer.from_pretrained(tm).save_pretrained(tiny)
+                break
+        ex = TextExtractor(TextConfig(model=str(tiny), device=device, dtype=dtype))
+        ex.embed(texts[:64])
+        sync(device)
+        t = time.perf_counter()
+        ex.embed(texts)
+        sync(device)
+        dt = time.perf_counter() - t
+        rows.append(("text", "host side only (1-layer, 32-wide BERT)", n_text / dt, float(tdur.sum()) / dt))
+        del ex
         if check_precision:
             prec += [("text",) + r for r in precision_rows(
                 lambda d: TextExtractor(TextConfig(model=tm, device=device, dtype=d)),

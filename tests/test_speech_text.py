@@ -259,6 +259,16 @@ def test_text_long_transcripts(minilm, text):
     assert "exceeds max_length 10" in r.error
 
 
+def test_text_windows_from_the_tokenizer_backend_equal_the_transformers_call(minilm):
+    """The fast path (the Rust backend's encodings) gives the windows, special-token masks
+    and word pieces of the ``transformers`` tokenizer call, also for texts that overflow."""
+    win = TextExtractor(TextConfig(model=minilm, device="cpu", max_length=10))
+    texts = [apply_marker_rule(t) for t in TEXTS] + ["", "a " * 40]
+    fast = win.windows(texts)
+    assert fast == win._windows_python(texts)
+    assert [len(w) for w in fast][2] > 1 and len(fast[-1]) > 1  # overflowing texts were covered
+
+
 def test_text_layer_and_provenance(minilm, text):
     from transformers import AutoModel, AutoTokenizer
 
