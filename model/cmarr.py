@@ -145,7 +145,8 @@ class CMARR(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, feats: dict[str, Tensor], masks: dict[str, Tensor], available: Tensor,
-                present: Tensor | None = None, labels: Tensor | None = None, validate: bool = True) -> CMARROutput:
+                present: Tensor | None = None, labels: Tensor | None = None, validate: bool = True,
+                pooled: bool = False) -> CMARROutput:
         """Run the model on one batch.
 
         Args:
@@ -157,8 +158,11 @@ class CMARR(nn.Module):
                 targets where not available); default ``available``. Must contain ``available``.
             labels: (B,) long or None; with labels the losses are computed.
             validate: check the values of the inputs (one host sync). A caller whose batches
-                are known to be valid may skip it, e.g. under ``torch.func.vmap``, where a
-                value cannot be read on the host.
+                are known to be valid may skip it (a compiled step, where the sync would split
+                the graph).
+            pooled: the inputs are already pooled to ``seq_len`` steps (``pool_to_steps``), so
+                every row's mask is all True or all False: pooling, which would be the
+                identity, is skipped (checked when ``validate``).
         """
         cfg = self.cfg
         present = self._check_inputs(feats, masks, available, present)
@@ -170,20 +174,29 @@ class CMARR(nn.Module):
         for i, m in enumerate(MODALITIES):
             keep = read[:, i : i + 1] & masks[m]  # (B, T_m): never read unavailable rows or padding
             x = torch.where(keep.unsqueeze(-1), feats[m], torch.zeros((), dtype=feats[m].dtype, device=feats[m].device))
-            x, sm = pool_to_steps(x, keep, cfg.seq_len)  # (B, S, D_m), (B, S)
+            if pooled:
+                if x.shape[1] != cfg.seq_len:
+                    raise ValueError(f"CMARR: pooled feats[{m!r}] must have seq_len={cfg.seq_len} steps, got {x.shape[1]}")
+                sm = keep  # (B, S)
+            else:
+                x, sm = pool_to_steps(x, keep, cfg.seq_len)  # (B, S, D_m), (B, S)
             h.append(self.inp[m](x.to(self.inp[m].weight.dtype)))  # (B, S, d)
             step_mask.append(sm)
         H, M = torch.stack(h), torch.stack(step_mask)  # (3, B, S, d), (3, B, S)
         if validate:  # all input checks that need values, with one host sync
             empty = read.T & ~M[:, :, 0]  # (3, B): marked available/present without a valid frame
-            flags = torch.cat([(available & ~present).any().view(1), (~available.any(dim=1)).any().view(1),
+            partial = (M.any(dim=2) & ~M.all(dim=2)).any().view(1) if pooled else torch.zeros(1, dtype=torch.bool,
+                                                                                          device=M.device)
+            flags = torch.cat([(available & ~present).any().view(1), (~available.any(dim=1)).any().view(1), partial,
                                empty.any(dim=1)]).tolist()
             if flags[0]:
                 raise ValueError("CMARR: a modality marked available is not present")
             if flags[1]:
                 raise ValueError("CMARR: every sample needs at least one available modality")
-            if any(flags[2:]):
-                bad = [m for m, f in zip(MODALITIES, flags[2:]) if f]
+            if flags[2]:
+                raise ValueError("CMARR: pooled inputs need every row's mask all True or all False")
+            if any(flags[3:]):
+                bad = [m for m, f in zip(MODALITIES, flags[3:]) if f]
                 raise ValueError(f"CMARR: feats{bad} have rows marked available/present without a valid frame")
 
         # ---- alignment (Sec. 3.1.2)

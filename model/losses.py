@@ -46,16 +46,17 @@ def info_nce(logits: Tensor, valid: Tensor) -> Tensor:
     ``L_i = -log exp(l_ii) / sum_{j valid} exp(l_ij)`` averaged over valid ``i``; 0 when no
     row is valid.
 
-    Args: logits (N, N), ``logits[i, j]`` = similarity of anchor ``i`` to candidate ``j``;
-    valid (N,) bool (both modalities of the instance exist).
+    Args: logits (..., N, N), ``logits[..., i, j]`` = similarity of anchor ``i`` to candidate
+    ``j``; valid (..., N) bool (both modalities of the instance exist). Leading axes are
+    independent problems. Returns (...), a scalar for (N, N) logits.
     """
-    n = logits.shape[0]
+    n = logits.shape[-1]
     eye = torch.eye(n, dtype=torch.bool, device=logits.device)
-    cols = valid.unsqueeze(0) | eye  # (N, N): each row keeps its own diagonal, so it is never empty
+    cols = valid.unsqueeze(-2) | eye  # (..., N, N): each row keeps its own diagonal, so it is never empty
     logits = logits.masked_fill(~cols, _MASKED)
-    per_row = torch.logsumexp(logits, dim=1) - logits.diagonal()  # (N,)
+    per_row = torch.logsumexp(logits, dim=-1) - logits.diagonal(dim1=-2, dim2=-1)  # (..., N)
     per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
-    return per_row.sum() / valid.sum().clamp(min=1)
+    return per_row.sum(dim=-1) / valid.sum(dim=-1).clamp(min=1)
 
 
 def loss_udcl(
@@ -94,25 +95,25 @@ def loss_udcl(
     mu = mu.float()
     sigma = sigma.float() if sigma is not None else None
     M = mu.shape[1]
-    total = mu.new_zeros(())
-    n_pairs = mu.new_zeros(())
-    for n in range(M):
-        for m in range(n + 1, M):
-            rows = valid[:, n] & valid[:, m]  # (B,)
-            if sigma is None and point_similarity == "cosine":
-                s = F.normalize(mu[:, n], dim=-1) @ F.normalize(mu[:, m], dim=-1).T  # (B, B)
-            elif sigma is None:
-                s = a * wasserstein2(mu[:, n], None, mu[:, m], None) + b  # (B, B)
-            else:
-                s = a * wasserstein2(mu[:, n], sigma[:, n], mu[:, m], sigma[:, m]) + b  # (B, B), Eq. 5
-            logits = s / tau  # [i, j] = S(n_i, m_j) / tau
-            l_n2m = info_nce(logits, rows)  # Eq. 3
-            l_m2n = info_nce(logits.T, rows)  # Eq. 4
-            pair = l_n2m + l_m2n if direction_reduction == "sum" else 0.5 * (l_n2m + l_m2n)
-            total = total + pair
-            n_pairs = n_pairs + rows.any().to(total.dtype)
+    # all modality pairs (n < m) at once: P = M (M - 1) / 2 independent (B, B) problems
+    n_idx, m_idx = torch.triu_indices(M, M, offset=1, device=mu.device)  # (P,) each
+    mu_n, mu_m = mu[:, n_idx].transpose(0, 1), mu[:, m_idx].transpose(0, 1)  # (P, B, d)
+    if sigma is None and point_similarity == "cosine":
+        s = F.normalize(mu_n, dim=-1) @ F.normalize(mu_m, dim=-1).transpose(1, 2)  # (P, B, B)
+    else:
+        d = (mu_n.unsqueeze(2) - mu_m.unsqueeze(1)).pow(2).sum(-1)  # (P, B, B), Eq. 1
+        if sigma is not None:
+            sg_n, sg_m = sigma[:, n_idx].transpose(0, 1), sigma[:, m_idx].transpose(0, 1)
+            d = d + (sg_n.unsqueeze(2) - sg_m.unsqueeze(1)).pow(2).sum(-1)
+        s = a * d + b  # Eq. 5
+    logits = s / tau  # [p, i, j] = S(n_i, m_j) / tau
+    rows = (valid[:, n_idx] & valid[:, m_idx]).T  # (P, B)
+    both = info_nce(torch.cat([logits, logits.transpose(1, 2)]), torch.cat([rows, rows]))  # (2P,): Eq. 3, Eq. 4
+    l_n2m, l_m2n = both[: len(n_idx)], both[len(n_idx):]
+    pair = l_n2m + l_m2n if direction_reduction == "sum" else 0.5 * (l_n2m + l_m2n)  # (P,)
+    total = pair.sum()
     if pair_reduction == "mean":
-        return total / n_pairs.clamp(min=1)
+        return total / rows.any(dim=1).sum().to(total.dtype).clamp(min=1)
     return total
 
 

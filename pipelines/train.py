@@ -188,7 +188,7 @@ class FoldRecipe:
         params = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optim
         opt_cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
-        extra = {"fused": True} if self.device.type == "cuda" else {}
+        extra = {"fused": True} if self.device.type in ("cuda", "cpu") else {}  # one kernel for all parameters
         self.optimizer = opt_cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, **extra)
         self.amp = (o.amp == "bf16") or (o.amp == "auto" and self.device.type == "cuda")
         self.fill = fill_value(cfg.data.fill_absent)
@@ -247,7 +247,7 @@ class FoldRecipe:
         with self._autocast():
             # value checks are a host sync that would split a compiled graph: eager steps only
             out = self.compiled(b.feats, b.masks, available, present=b.present, labels=b.labels,
-                                validate=self.compiled is self.net)
+                                validate=self.compiled is self.net, pooled=self.pipeline == "resident")
         loss = out.losses["total"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -312,7 +312,7 @@ class FoldRecipe:
             masks = {m: torch.cat([b.masks[m][k] for k in ok]) for m in MODALITIES}
             feats = hide_unavailable(feats, avail_all, self.fill)  # NaN: a leak would show
             with self._autocast():
-                logits = model(feats, masks, avail_all, present=avail_all).logits
+                logits = model(feats, masks, avail_all, present=avail_all, pooled=self.pipeline == "resident").logits
             pred = logits.float().argmax(dim=1).cpu().numpy()
             if not torch.isfinite(logits).all():
                 raise TrainError(f"fold {self.fold}: non-finite logits in evaluation (a missing input leaked?)")

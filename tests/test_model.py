@@ -445,3 +445,30 @@ def test_training_step_without_value_checks_is_one_graph() -> None:
     torch.testing.assert_close(total, eager)
     for p, g in zip(model.parameters(), grads):
         torch.testing.assert_close(p.grad, g)
+
+
+def test_pooled_inputs_skip_pooling_with_the_same_result() -> None:
+    torch.manual_seed(0)
+    cfg = small_cfg(dropout=0.0)
+    model = CMARR(cfg).eval()
+    feats, masks = make_batch(4)
+    available = _mixed_missing_batch(4)
+    present = torch.ones(4, 3, dtype=torch.bool)
+    present[1, 2] = False  # no video for row 1: its pooled mask row is all False
+    available &= present
+    available[1, 0] = True
+    labels = torch.tensor([0, 1, 2, 3])
+    pf, pm = {}, {}
+    for i, m in enumerate(MODALITIES):
+        pf[m], pm[m] = pool_to_steps(feats[m], masks[m] & present[:, i : i + 1], cfg.seq_len)
+    ref = model(feats, masks, available, present, labels)
+    out = model(pf, pm, available, present, labels, pooled=True)
+    torch.testing.assert_close(out.logits, ref.logits)
+    for k in ref.losses:
+        torch.testing.assert_close(out.losses[k], ref.losses[k])
+    with pytest.raises(ValueError, match="seq_len"):
+        model(feats, masks, available, present, labels, pooled=True)  # raw frames are not pooled
+    pm["text"] = pm["text"].clone()
+    pm["text"][0, -1] = False  # a row partly valid cannot come from pool_to_steps
+    with pytest.raises(ValueError, match="all True or all False"):
+        model(pf, pm, available, present, labels, pooled=True)
