@@ -79,6 +79,10 @@ def features_command(
     speech_batch_seconds: Optional[float] = typer.Option(None, "--speech-batch-seconds",
                                                          help="Most padded audio seconds per speech batch "
                                                          "(default: 400 on CUDA, 60 on the CPU)."),
+    audio_readers: int = typer.Option(4, "--audio-readers", min=1, help="Threads that read and resample audio "
+                                      "ahead of the speech model."),
+    audio_read_ahead: int = typer.Option(256, "--audio-read-ahead", min=1, help="Most utterances read ahead of "
+                                         "the speech model (memory)."),
     text_model: str = typer.Option("bert-base-uncased", "--text-model", help="BERT hub id or local folder."),
     text_revision: Optional[str] = typer.Option(None, "--text-revision", help="Hub revision of the text model."),
     text_layer: int = typer.Option(-1, "--text-layer", help="-1: last hidden state; k: output of block k."),
@@ -123,7 +127,8 @@ def features_command(
                                 allow_random_weights=random_denseface, sample_fps=sample_fps)
         speech = SpeechConfig(model=speech_model, revision=speech_revision, layer=speech_layer, dtype=dtype,
                               batching=speech_batching, max_batch_size=speech_batch_size,
-                              max_batch_seconds=speech_batch_seconds)
+                              max_batch_seconds=speech_batch_seconds, io_workers=audio_readers,
+                              prefetch=audio_read_ahead)
         text = TextConfig(model=text_model, revision=text_revision, layer=text_layer, dtype=dtype,
                           markers=text_markers)
         run = run_features(dataset, root, manifest, out, modalities=mods, device=device, shard=k_n,

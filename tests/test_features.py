@@ -159,7 +159,9 @@ def test_torchrun_environment_selects_the_shard(job, tmp_path):
 def test_killed_run_resumes_without_recomputing(job, tmp_path):
     """The shortest utterance's wav is replaced by a named pipe: speech runs longest first,
     so the run commits the other utterances (chunks of 2) and then blocks reading it; it is
-    killed there with SIGKILL, the wav is put back, and the same job runs again."""
+    killed there with SIGKILL, the wav is put back, and the same job runs again. One audio
+    reader, one utterance ahead: the pipe is opened only once the others are done (a reader
+    blocked in opening it may stall the process)."""
     root = tmp_path / "corpus"
     shutil.copytree(job["root"], root)
     df = read_manifest(job["manifest"])
@@ -169,7 +171,8 @@ def test_killed_run_resumes_without_recomputing(job, tmp_path):
     shutil.move(wav, saved)
     os.mkfifo(wav)
     out = tmp_path / "feats.h5"
-    args = _cli_args({**job, "root": root}, out, "--chunk-size", "2", "--speech-batch-size", "2")
+    args = _cli_args({**job, "root": root}, out, "--chunk-size", "2", "--speech-batch-size", "2",
+                     "--audio-readers", "1", "--audio-read-ahead", "1")
     proc = subprocess.Popen([sys.executable, "-m", "cmarr.extract.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env=_subprocess_env())
     parts = out.with_name(out.name + ".parts")
@@ -177,7 +180,7 @@ def test_killed_run_resumes_without_recomputing(job, tmp_path):
         deadline = time.monotonic() + 240
         seen, since = -1, time.monotonic()
         while time.monotonic() < deadline:  # until at least 2 chunks are committed and no more come
-            assert proc.poll() is None, proc.stdout.read().decode()
+            assert proc.poll() is None, proc.stdout.read().decode()  # exited early: say why
             n = len(list(parts.glob("chunk-*.h5")))
             if n != seen:
                 seen, since = n, time.monotonic()
