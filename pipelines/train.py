@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import hashlib
 import json
 import os
@@ -46,7 +45,7 @@ import torch
 import yaml
 
 from .config import ConfigError, TrainConfig, load_config, with_overrides
-from .data import (CONDITION_NAMES, LABELS, MODALITIES, Batch, DataError, ResidentData, StoreData,
+from .data import (CONDITION_NAMES, LABELS, MODALITIES, Batch, ResidentData, StoreData,
                    condition_available, eager_loader, fill_value, hide_unavailable,
                    resolve_train_conditions, sample_conditions)
 from .metrics import MISSING_CONDITIONS, build_metrics, score, with_average, write_results

@@ -11,7 +11,6 @@ distributed data parallel. Rerunning with the same RUN_DIR resumes an interrupte
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import List, Optional
 

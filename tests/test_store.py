@@ -1,12 +1,10 @@
 """The feature store: writing, resume, reading, merge, validation and every bad input."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import h5py
 import numpy as np
@@ -16,8 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from cmarr.extract.features_cli import app
-from cmarr.extract.store import (FeatureStore, StoreError, StoreWriter, merge_stores,
-                                 validate_store)
+from cmarr.extract.store import FeatureStore, StoreError, StoreWriter, validate_store
 
 runner = CliRunner()
 

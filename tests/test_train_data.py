@@ -1,14 +1,11 @@
 """Config, store loading, splits, condition sampling, batching, metrics, synthetic stores."""
 from __future__ import annotations
 
-import h5py
-import json
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
-from cmarr.pipelines.config import ConfigError, config_from_dict, load_config, with_overrides
+from cmarr.pipelines.config import ConfigError, load_config, with_overrides
 from cmarr.pipelines.data import (CONDITION_MASKS, CONDITION_NAMES, Collate, DataError, ResidentData, StoreData,
                                   condition_available, sample_conditions)
 from cmarr.pipelines.metrics import build_metrics, confusion, results_markdown, score, war_uar
