@@ -58,6 +58,8 @@ class OptimConfig:
       compiled step in CUDA graphs, which removes the per-operator launch cost that bounds a
       step at batch 16 (fixed shapes: use it with ``data.pipeline = "resident"``);
       "max-autotune" also tunes kernels (slow to compile).
+    compile_backend ["inductor"]: the ``torch.compile`` backend ("aot_eager" traces and
+      differentiates the same graph without generating kernels: quick, for checking a setup).
     """
 
     lr: float = 1e-5
@@ -71,6 +73,7 @@ class OptimConfig:
     amp: Literal["auto", "off", "bf16"] = "auto"
     compile: Literal["auto", "off", "on"] = "off"
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
 
 
 @dataclass(frozen=True)

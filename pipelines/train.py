@@ -205,7 +205,10 @@ class FoldRecipe:
     def _maybe_compile(self):
         c = self.cfg.optim.compile
         if c == "on" or (c == "auto" and self.device.type == "cuda"):
-            return torch.compile(self.net, mode=self.cfg.optim.compile_mode)
+            o = self.cfg.optim
+            if o.compile_backend == "inductor":
+                return torch.compile(self.net, mode=o.compile_mode)
+            return torch.compile(self.net, backend=o.compile_backend)  # modes are inductor's
         return self.net
 
     def _autocast(self):
