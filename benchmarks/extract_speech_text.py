@@ -249,13 +249,7 @@ def main() -> None:
 
         BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                              intermediate_size=64)).save_pretrained(tiny)
-        for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            src = Path(tm) / f
-            if src.exists():
-                shutil.copy(src, tiny / f)
-            elif f != "tokenizer.json":  # a real hub model: its tokenizer files come from the cache
-                AutoTokenizer.from_pretrained(tm).save_pretrained(tiny)
-                break
+        AutoTokenizer.from_pretrained(tm).save_pretrained(tiny)  # the same tokenizer (local folder or hub cache)
         ex = TextExtractor(TextConfig(model=str(tiny), device=device, dtype=dtype))
         ex.embed(texts[:64])
         sync(device)

@@ -185,18 +185,17 @@ class CMARR(nn.Module):
         H, M = torch.stack(h), torch.stack(step_mask)  # (3, B, S, d), (3, B, S)
         if validate:  # all input checks that need values, with one host sync
             empty = read.T & ~M[:, :, 0]  # (3, B): marked available/present without a valid frame
-            partial = (M.any(dim=2) & ~M.all(dim=2)).any().view(1) if pooled else torch.zeros(1, dtype=torch.bool,
-                                                                                          device=M.device)
-            flags = torch.cat([(available & ~present).any().view(1), (~available.any(dim=1)).any().view(1), partial,
-                               empty.any(dim=1)]).tolist()
-            if flags[0]:
-                raise ValueError("CMARR: a modality marked available is not present")
-            if flags[1]:
-                raise ValueError("CMARR: every sample needs at least one available modality")
-            if flags[2]:
-                raise ValueError("CMARR: pooled inputs need every row's mask all True or all False")
-            if any(flags[3:]):
-                bad = [m for m, f in zip(MODALITIES, flags[3:]) if f]
+            checks = [("a modality marked available is not present", (available & ~present).any()),
+                      ("every sample needs at least one available modality", (~available.any(dim=1)).any())]
+            if pooled:
+                checks.append(("pooled inputs need every row's mask all True or all False",
+                               (M.any(dim=2) & ~M.all(dim=2)).any()))
+            flags = torch.cat([f.view(1) for _, f in checks] + [empty.any(dim=1)]).tolist()
+            for (problem, _), failed in zip(checks, flags):
+                if failed:
+                    raise ValueError(f"CMARR: {problem}")
+            bad = [m for m, failed in zip(MODALITIES, flags[len(checks):]) if failed]
+            if bad:
                 raise ValueError(f"CMARR: feats{bad} have rows marked available/present without a valid frame")
 
         # ---- alignment (Sec. 3.1.2)

@@ -79,8 +79,6 @@ class InvertibleConv1x1LU(Transform):
         p, lower, upper = torch.stack(ps), torch.stack(lowers), torch.stack(uppers)  # (G, C, C)
         s = torch.diagonal(upper, dim1=1, dim2=2)  # (G, C)
         self.register_buffer("P", p.float())
-        # P^T y = y[perm]: the inverse applies the permutation by indexing, exactly
-        self.register_buffer("perm", p.argmax(dim=1))  # (G, C): column j of P has its 1 in row perm[j]
         self.register_buffer("sign_s", torch.sign(s).float())
         self.register_buffer("lower_mask", torch.tril(torch.ones(channels, channels), diagonal=-1))
         self.register_buffer("eye", torch.eye(channels))
@@ -112,7 +110,8 @@ class InvertibleConv1x1LU(Transform):
         # rows: x W^T = z  <=>  (x U^T) L^T = z P, solved with triangular solves (exact and
         # differentiable) in the weights' precision: they have no reduced-precision kernels
         rows = z.reshape(G, -1, C).to(lower.dtype)  # (G, N, C)
-        rows = torch.gather(rows, 2, self.perm[:, None, :].expand_as(rows))  # z P
+        perm = self.P.argmax(dim=1)  # (G, C): column j of P has its 1 in row perm[j]
+        rows = torch.gather(rows, 2, perm[:, None, :].expand_as(rows))  # z P, by indexing: exact
         rows = torch.linalg.solve_triangular(lower.transpose(1, 2), rows, upper=True, left=False, unitriangular=True)
         x = torch.linalg.solve_triangular(upper.transpose(1, 2), rows, upper=False, left=False)
         return x.reshape(z.shape), self._logdet(z, -1)
