@@ -206,9 +206,11 @@ class FoldRecipe:
         c = self.cfg.optim.compile
         if c == "on" or (c == "auto" and self.device.type == "cuda"):
             o = self.cfg.optim
+            # static shapes: a fold has at most two batch sizes (full, last), each its own graph,
+            # rather than one dynamic-shape graph serving every step after the first remainder
             if o.compile_backend == "inductor":
-                return torch.compile(self.net, mode=o.compile_mode)
-            return torch.compile(self.net, backend=o.compile_backend)  # modes are inductor's
+                return torch.compile(self.net, mode=o.compile_mode, dynamic=False)
+            return torch.compile(self.net, backend=o.compile_backend, dynamic=False)  # modes are inductor's
         return self.net
 
     def _autocast(self):
