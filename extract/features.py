@@ -15,8 +15,9 @@
   is taken from ``RANK``/``WORLD_SIZE`` and ``device="auto"`` becomes ``cuda:LOCAL_RANK``.
   An explicit shard wins over the environment.
 - **Resume**: the writer commits finished utterances in chunks beside the output; a rerun
-  of the same command skips every (utterance, modality) already committed (features or a
-  recorded error) and says how many it skipped.
+  of the same command skips every (utterance, modality) whose features are already
+  committed and says how many it skipped. Pairs recorded as errors are tried again (the
+  media may have been fixed since); the newest outcome is kept.
 - **Progress**: a rich progress bar per modality with utterances/s, media seconds/s (the
   manifest's ``end - start``) and ETA on a terminal; a plain log line every
   ``log_every`` seconds otherwise.
@@ -287,6 +288,7 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
 
     writer = StoreWriter(target, rows, provenance, chunk_size=chunk_size, dtype=store_dtype)
     done = writer.done()
+    retried = writer.retried()
     duration = dict(zip(rows["utterance_id"], (rows["end"] - rows["start"]).clip(lower=0.0).to_numpy()))
     computed: dict[str, int] = {}
     resumed: dict[str, int] = {}
@@ -296,9 +298,12 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
                 todo_mask = np.array([(u, m) not in done for u in rows["utterance_id"]], dtype=bool)
                 todo = rows[todo_mask]
                 resumed[m] = int((~todo_mask).sum())
-                if resumed[m]:
+                again = sum((u, m) in retried for u in todo["utterance_id"])
+                if resumed[m] or again:
                     console.print(f"{m}: {resumed[m]} of {len(rows)} utterances already in the store "
-                                  f"(resumed), {len(todo)} to extract", highlight=False)
+                                  f"(resumed), {len(todo)} to extract"
+                                  + (f", of which {again} recorded as errors before and tried again" if again else ""),
+                                  highlight=False)
                 progress.start(m, len(rows), resumed[m])
                 expected = set(todo["utterance_id"])
                 seen: set[str] = set()

@@ -77,8 +77,8 @@ def project_version() -> str:
 def library_versions() -> dict[str, str]:
     """Versions of the libraries whose behaviour shapes the features."""
     out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "numpy", "h5py", "librosa", "soundfile",
-                 "opencv-python-headless", "facenet-pytorch"):
+    for name in ("torch", "transformers", "tokenizers", "numpy", "h5py", "librosa", "soundfile",
+                 "soxr", "opencv-python-headless", "torchvision", "facenet-pytorch"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -484,8 +484,9 @@ def _assemble(out: Path, utterances: pd.DataFrame, provenance: Mapping[str, dict
     a temporary file renamed into place.
 
     A later source's (utterance, modality) replaces an earlier one (a base store being
-    extended); an error record is dropped when the pair has features in any source. Frames
-    are laid out in utterance-table order.
+    extended); an error record is dropped when the pair has features in any source, and of
+    several error records of a pair the last is kept. Frames are laid out in utterance-table
+    order.
     """
     owner: dict[tuple[str, str], tuple[int, int, int]] = {}
     for i, src in enumerate(sources):
@@ -563,6 +564,7 @@ class StoreWriter:
                 raise StoreError(self.out, f"unknown modality {m!r} (expected one of {MODALITIES})")
         self._buffer: list[tuple[str, str, np.ndarray | None, dict, str | None]] = []
         self._done: set[tuple[str, str]] = set()
+        self._retry: set[tuple[str, str]] = set()  # recorded errors of earlier runs: tried again
         self._dims: dict[str, int] = {m: int(p["dim"]) for m, p in self.provenance.items() if "dim" in p}
         self._base: Path | None = None
         self._resume()
@@ -594,7 +596,7 @@ class StoreWriter:
             for m in store.modalities:
                 self._done |= {(u, m) for u in store.ids(m)}
                 self._dims.setdefault(m, store.dims[m])
-            self._done |= set(zip(store.errors["utterance_id"], store.errors["modality"]))
+            self._retry |= set(zip(store.errors["utterance_id"], store.errors["modality"])) - self._done
             for m, p in store.provenance.items():
                 self.provenance.setdefault(m, p)
         if self.parts.exists():
@@ -610,17 +612,25 @@ class StoreWriter:
                     self._done |= {(u, m) for m, u, _, _ in src.keys()}
                     errs = src.errors()
                     if errs is not None:
-                        self._done |= set(zip(errs["utterance_id"], errs["modality"]))
+                        self._retry |= set(zip(errs["utterance_id"], errs["modality"]))
                     src.close()
                 except (OSError, KeyError) as e:
                     raise StoreError(chunk, f"committed chunk cannot be read ({e}); remove it to recompute its utterances") from None
         else:
             self.parts.mkdir(parents=True)
+        self._retry -= self._done
         (self.parts / "state.json").write_text(json.dumps(state, sort_keys=True))
 
     # -- API -------------------------------------------------------------------------
     def done(self) -> set[tuple[str, str]]:
+        """The (utterance, modality) pairs whose features are stored. Pairs recorded as
+        errors by an earlier run are not done: a rerun tries them again (the media may have
+        been fixed), and the newest outcome is kept."""
         return set(self._done)
+
+    def retried(self) -> set[tuple[str, str]]:
+        """Pairs an earlier run recorded as errors and this run tries again."""
+        return set(self._retry)
 
     def add(self, utterance_id: str, modality: str, matrix: np.ndarray, **meta: Any) -> bool:
         """Queue one utterance's ``(T, D)`` matrix. Returns False (and records an error
@@ -650,7 +660,6 @@ class StoreWriter:
 
     def add_error(self, utterance_id: str, modality: str, reason: str) -> None:
         self._buffer.append((utterance_id, modality, None, {}, str(reason)))
-        self._done.add((utterance_id, modality))
         if len(self._buffer) >= self.chunk_size:
             self.flush()
 

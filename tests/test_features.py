@@ -240,10 +240,23 @@ def test_per_utterance_errors_are_recorded_shown_and_fail_the_run(job, tmp_path)
     assert not store.has(corrupt, "speech") and store.has(corrupt, "text") and not store.has(silent, "text")
     assert len(store.ids("speech")) == 6 and len(store.ids("text")) == 7
     store.close()
-    # accepted as missing modalities: the same command finishes (nothing to recompute), exit 0
+    # accepted as missing modalities: the same command tries the errors again, records them again, exit 0
     res = runner.invoke(app, args + ["--allow-missing"])
     assert res.exit_code == 0, res.output
     assert "resumed" in res.output and "3 utterance/modality pairs without features" in res.output
+    assert "2 recorded as errors before and tried again" in res.output  # speech: corrupt and zero
+    # the media fixed, the same command fills in what was missing and drops its error
+    shutil.copyfile(job["root"] / df["wav_path"].iloc[0], root / df["wav_path"].iloc[0])
+    res = runner.invoke(app, args)
+    assert res.exit_code == 3, res.output  # zero-length wav and empty transcript remain
+    store = FeatureStore(out)
+    assert store.has(corrupt, "speech") and len(store.ids("speech")) == 7
+    assert set(zip(store.errors["utterance_id"], store.errors["modality"])) == {(zero, "speech"), (silent, "text")}
+    ref = FeatureStore(job["reference"])
+    np.testing.assert_allclose(store.get(corrupt, "speech").astype(np.float32),
+                               ref.get(corrupt, "speech").astype(np.float32), rtol=2e-3, atol=2e-3)
+    store.close()
+    ref.close()
 
 
 @pytest.mark.parametrize("change, message", [

@@ -121,6 +121,31 @@ def test_rerun_of_a_finished_store_has_nothing_to_do(tmp_path):
     assert FeatureStore(out).provenance["speech"]["dim"] == 6
 
 
+def test_rerun_tries_recorded_errors_again_and_keeps_the_newest_outcome(tmp_path):
+    """An error is not a finished utterance: after the media is fixed the same job stores its
+    features (and drops the error); an error that happens again replaces the old record."""
+    out = tmp_path / "f.h5"
+    with StoreWriter(out, table(["a", "b", "c"]), {"speech": PROV["speech"]}) as w:
+        w.add("a", "speech", feats(0, 4, 6))
+        w.add_error("b", "speech", "unreadable audio (old)")
+        w.add_error("c", "speech", "unreadable audio (old)")
+    with StoreWriter(out, table(["a", "b", "c"]), {"speech": PROV["speech"]}) as w:
+        assert w.done() == {("a", "speech")}
+        assert w.retried() == {("b", "speech"), ("c", "speech")}
+        w.add("b", "speech", feats(1, 4, 6))
+        w.add_error("c", "speech", "unreadable audio (new)")
+    s = FeatureStore(out)
+    assert s.ids("speech") == {"a", "b"}
+    assert s.errors.to_dict("records") == [{"utterance_id": "c", "modality": "speech", "reason": "unreadable audio (new)"}]
+    # an error committed in a chunk of a killed run is tried again on resume, too
+    out2 = tmp_path / "g.h5"
+    w = StoreWriter(out2, table(["a", "b"]), {"speech": PROV["speech"]}, chunk_size=1)
+    w.add_error("a", "speech", "unreadable audio")
+    del w
+    w = StoreWriter(out2, table(["a", "b"]), {"speech": PROV["speech"]}, chunk_size=1)
+    assert w.done() == set() and w.retried() == {("a", "speech")}
+
+
 def test_resume_refuses_other_settings(tmp_path):
     out = tmp_path / "f.h5"
     w = StoreWriter(out, table(["a", "b"]), {"speech": PROV["speech"]}, chunk_size=1)
