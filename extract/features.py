@@ -70,7 +70,11 @@ def shard_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int] | No
     """The shard of this process under torchrun (``RANK``/``WORLD_SIZE``), else None."""
     env = os.environ if env is None else env
     world = env.get("WORLD_SIZE")
-    if world is None or int(world) <= 1:
+    if world is None:
+        return None
+    if not world.strip().isdigit():
+        raise ExtractError(f"WORLD_SIZE={world!r}: expected a whole number (the number of processes)")
+    if int(world) <= 1:
         return None
     rank = env.get("RANK")
     if rank is None:
@@ -286,7 +290,8 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
     provenance = {m: {**ex.provenance(), "corpus": dataset, "manifest_sha256": manifest_sha}
                   for m, ex in extractors.items()}
 
-    writer = StoreWriter(target, rows, provenance, chunk_size=chunk_size, dtype=store_dtype)
+    writer = StoreWriter(target, rows, provenance, chunk_size=chunk_size, dtype=store_dtype,
+                         extra_attrs={"shard": f"{shard[0]}/{shard[1]}"} if shard else None)
     done = writer.done()
     retried = writer.retried()
     duration = dict(zip(rows["utterance_id"], (rows["end"] - rows["start"]).clip(lower=0.0).to_numpy()))

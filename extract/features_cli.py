@@ -37,6 +37,8 @@ def _read_manifest(path: Path) -> pd.DataFrame:
         df = pd.read_csv(path, dtype={"utterance_id": str, "label": str}, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
         _fail(f"{path}: not a readable manifest CSV ({str(e).splitlines()[0]})")
+    except OSError as e:
+        _fail(f"{path}: cannot read the manifest ({e.strerror or e})")
     if "utterance_id" not in df.columns:
         _fail(f"{path}: manifest has no 'utterance_id' column")
     return df
@@ -55,6 +57,9 @@ def info(file: Path = typer.Argument(..., help="Feature store (.h5)."),
               f"cm-arr {store.attrs.get('cm_arr_version')}  created {store.attrs.get('created')}", highlight=False)
     corpora = ", ".join(sorted(set(map(str, t.get("corpus", [])))))
     out.print(f"{len(t)} utterances ({corpora})", highlight=False)
+    if store.attrs.get("shard"):
+        out.print(f"shard {store.attrs['shard']} of an extraction (join all shards with cm-arr-features merge)",
+                  highlight=False)
 
     if {"label", "fold"} <= set(t.columns):
         counts = pd.crosstab(t["fold"], t["label"])
@@ -126,6 +131,8 @@ def merge(shards: List[Path] = typer.Argument(..., help="Shard stores to join.")
         path = merge_stores(shards, out_file, allow_library_mismatch=allow_library_mismatch)
     except StoreError as e:
         _fail(str(e))
+    except OSError as e:
+        _fail(f"{out_file}: cannot write the merged store ({e.strerror or e})")
     store = FeatureStore(path)
     out.print(f"[green]merged[/] {len(shards)} shards into {path}: {len(store.utterances)} utterances, "
               f"modalities {', '.join(store.modalities)}", highlight=False)

@@ -723,21 +723,53 @@ class StoreWriter:
 # merge and validate
 
 
+def _check_shard_set(stores: list[FeatureStore]) -> None:
+    """The shards of one extraction must all be there, each once."""
+    tags = [(s, s.attrs.get("shard")) for s in stores]
+    tagged = [(s, t) for s, t in tags if t]
+    if not tagged:
+        return  # stores that are not shards of one job (e.g. two corpora, or merged stores)
+    s0, t0 = tagged[0]
+    for s, t in tags:
+        if not t:
+            raise StoreError(s.path, f"is not a shard of an extraction, while {s0.path.name} is shard {t0}; "
+                             "merge the shards of one job first")
+    n = {int(str(t).split("/")[1]) for _, t in tagged}
+    if len(n) > 1:
+        raise StoreError(s0.path, f"shards of different splits are mixed ({', '.join(sorted({str(t) for _, t in tagged}))})")
+    total = n.pop()
+    seen: dict[int, Path] = {}
+    for s, t in tagged:
+        k = int(str(t).split("/")[0])
+        if k in seen:
+            raise StoreError(s.path, f"is shard {t}, as is {seen[k].name}")
+        seen[k] = s.path
+    missing = sorted(set(range(total)) - set(seen))
+    if missing:
+        raise StoreError(s0.path, f"shard(s) {', '.join(f'{k}/{total}' for k in missing)} of this extraction are not "
+                         f"given; the merged store would lack their utterances (merge all {total})")
+
+
 def merge_stores(shard_paths: Iterable[str | os.PathLike], out_path: str | os.PathLike,
                  allow_library_mismatch: bool = False) -> Path:
     """Join shard stores into one. Refuses shards of another schema, shards whose
-    provenance differs (other models or settings), and shards that share an utterance id.
-    Never overwrites an existing file."""
+    provenance differs (other models or settings), shards that share an utterance id, and,
+    for the shards of one extraction (``shard`` attribute ``"k/N"``, written by
+    ``cm-arr-extract features --shard``), a set that lacks any of the N. Never overwrites an
+    existing file."""
     paths = [Path(p) for p in shard_paths]
     out = Path(out_path)
     if not paths:
         raise StoreError(out, "no shards to merge")
     if out.exists():
         raise StoreError(out, "already exists; merge never overwrites a file (choose another --out or remove it)")
+    if not out.parent.is_dir():
+        raise StoreError(out, f"its folder {out.parent} does not exist")
     if len(set(p.resolve() for p in paths)) != len(paths):
         raise StoreError(paths[0], "the same shard is given twice")
     stores = [FeatureStore(p) for p in paths]
     first = stores[0]
+    _check_shard_set(stores)
     for s in stores[1:]:
         if s.dtype != first.dtype:
             raise StoreError(s.path, f"dtype {s.dtype} differs from {first.path.name}'s {first.dtype}")

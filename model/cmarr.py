@@ -16,9 +16,11 @@ Data flow for one batch (``B`` samples, modalities ``n`` in ``MODALITIES``, ``S 
    pooled ``Y_m`` of all modalities and instances; cross-modal fusion (Eqs. 10-13), pooling
    and a classifier give the logits.
 
-A modality that is not available is never read into the logits: its input rows are replaced
-by zeros with ``torch.where`` before the first layer (so NaN there cannot reach a value or a
-gradient), and ``Y_m`` selects the reconstruction with ``torch.where``.
+A modality that is not available is never read into the logits. Input rows of a modality that
+is not present are replaced by zeros with ``torch.where`` before the first layer (so NaN there
+cannot reach a value or a gradient). Rows that are present but not available (training: the
+true features are L_rec's targets) are selected away with ``torch.where`` wherever they meet
+the available ones: in Eq. 7's mean and in ``Y_m``, which takes the reconstruction.
 
 The per-modality layers after step 1 (UMC, projection, flow, reconstruction module) keep
 separate weights per modality but are stacked along a leading modality axis and run as one
@@ -222,8 +224,9 @@ class CMARR(nn.Module):
                     z_nll, logdet_nll = Z, logdet
             # Eq. 7: Z~ = mean of the available Z_n. For a modality m that is not available this
             # is the mean over the other modalities; rows where m is available are discarded below.
-            a_f = A.to(Z.dtype)[:, :, None, None]  # (3, B, 1, 1)
-            z_tilde = (Z * a_f).sum(dim=0) / a_f.sum(dim=0).clamp(min=1.0)  # (B, S, d)
+            a = A[:, :, None, None]  # (3, B, 1, 1)
+            z_avail = torch.where(a, Z, torch.zeros((), dtype=Z.dtype, device=Z.device))  # where, not a product: NaN * 0 is NaN
+            z_tilde = z_avail.sum(dim=0) / a.sum(dim=0).clamp(min=1).to(Z.dtype)  # (B, S, d)
             x_tilde, _ = self.flow.inverse(z_tilde.expand_as(Z))  # Eq. 8, (3, B, S, d)
             x_hat = self.rec(x_tilde)  # (3, B, S, d)
         else:

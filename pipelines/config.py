@@ -265,6 +265,8 @@ def _check_values(cfg: TrainConfig, where: str) -> None:
         (o.eval_batch_size >= 1, "optim.eval_batch_size", "must be >= 1"),
         (o.grad_clip >= 0, "optim.grad_clip", "must be >= 0"),
         (o.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
+        (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be two numbers in [0, 1) (got {list(o.betas)})"),
+        (cfg.seed >= 0, "seed", f"must be >= 0 (got {cfg.seed})"),
         (0 < d.val_fraction < 1, "data.val_fraction", "must be in (0, 1)"),
         (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
         (all(f >= 1 for f in cfg.protocol.folds), "protocol.folds", "folds are 1-based"),
@@ -281,6 +283,10 @@ def _check_values(cfg: TrainConfig, where: str) -> None:
         unknown = sorted(set(cfg.model) - names - {"variant"})
         if "variant" in cfg.model:
             raise ConfigError(f"{where}: model.variant: set the variant at the top level ('variant:' or --variant)")
+        for key in ("dims", "num_classes"):
+            if key in cfg.model:
+                raise ConfigError(f"{where}: model.{key} is not a setting: it comes from the feature store "
+                                  "(the widths of its features, the four classes)")
         if unknown:
             raise ConfigError(f"{where}: unknown model key{'s' if len(unknown) > 1 else ''} "
                               f"{', '.join('model.' + k for k in unknown)} (see cmarr.model.CMARRConfig)")
@@ -294,7 +300,7 @@ def config_from_dict(data: Mapping[str, Any] | None, where: str = "<config>") ->
     try:
         cfg = _build(TrainConfig, data or {}, "")
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        raise ConfigError(f"{where}: {str(e).removeprefix(': ')}") from None
     _check_values(cfg, where)
     return cfg
 

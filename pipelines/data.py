@@ -72,6 +72,9 @@ class StoreData:
                 store = FeatureStore(self.path)
             except StoreError as e:
                 raise DataError(str(e)) from None
+            if store.attrs.get("shard"):
+                raise DataError(f"{where}: is shard {store.attrs['shard']} of an extraction, not the whole corpus; "
+                                "join the shards first (cm-arr-features merge)")
             table = store.utterances
             self.provenance = store.provenance
             self.dims = dict(store.dims)
@@ -169,6 +172,10 @@ def resolve_train_conditions(setting: str, train_missing: bool) -> str:
 
 def sample_conditions(present: torch.Tensor, mode: str = "missing", generator: torch.Generator | None = None) -> torch.Tensor:
     """Choose the available modalities of each training sample. The one place this is decided.
+
+    The trainer's mode is the config field ``protocol.train_conditions`` (default "auto":
+    "missing" unless the model config sets ``train_missing=False``, as the baseline does; see
+    :func:`resolve_train_conditions`).
 
     Args:
         present: (B, 3) bool, which modalities the store has for each sample.

@@ -47,10 +47,15 @@ def war_uar(cm: np.ndarray) -> tuple[float, float]:
     return war, float(recalls.mean())
 
 
-def score(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int, n_no_input: int = 0) -> dict[str, Any]:
+def score(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int, n_no_input: int = 0,
+          n_reduced: int = 0) -> dict[str, Any]:
+    """WAR, UAR and confusion of one condition. ``n_no_input``: utterances not scored (no
+    input in the condition); ``n_reduced``: scored with fewer modalities than the condition
+    names, because the store lacks one of them."""
     cm = confusion(y_true, y_pred, num_classes)
     war, uar = war_uar(cm)
-    return {"war": war, "uar": uar, "confusion": cm.tolist(), "n": int(cm.sum()), "n_no_input": int(n_no_input)}
+    return {"war": war, "uar": uar, "confusion": cm.tolist(), "n": int(cm.sum()), "n_no_input": int(n_no_input),
+            "n_reduced": int(n_reduced)}
 
 
 def with_average(per_condition: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -118,6 +123,13 @@ def results_markdown(metrics: Mapping[str, Any], title: str | None = None) -> st
         lines.append("")
         lines.append("Utterances without any input in a condition (not scored there): "
                      + ", ".join(f"{ROW_NAMES[c]} {n}" for c, n in skipped.items()) + ".")
+    reduced = {c: sum(int(metrics["folds"][f].get(c, {}).get("n_reduced", 0)) for f in metrics["folds"])
+               for c in TABLE_ROWS if c != "avg"}
+    reduced = {c: n for c, n in reduced.items() if n}
+    if reduced:
+        lines.append("")
+        lines.append("Utterances scored with fewer modalities than the condition names (the store lacks one): "
+                     + ", ".join(f"{ROW_NAMES[c]} {n}" for c, n in reduced.items()) + ".")
     return "\n".join(lines) + "\n"
 
 

@@ -19,8 +19,10 @@ Choices the paper leaves open, made here (config fields in brackets):
 - Training conditions [protocol.train_conditions] via :func:`data.sample_conditions`.
 - Evaluation: each test utterance is scored under each of the seven conditions; inputs of
   modalities that are not available are filled with NaN [data.fill_absent], so a model that
-  read them would produce NaN. An utterance with no input in a condition (e.g. no face
-  under {v}) is not scored there and is counted as ``n_no_input``.
+  read them would produce NaN. An utterance that lacks a modality of the condition in the
+  store (e.g. no face) is scored with the modalities it has, and counted as ``n_reduced``;
+  one with no input at all in a condition (e.g. no face under {v}) is not scored there and
+  is counted as ``n_no_input``. Both counts are in metrics.json and results.md.
 - A final training batch of a single utterance is dropped for that epoch (the contrastive
   losses need pairs; shuffling makes it a different utterance every epoch).
 - Adam [optim.optimizer]; bf16 autocast on CUDA [optim.amp]; resident pooled tensors on CUDA
@@ -297,7 +299,8 @@ class FoldRecipe:
 
     @torch.no_grad()
     def predict(self, part: str, conditions: Sequence[str] = CONDITION_NAMES) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
-        """Predictions on ``part`` ("val" / "test") per condition: (labels, preds, n_no_input).
+        """Predictions on ``part`` ("val" / "test") per condition: (labels, preds, n_no_input,
+        n_reduced) (see the module docstring).
 
         All conditions of a batch go through the model in one call (rows stacked), with the
         inputs of unavailable modalities filled with NaN."""
@@ -306,11 +309,13 @@ class FoldRecipe:
         ys = {c: [] for c in conditions}
         ps = {c: [] for c in conditions}
         skipped = {c: 0 for c in conditions}
+        reduced = {c: 0 for c in conditions}
         for b in self._eval_batches(part):
             avail = [condition_available(b.present, c) for c in conditions]  # each (B, 3)
             ok = [a.any(dim=1) for a in avail]
-            for c, k in zip(conditions, ok):
+            for c, a, k in zip(conditions, avail, ok):
                 skipped[c] += int((~k).sum())
+                reduced[c] += int((k & (a != condition_available(torch.ones_like(b.present), c)).any(dim=1)).sum())
             avail_all = torch.cat([a[k] for a, k in zip(avail, ok)])  # (B', 3)
             feats = {m: torch.cat([b.feats[m][k] for k in ok]) for m in MODALITIES}
             masks = {m: torch.cat([b.masks[m][k] for k in ok]) for m in MODALITIES}
@@ -327,15 +332,16 @@ class FoldRecipe:
                 ys[c].append(b.labels[k].cpu().numpy())
                 s += n
         return {c: (np.concatenate(ys[c]) if ys[c] else np.zeros(0, np.int64),
-                    np.concatenate(ps[c]) if ps[c] else np.zeros(0, np.int64), skipped[c]) for c in conditions}
+                    np.concatenate(ps[c]) if ps[c] else np.zeros(0, np.int64), skipped[c], reduced[c])
+                for c in conditions}
 
     def evaluate(self, part: str = "val") -> dict[str, dict[str, Any]]:
         """WAR, UAR, confusion per condition on ``part``, plus "avg" over the six missing ones."""
         out = {}
-        for c, (y, p, skipped) in self.predict(part).items():
+        for c, (y, p, skipped, reduced) in self.predict(part).items():
             if len(y) == 0:
                 raise TrainError(f"fold {self.fold}: no {part} utterance has any input under condition {c}")
-            out[c] = score(y, p, len(LABELS), skipped)
+            out[c] = score(y, p, len(LABELS), skipped, reduced)
         return with_average(out)
 
     def selection_score(self, val: Mapping[str, Mapping[str, Any]]) -> float:

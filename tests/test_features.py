@@ -26,7 +26,7 @@ from cmarr.extract.iemocap import prepare_iemocap
 from cmarr.extract.manifest import read_manifest, write_manifest
 from cmarr.extract.base import ExtractError
 from cmarr.extract.speech import SpeechConfig
-from cmarr.extract.store import FeatureStore, comparable_provenance, merge_stores
+from cmarr.extract.store import FeatureStore, StoreError, comparable_provenance, merge_stores
 from cmarr.extract.text import TextConfig
 
 MODS = ("speech", "text")
@@ -125,6 +125,8 @@ def test_shard_helpers():
             parse_shard(bad)
     assert shard_from_env({"RANK": "2", "WORLD_SIZE": "3"}) == (2, 3)
     assert shard_from_env({"RANK": "0", "WORLD_SIZE": "1"}) is None and shard_from_env({}) is None
+    with pytest.raises(ExtractError, match="WORLD_SIZE='two'"):
+        shard_from_env({"RANK": "0", "WORLD_SIZE": "two"})
     assert shard_path("out/feats.h5", 0, 2) == Path("out/feats.shard-0-of-2.h5")
     df = pd.DataFrame({"utterance_id": [f"u{i:02d}" for i in range(11)]})
     parts = [select_shard(df.sample(frac=1, random_state=k), k, 3) for k in range(3)]
@@ -145,6 +147,9 @@ def test_two_shard_processes_merge_to_the_single_process_store(job, tmp_path):
         assert f"shard {k} of 2: 4 of 8 utterances" in output
     shards = [shard_path(out, k, 2) for k in range(2)]
     assert all(s.exists() for s in shards) and not out.exists()
+    assert [FeatureStore(s).attrs["shard"] for s in shards] == ["0/2", "1/2"]
+    with pytest.raises(StoreError, match="1/2 of this extraction are not given"):
+        merge_stores(shards[:1], tmp_path / "half.h5")
     merged = merge_stores(shards, tmp_path / "merged.h5")
     assert_same_store(merged, job["reference"])
 

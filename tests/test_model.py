@@ -124,6 +124,9 @@ def test_unavailable_modalities_do_not_influence_the_logits(variant: str) -> Non
         a = model(feats, masks, available, present=present).logits
         b = model(mixed, masks, available, present=present).logits
         torch.testing.assert_close(a, b, msg=f"{variant} {name}")
+        # present but unavailable rows holding NaN (read as L_rec targets) cannot reach the logits
+        c = model(nan_fill(feats, available), masks, available, present=present).logits
+        torch.testing.assert_close(a, c, msg=f"{variant} {name}: NaN in a present, unavailable row")
         if name != "svt":
             full = model(feats, masks, torch.ones(4, 3, dtype=torch.bool)).logits
             assert not torch.allclose(a, full), f"{variant} {name}: the condition had no effect"

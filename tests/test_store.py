@@ -36,8 +36,9 @@ def feats(seed, rows, dim):
     return np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
 
 
-def write_store(path, ids, prov=PROV, session=1, skip_video=()):
-    with StoreWriter(path, table(ids, session), prov, chunk_size=3) as w:
+def write_store(path, ids, prov=PROV, session=1, skip_video=(), shard=None):
+    attrs = {"shard": shard} if shard else None
+    with StoreWriter(path, table(ids, session), prov, chunk_size=3, extra_attrs=attrs) as w:
         for i, u in enumerate(ids):
             w.add(u, "speech", feats(i, 5 + i, prov["speech"]["dim"]), frame_rate=50.0)
             if u in skip_video:
@@ -275,6 +276,29 @@ def test_merge_refuses_shards_of_other_models(tmp_path):
     assert_clean_error(code, text, "b.h5", "wav2vec2-large", "made differently")
 
 
+def test_merge_refuses_an_incomplete_or_mixed_set_of_shards(tmp_path):
+    s = [write_store(tmp_path / f"s{k}.h5", [f"u{k}{j}" for j in range(2)], shard=f"{k}/3") for k in range(3)]
+    code, text = cli("merge", s[0], s[2], "--out", tmp_path / "m.h5")
+    assert_clean_error(code, text, "s0.h5", "1/3", "merge all 3")
+    other = write_store(tmp_path / "o.h5", ["o1"], shard="1/2")
+    code, text = cli("merge", s[0], other, s[2], "--out", tmp_path / "m.h5")
+    assert_clean_error(code, text, "different splits")
+    plain = write_store(tmp_path / "p.h5", ["p1"])
+    code, text = cli("merge", *s, plain, "--out", tmp_path / "m.h5")
+    assert_clean_error(code, text, "p.h5", "not a shard")
+    assert not (tmp_path / "m.h5").exists()
+    code, text = cli("merge", *s, "--out", tmp_path / "m.h5")
+    assert code == 0, text
+    m = FeatureStore(tmp_path / "m.h5")
+    assert len(m.utterances) == 6 and "shard" not in m.attrs  # the merged store is the whole extraction
+
+
+def test_merge_into_a_missing_folder_is_a_clear_error(tmp_path):
+    a = write_store(tmp_path / "a.h5", ["x"])
+    code, text = cli("merge", a, "--out", tmp_path / "nowhere" / "m.h5")
+    assert_clean_error(code, text, "nowhere", "does not exist")
+
+
 def test_merge_never_overwrites(tmp_path):
     a = write_store(tmp_path / "a.h5", ["x"])
     b = write_store(tmp_path / "b.h5", ["y"])
@@ -368,6 +392,8 @@ def test_validate_against_manifest(tmp_path):
     pd.DataFrame({"utterance_id": ["a", "b"], "label": ["ang", "hap"]}).to_csv(ok, index=False)
     code, text = cli("validate", p, "--manifest", ok)
     assert code == 0, text
+    code, text = cli("validate", p, "--manifest", tmp_path)  # a folder
+    assert_clean_error(code, text, str(tmp_path), "cannot read the manifest")
 
 
 def test_info_table(tmp_path):

@@ -8,12 +8,14 @@ import shutil
 import subprocess
 import sys
 
+import h5py
 import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from cmarr.pipelines.combine import app as combine_app
+from cmarr.extract.store import FeatureStore
 from cmarr.pipelines.synthetic import make_synthetic_store
 from cmarr.pipelines.train import FoldRecipe, TrainError, collect_reps, resolve_config, run_training
 from cmarr.pipelines.train_cli import app
@@ -68,6 +70,7 @@ def test_cli_writes_all_outputs(env, variant):
         assert np.asarray(f1[c]["confusion"]).sum() + f1[c]["n_no_input"] == m["sizes"]["1"]["test"]
     assert f1["avg"]["uar"] == pytest.approx(np.mean([f1[c]["uar"] for c in ("t", "s", "v", "vt", "sv", "st")]))
     ck = torch.load(out / "fold1" / "best.pt", map_location="cpu", weights_only=False)
+    assert all(f1[c]["n_reduced"] >= 0 for c in ("t", "s", "v", "vt", "sv", "st", "svt"))
     assert ck["provenance"]["speech"]["model"] == "synthetic" and ck["train_config"]["variant"] == variant
     assert set(ck["split"]["test"]).isdisjoint(ck["split"]["val"])
     md = (out / "results.md").read_text()
@@ -177,6 +180,30 @@ def test_collect_reps_for_tsne(env):
     assert np.isfinite(reps["real_video"][present_v]).all() and np.isnan(reps["real_video"][~present_v]).all()
 
 
+def test_utterances_the_store_lacks_a_modality_of_are_counted_per_condition(env):
+    """An utterance without video is scored under {s, v, t} with speech and text (n_reduced),
+    and not at all under {v} (n_no_input)."""
+    from cmarr.pipelines.data import StoreData
+    from cmarr.pipelines.synthetic import SyntheticSpec
+
+    root, _, cfg = env
+    spec = SyntheticSpec(p_absent={"speech": 0.0, "text": 0.2, "video": 0.3})
+    store = make_synthetic_store(root / "absent.h5", n_per_class=4, sessions=3, seed=1, spec=spec)
+    r = FoldRecipe(resolve_config(cfg, device="cpu"), StoreData(store), 1, root / "absent", torch.device("cpu")).setup()
+    test = [r.data.ids[i] for i in r.split.test]
+    with FeatureStore(store) as fs:
+        lacks = {m: {u for u in test if not fs.has(u, m)} for m in ("speech", "text", "video")}
+    assert lacks["text"] and lacks["video"] and not lacks["speech"]
+    m = r.evaluate("test")
+    assert m["s"]["n_reduced"] == 0 and m["s"]["n_no_input"] == 0
+    assert m["svt"]["n_reduced"] == len(lacks["text"] | lacks["video"]) and m["svt"]["n_no_input"] == 0
+    assert m["vt"]["n_reduced"] == len(lacks["text"] ^ lacks["video"])
+    assert m["vt"]["n_no_input"] == len(lacks["text"] & lacks["video"])
+    assert m["v"]["n_no_input"] == len(lacks["video"]) and m["v"]["n_reduced"] == 0
+    for c in ("t", "s", "v", "vt", "sv", "st", "svt"):
+        assert m[c]["n"] + m[c]["n_no_input"] == len(test)
+
+
 def test_evaluation_never_reads_missing_inputs(env):
     """Unavailable inputs are NaN in evaluation; logits stay finite in all seven conditions."""
     root, store, cfg = env
@@ -218,6 +245,10 @@ def _edit_store(src, dst, edit, rewrite_table):
     ("unknown-key", "optim: unknown key 'learning_rate'"),
     ("wrong-type", "optim.batch_size: expected int"),
     ("missing-file", "no such file"),
+    ("negative-seed", "seed must be >= 0"),
+    ("bad-betas", "optim.betas must be two numbers in [0, 1)"),
+    ("dims-override", "model.num_classes is not a setting"),
+    ("shard-store", "is shard 1/2 of an extraction"),
 ])
 def test_bad_input_is_a_clear_message(env, case, message, rewrite_table):
     root, store, cfg = env
@@ -242,6 +273,17 @@ def test_bad_input_is_a_clear_message(env, case, message, rewrite_table):
         args[3] = d / "t.yaml"
     elif case == "missing-file":
         args[1] = d / "nope.h5"
+    elif case == "negative-seed":
+        args += ["--seed", "-1"]
+    elif case == "bad-betas":
+        args += ["--set", "optim.betas=[0.9, 2.0]"]
+    elif case == "dims-override":
+        args += ["--set", "model.num_classes=3"]
+    elif case == "shard-store":
+        shard = shutil.copy(store, d / "f.shard-1-of-2.h5")
+        with h5py.File(shard, "a") as f:
+            f.attrs["shard"] = "1/2"
+        args[1] = shard
     res = _train(args)
     assert res.exit_code == 2, res.output
     assert message in res.output
