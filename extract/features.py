@@ -33,7 +33,7 @@ import dataclasses
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -175,7 +175,8 @@ class FeaturesRun:
     ``out``: the store written; ``shard``: ``(k, N)`` or None; ``computed``: results
     produced by this run per modality; ``resumed``: pairs found finished and skipped;
     ``errors``: every recorded error of the store (``utterance_id, modality, reason``);
-    ``ok``: no errors, or ``allow_missing``.
+    ``ok``: no errors, or ``allow_missing``; ``short_videos``: utterance -> sampled frames
+    past the end of its video (stored with the frames that exist; shown in the summary).
     """
 
     out: Path
@@ -185,6 +186,7 @@ class FeaturesRun:
     errors: pd.DataFrame
     ok: bool
     seconds: float = 0.0
+    short_videos: dict[str, int] = field(default_factory=dict)
 
 
 def _manifest(path: Path, dataset: str) -> pd.DataFrame:
@@ -337,9 +339,12 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
     store = FeatureStore(target)
     errors = store.errors.copy()
     counts = {m: len(store.ids(m)) for m in modalities}
+    short = {}
+    if "video" in modalities:
+        short = {u: n for u in sorted(store.ids("video")) if (n := int(store.meta(u, "video").get("frames_missing", 0))) > 0}
     store.close()
     run = FeaturesRun(out=target, shard=shard, computed=computed, resumed=resumed, errors=errors,
-                      ok=errors.empty or allow_missing, seconds=time.monotonic() - t_start)
+                      ok=errors.empty or allow_missing, seconds=time.monotonic() - t_start, short_videos=short)
     print_summary(console, run, counts, len(rows), allow_missing)
     return run
 
@@ -369,4 +374,10 @@ def print_summary(console: Console, run: FeaturesRun, counts: Mapping[str, int],
         if allow_missing:
             console.print("--allow-missing: these modalities are recorded as missing for those utterances.",
                           highlight=False)
+    if run.short_videos:
+        first = ", ".join(f"{u} ({n})" for u, n in list(run.short_videos.items())[:5])
+        console.print(f"[yellow]video:[/] {len(run.short_videos)} utterances' spans run past the end of their video "
+                      f"({sum(run.short_videos.values())} sampled frames missing; {first}"
+                      f"{', ...' if len(run.short_videos) > 5 else ''}); their features hold the frames that exist "
+                      "(meta frames_missing)", highlight=False, soft_wrap=True)
     console.print(f"done in {run.seconds:.1f} s", highlight=False)

@@ -57,6 +57,8 @@ PAPER_COUNTS: dict[str, dict[str, int]] = {
     "iemocap": {"ang": 1103, "hap": 1636, "neu": 1708, "sad": 1084},
     "msp-improv": {"ang": 460, "hap": 999, "neu": 1733, "sad": 627},
 }
+# MSP-IMPROV before the 121 no-face clips are dropped (``--keep-no-face``): 3,940 clips.
+MSP_COUNTS_WITH_NO_FACE: dict[str, int] = {"ang": 470, "hap": 1048, "neu": 1789, "sad": 633}
 # Per-session sizes of the IEMOCAP 4-class set (sessions 1-5).
 IEMOCAP_SESSION_COUNTS: dict[int, int] = {1: 1085, 2: 1023, 3: 1151, 4: 1031, 5: 1241}
 

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .manifest import (PAPER_COUNTS, FOUR_CLASS, Comparison, ManifestError,
+from .manifest import (MSP_COUNTS_WITH_NO_FACE, PAPER_COUNTS, FOUR_CLASS, Comparison, ManifestError,
                        ManifestResult, compare_with_canonical, load_canonical_iemocap,
                        load_msp_no_face, write_csv_atomic, write_manifest)
 
@@ -86,7 +86,7 @@ def manifest_command(
         print_comparison(console, comparison, canonical or "data_manifests/iemocap_4class.csv", show)
         differs = not comparison.matches
     else:
-        differs = print_count_check(console, dataset.value, result)
+        differs = print_count_check(console, dataset.value, result, keep_no_face=keep_no_face)
     try:
         write_manifest(result.df, out)
     except (OSError, ManifestError) as e:
@@ -174,18 +174,21 @@ def print_comparison(console: Console, c: Comparison, source: str | Path, show: 
     _listing(console, "label disagreements (id, label here, canonical label)", c.label_disagreements, show)
 
 
-def print_count_check(console: Console, corpus: str, result: ManifestResult) -> bool:
-    """For a complete copy, compare the per-label counts with the paper's; True when they differ."""
+def print_count_check(console: Console, corpus: str, result: ManifestResult, keep_no_face: bool = False) -> bool:
+    """For a complete copy, compare the per-label counts with the paper's (with
+    ``keep_no_face``, with the 3,940-clip MSP-IMPROV set before the no-face clips are
+    dropped); True when they differ."""
     if len(result.sessions) < (6 if corpus == "msp-improv" else 5):
         console.print("partial corpus: per-label counts not compared with the paper's")
         return False
     got = result.df["label"].value_counts().to_dict()
-    paper = PAPER_COUNTS[corpus]
+    paper = MSP_COUNTS_WITH_NO_FACE if keep_no_face else PAPER_COUNTS[corpus]
+    which = "the paper's set before its no-face clips are dropped" if keep_no_face else "the paper's"
     diff = {k: (got.get(k, 0), v) for k, v in paper.items() if got.get(k, 0) != v}
     if not diff:
-        console.print(f"[green]per-label counts match the paper's[/] {paper}")
+        console.print(f"[green]per-label counts match {which}[/] {paper}")
         return False
-    console.print("[yellow]per-label counts differ from the paper's[/] (here, paper): "
+    console.print(f"[yellow]per-label counts differ from {which}[/] (here, paper): "
                   + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items()))
     return True
 

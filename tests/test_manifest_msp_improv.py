@@ -234,3 +234,23 @@ def test_command_bad_input(tmp_path, small):
     r = invoke("msp-improv", "--root", root, "--out", tmp_path / "o.csv", "--no-face-list", bad)
     assert r.exit_code == 1 and f"{bad}:1" in r.output and "not a clip id" in r.output
     assert not (tmp_path / "o.csv").exists()
+
+
+def test_count_check_compares_keep_no_face_with_the_3940_set():
+    from rich.console import Console
+
+    from cmarr.extract.manifest import ManifestResult
+    from cmarr.extract.manifest_cli import print_count_check
+
+    def result(counts):
+        labels = [lab for lab, n in counts.items() for _ in range(n)]
+        return ManifestResult(df=pd.DataFrame({"label": labels}), sessions=(1, 2, 3, 4, 5, 6))
+
+    before = {"ang": 470, "hap": 1048, "neu": 1789, "sad": 633}
+    paper = {"ang": 460, "hap": 999, "neu": 1733, "sad": 627}
+    console = Console(record=True, width=200)
+    assert print_count_check(console, "msp-improv", result(before), keep_no_face=True) is False
+    assert print_count_check(console, "msp-improv", result(paper), keep_no_face=False) is False
+    assert print_count_check(console, "msp-improv", result(before), keep_no_face=False) is True
+    text = console.export_text()
+    assert "match the paper's set before its no-face clips are dropped" in text and "ang 470 vs 460" in text

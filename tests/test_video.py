@@ -241,3 +241,28 @@ def test_msp_no_face_clips_become_missing_video(tmp_path):
         assert results[uid].error == "no face detected in any of 3 sampled frames"
     r = results[face.utterance_id.iloc[0]]
     assert r.error is None and r.meta["face_mask"].all() and r.matrix.shape == (3, 342)
+
+
+def test_a_span_past_the_end_of_its_video_is_stored_and_reported(iemocap_fixture, tmp_path, capsys):
+    """A truncated video: the frames that exist are stored, the shortfall is in the meta and
+    in the run's summary."""
+    from cmarr.extract.features import run_features
+    from cmarr.extract.manifest import write_manifest
+    from cmarr.extract.store import FeatureStore
+
+    root, desc, df = iemocap_fixture
+    cap = cv2.VideoCapture(str(root / df.video_path.iloc[0]))
+    duration = cap.get(cv2.CAP_PROP_FRAME_COUNT) / cap.get(cv2.CAP_PROP_FPS)
+    cap.release()
+    rows = df.iloc[:1].copy()
+    rows["video_start"], rows["video_end"] = duration - 0.3, duration + 0.5  # 4 samples at 5/s, 2 past the end
+    torch.set_num_threads(2)
+    run = run_features("iemocap", root, write_manifest(rows, tmp_path / "m.csv"), tmp_path / "f.h5",
+                       modalities=("video",), log_every=0,
+                       video=VideoConfig(allow_random_weights=True, sample_fps=5.0, batch_size=8, device="cpu"))
+    uid = rows.utterance_id.iloc[0]
+    with FeatureStore(run.out) as store:
+        meta = store.meta(uid, "video")
+        assert meta["frames_missing"] == 2 and len(meta["face_mask"]) == 2
+    assert run.short_videos == {uid: 2}
+    assert "1 utterances' spans run past the end of their video" in capsys.readouterr().out
