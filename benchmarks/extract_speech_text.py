@@ -17,7 +17,9 @@ Timed: model input preparation, batching, host-device copies and the forward pas
 which leaves the host-side work (tokenization, batching, copies): the ceiling of text
 utterances/s on the machine's CPU, whatever the GPU; with ``--files`` (needs soundfile) also ``extract`` on wav files,
 which adds reading. Precision: the largest absolute difference of float16 / bfloat16
-autocast features from float32, next to the error the store's own float16 rounding makes.
+autocast features from float32, next to the error the store's own float16 rounding makes,
+and the share of the values the store would hold that change (for reference, the same
+share between masked batches and batch-of-one in float32 is printed first).
 """
 from __future__ import annotations
 
@@ -116,24 +118,38 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def precision_rows(make, inputs, embed, device: str) -> list[tuple[str, float, float, float]]:
-    """(dtype, max |x_dtype - x_fp32|, that / max |x_fp32|, max |fp16(x_fp32) - x_fp32|)."""
-    ref = [np.asarray(r) for r in embed(make("float32"), inputs)]
+def stored_changed(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
+    """Share of the values the store would hold (float16) that differ between two runs. A
+    compute error well inside the store's precision changes only the few values that sit
+    near a rounding boundary; an error at or beyond it changes most of them."""
+    changed = sum(int((np.asarray(r, np.float32).astype(np.float16) != np.asarray(g, np.float32).astype(np.float16)).sum())
+                  for r, g in zip(ref, got))
+    return changed / max(sum(np.asarray(r).size for r in ref), 1)
+
+
+def precision_rows(make, inputs, embed, dtypes) -> list[tuple]:
+    """Per dtype: (dtype, max |x_dtype - x_fp32|, that / max |x_fp32|, max |fp16(x_fp32) -
+    x_fp32|, share of stored values changed)."""
+    ref = [np.asarray(r, np.float32) for r in embed(make("float32"), inputs)]
     scale = max(float(np.abs(r).max()) for r in ref)
     store_err = max(float(np.abs(r.astype(np.float16).astype(np.float32) - r).max()) for r in ref)
     rows = []
-    dtypes = ("float16", "bfloat16") if device.startswith("cuda") else ("bfloat16",)
     for dt in dtypes:
-        got = embed(make(dt), inputs)
-        diff = max(float(np.abs(np.asarray(g) - r).max()) for g, r in zip(got, ref))
-        rows.append((dt, diff, diff / scale, store_err))
+        got = [np.asarray(g, np.float32) for g in embed(make(dt), inputs)]
+        diff = max(float(np.abs(g - r).max()) for g, r in zip(got, ref))
+        rows.append((dt, diff, diff / scale, store_err, stored_changed(ref, got)))
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto", help="compute dtype of the timed runs")
+    ap.add_argument("--dtype", default=None,
+                    help="compute dtypes of the timed runs, comma-separated (default: float32,float16 on CUDA, "
+                         "float32 on the CPU)")
+    ap.add_argument("--half", default=None,
+                    help="autocast dtypes compared with float32 for precision (default: float16,bfloat16 on CUDA, "
+                         "float16 on the CPU)")
     ap.add_argument("--n-speech", type=int, default=None, help="utterances (default 16 on CPU, 1500 on GPU)")
     ap.add_argument("--n-text", type=int, default=None, help="utterances (default 256 on CPU, 20000 on GPU)")
     ap.add_argument("--speech-model", default="facebook/wav2vec2-base")
@@ -160,14 +176,15 @@ def main() -> None:
 
     device = resolve_device(args.device)
     gpu = device.startswith("cuda")
-    dtype = resolve_dtype(args.dtype, device)
+    dtypes = [resolve_dtype(d.strip(), device) for d in (args.dtype or ("float32,float16" if gpu else "float32")).split(",")]
+    half = [d.strip() for d in (args.half or ("float16,bfloat16" if gpu else "float16")).split(",")]
     n_speech = args.n_speech or (1500 if gpu else 16)
     n_text = args.n_text or (20000 if gpu else 256)
     n_prec = args.n_precision or (64 if gpu else 4)
     check_precision = gpu if args.precision is None else args.precision
     rng = np.random.default_rng(0)
     what = torch.cuda.get_device_name(0) if gpu else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {device} ({what}); torch {torch.__version__}; compute dtype {dtype}")
+    print(f"device: {device} ({what}); torch {torch.__version__}; compute dtypes {', '.join(dtypes)}")
     tmp = Path(tempfile.mkdtemp(prefix="cmarr-bench-"))
     rows = []
     try:
@@ -179,10 +196,10 @@ def main() -> None:
         audio_s = float(durations.sum())
         print(f"speech: {n_speech} utterances, {audio_s:.0f} s of audio (mean {durations.mean():.2f} s, "
               f"max {durations.max():.1f} s)")
-        runs = [(bs, True) for bs in args.batch_seconds]
+        runs = [(bs, True, dtype) for dtype in dtypes for bs in args.batch_seconds]
         if args.no_cudnn_too and gpu:
-            runs.append((args.batch_seconds[0], False))
-        for bs, cudnn in runs:
+            runs.append((args.batch_seconds[0], False, dtypes[0]))
+        for bs, cudnn, dtype in runs:
             ex = SpeechExtractor(SpeechConfig(model=sm, device=device, dtype=dtype, max_batch_seconds=bs))
             with torch.backends.cudnn.flags(enabled=cudnn):
                 ex.embed(waves[: min(8, len(waves))])  # warm-up (kernels, allocator)
@@ -192,7 +209,7 @@ def main() -> None:
                 sync(device)
                 dt = time.perf_counter() - t
             assert all(f.shape[0] == (len(w) - 400) // 320 + 1 for f, w in zip(feats, waves))
-            rows.append(("speech", f"embed, batching masked, {ex.max_batch_seconds:g} s/batch"
+            rows.append(("speech", f"{dtype}: embed, batching masked, {ex.max_batch_seconds:g} s/batch"
                          + ("" if cudnn else ", cuDNN off"), n_speech / dt, audio_s / dt))
             del ex, feats
         if args.files:
@@ -206,13 +223,13 @@ def main() -> None:
             table = pd.DataFrame({"utterance_id": [f"u{i:05d}" for i in range(n_speech)],
                                   "wav_path": [f"u{i:05d}.wav" for i in range(n_speech)],
                                   "start": 0.0, "end": durations})
-            ex = SpeechExtractor(SpeechConfig(model=sm, device=device, dtype=dtype))
+            ex = SpeechExtractor(SpeechConfig(model=sm, device=device, dtype=dtypes[0]))
             t = time.perf_counter()
             got = list(ex.extract(table, wavdir))
             sync(device)
             dt = time.perf_counter() - t
             assert all(r.error is None for r in got)
-            rows.append(("speech", "extract from wav files", n_speech / dt, audio_s / dt))
+            rows.append(("speech", f"{dtypes[0]}: extract from wav files", n_speech / dt, audio_s / dt))
             del ex
         prec = []
         if check_precision:
@@ -221,27 +238,29 @@ def main() -> None:
                 alone = SpeechExtractor(SpeechConfig(model=sm, device=device, dtype=d, batching="none")).embed(waves[:n_prec])
                 together = SpeechExtractor(SpeechConfig(model=sm, device=device, dtype=d, max_padding=1.0)).embed(waves[:n_prec])
                 diff = max(float(np.abs(a - b).max()) for a, b in zip(alone, together))
-                print(f"speech, {d}: masked batches vs batch-of-one, max abs diff {diff:.3g}")
+                print(f"speech, {d}: masked batches vs batch-of-one, max abs diff {diff:.3g}, "
+                      f"stored values changed {100 * stored_changed(alone, together):.2f} %")
             prec += [("speech",) + r for r in precision_rows(
                 lambda d: SpeechExtractor(SpeechConfig(model=sm, device=device, dtype=d, verify_batching=False)),
-                waves[:n_prec], lambda ex, x: ex.embed(x), device)]
+                waves[:n_prec], lambda ex, x: ex.embed(x), half)]
 
         # -- text --------------------------------------------------------------------------
         tm, t_origin = text_model(args.text_model, args.tokenizer, tmp)
         print(f"text model: {args.text_model} -> {t_origin}")
         texts = [apply_marker_rule(t) for t in synth_transcripts(n_text, rng)]
         tdur = iemocap_like_durations(n_text, rng)
-        ex = TextExtractor(TextConfig(model=tm, device=device, dtype=dtype))
-        ex.embed(texts[:64])
-        sync(device)
-        t = time.perf_counter()
-        out = ex.embed(texts)
-        sync(device)
-        dt = time.perf_counter() - t
-        n_tokens = sum(m.shape[0] for m, _ in out)
-        print(f"text: {n_text} transcripts, {n_tokens} tokens (mean {n_tokens / n_text:.1f})")
-        rows.append(("text", "embed, padded batches", n_text / dt, float(tdur.sum()) / dt))
-        del ex, out
+        for dtype in dtypes:
+            ex = TextExtractor(TextConfig(model=tm, device=device, dtype=dtype))
+            ex.embed(texts[:64])
+            sync(device)
+            t = time.perf_counter()
+            out = ex.embed(texts)
+            sync(device)
+            dt = time.perf_counter() - t
+            n_tokens = sum(m.shape[0] for m, _ in out)
+            print(f"text: {n_text} transcripts, {n_tokens} tokens (mean {n_tokens / n_text:.1f})")
+            rows.append(("text", f"{dtype}: embed, padded batches", n_text / dt, float(tdur.sum()) / dt))
+            del ex, out
         # the same texts through a 1-layer, 32-wide BERT: what is left is the host-side work
         # (tokenization, batching, copies), the ceiling of utterances/s on this host
         tiny = tmp / "bert-tiny"
@@ -250,35 +269,35 @@ def main() -> None:
         BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                              intermediate_size=64)).save_pretrained(tiny)
         AutoTokenizer.from_pretrained(tm).save_pretrained(tiny)  # the same tokenizer (local folder or hub cache)
-        ex = TextExtractor(TextConfig(model=str(tiny), device=device, dtype=dtype))
+        ex = TextExtractor(TextConfig(model=str(tiny), device=device, dtype=dtypes[0]))
         ex.embed(texts[:64])
         sync(device)
         t = time.perf_counter()
         ex.embed(texts)
         sync(device)
         dt = time.perf_counter() - t
-        rows.append(("text", "host side only (1-layer, 32-wide BERT)", n_text / dt, float(tdur.sum()) / dt))
+        rows.append(("text", f"{dtypes[0]}: host side only (1-layer, 32-wide BERT)", n_text / dt, float(tdur.sum()) / dt))
         del ex
         if check_precision:
             prec += [("text",) + r for r in precision_rows(
                 lambda d: TextExtractor(TextConfig(model=tm, device=device, dtype=d)),
-                texts[: max(n_prec * 8, 64)], lambda ex, x: [m for m, _ in ex.embed(x)], device)]
+                texts[: max(n_prec * 8, 64)], lambda ex, x: [m for m, _ in ex.embed(x)], half)]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print()
-    print(f"| modality | what | utterances/s | audio s/s |   ({device}, {dtype})")
+    print(f"| modality | what | utterances/s | audio s/s |   ({device})")
     print("| --- | --- | ---: | ---: |")
     for m, w, ups, aps in rows:
         print(f"| {m} | {w} | {ups:,.1f} | {aps:,.1f} |")
     if not prec:
         return
     print()
-    print("| modality | autocast dtype | max abs diff vs float32 | relative to max abs value "
-          "| store's float16 rounding (max abs) |")
-    print("| --- | --- | ---: | ---: | ---: |")
-    for m, d, diff, rel, store in prec:
-        print(f"| {m} | {d} | {diff:.4g} | {rel:.3g} | {store:.4g} |")
+    print("| modality | compared with float32 | max abs diff | relative to max abs value "
+          "| store's float16 rounding (max abs) | stored values changed |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for m, d, diff, rel, store, share in prec:
+        print(f"| {m} | {d} | {diff:.4g} | {rel:.3g} | {store:.4g} | {100 * share:.2f} % |")
 
 
 if __name__ == "__main__":

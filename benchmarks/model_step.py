@@ -1,6 +1,7 @@
 """Where a CM-ARR training step spends its time: arithmetic or per-op overhead.
 
-    python benchmarks/model_step.py [--device cpu|cuda] [--steps 20]
+    python benchmarks/model_step.py [--device cpu|cuda] [--steps 20] [--models default,tiny]
+                                    [--compile [--compile-mode reduce-overhead]]
 
 Times one training step (forward, backward, Adam) at batch 16 on pooled inputs (as the
 trainer's resident path feeds them) for the default model and
@@ -8,6 +9,11 @@ for the same architecture at tiny widths, and counts the aten operators one step
 (torch profiler). When the tiny model is nearly as slow as the default one, the step is
 bound by the number of operators (Python, dispatcher, kernel launches), not by FLOPs:
 that is what CUDA graphs or fewer, larger operators fix.
+
+``--compile`` adds, per model, the same step with the model under ``torch.compile``
+(inductor; value checks off, as the trainer's compiled step), compile time excluded; the
+operator count is then what still runs through the dispatcher (the compiled region's
+generated kernels are not aten operators).
 """
 from __future__ import annotations
 
@@ -22,9 +28,10 @@ from torch.profiler import ProfilerActivity, profile
 from cmarr.model import CMARR, MODALITIES, CMARRConfig
 
 
-def make_step(cfg: CMARRConfig, device: str, batch: int = 16):
+def make_step(cfg: CMARRConfig, device: str, batch: int = 16, compile_mode: str | None = None):
     torch.manual_seed(0)
     model = CMARR(cfg).to(device)
+    net = model if compile_mode is None else torch.compile(model, mode=compile_mode, dynamic=False)
     feats = {m: torch.randn(batch, cfg.seq_len, cfg.dims[m], device=device) for m in MODALITIES}
     masks = {m: torch.ones(batch, cfg.seq_len, dtype=torch.bool, device=device) for m in MODALITIES}
     available = torch.rand(batch, 3, device=device) > 0.5
@@ -34,7 +41,10 @@ def make_step(cfg: CMARRConfig, device: str, batch: int = 16):
     opt = torch.optim.Adam(model.parameters(), 1e-4, fused=True)  # as the trainer
 
     def step():
-        out = model(feats, masks, available, present, labels, pooled=True)  # as the trainer's resident path
+        if compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        out = net(feats, masks, available, present, labels, pooled=True,  # as the trainer's resident path
+                  validate=compile_mode is None)
         out.losses["total"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -64,21 +74,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--models", default="default,tiny", help="which of: default, tiny")
+    ap.add_argument("--compile", action="store_true", help="also time the step under torch.compile (inductor)")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile mode (default, reduce-overhead, ...)")
     args = ap.parse_args()
+    wanted = {m.strip() for m in args.models.split(",")}
     configs = {
         "default (d_model 128, seq_len 32)": CMARRConfig(),
         "tiny (widths 8-16, seq_len 4)": CMARRConfig(dims={"speech": 8, "text": 8, "video": 8}, d_model=16, seq_len=4,
                                                      umc_heads=2, fusion_heads=2, flow_hidden=8, rcan_reduction=4),
     }
     tab = Table(title=f"CM-ARR training step, batch 16, on {args.device} ({torch.get_num_threads()} CPU threads)")
-    for col in ("model", "parameters", "aten ops / step", "ms / step", "steps/s"):
-        tab.add_column(col, justify="left" if col == "model" else "right")
+    for col in ("model", "step", "parameters", "aten ops / step", "ms / step", "steps/s", "compile s"):
+        tab.add_column(col, justify="left" if col in ("model", "step") else "right")
     for name, cfg in configs.items():
-        step = make_step(cfg, args.device)
-        sec = measure(step, args.device, args.steps)
+        if name.split()[0] not in wanted:
+            continue
         n_params = sum(p.numel() for p in CMARR(cfg).parameters())
-        tab.add_row(name, f"{n_params:,}", f"{count_ops(step):,}", f"{sec * 1e3:.1f}", f"{1 / sec:.1f}")
-    Console().print(tab)
+        for mode in ([None] + ([args.compile_mode] if args.compile else [])):
+            step = make_step(cfg, args.device, compile_mode=mode)
+            t0 = time.perf_counter()
+            if mode is not None:
+                step()  # compiles
+            compile_s = time.perf_counter() - t0
+            sec = measure(step, args.device, args.steps)
+            tab.add_row(name, "eager" if mode is None else f"compiled ({mode})", f"{n_params:,}",
+                        f"{count_ops(step):,}", f"{sec * 1e3:.1f}", f"{1 / sec:.1f}",
+                        "" if mode is None else f"{compile_s:.0f}")
+    Console(width=200).print(tab)
 
 
 if __name__ == "__main__":

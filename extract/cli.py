@@ -63,8 +63,9 @@ def features_command(
                                    help="Comma-separated modalities to extract."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present; cuda:LOCAL_RANK under "
                                "torchrun), cpu, cuda, cuda:1, ..."),
-    dtype: str = typer.Option("auto", "--dtype", help="Compute precision of the speech and text models: "
-                              "auto (float32 on CPU, float16 autocast on CUDA), float32, float16, bfloat16."),
+    dtype: str = typer.Option("float32", "--dtype", help="Compute precision of the speech and text models: "
+                              "float32 (default), or float16 / bfloat16 autocast: faster on a GPU, with "
+                              "errors beyond the store's float16 precision."),
     shard: Optional[str] = typer.Option(None, "--shard", help="k/N: extract the k-th of N shards (from 0). "
                                         "Default: RANK/WORLD_SIZE under torchrun, else everything."),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="Accept utterances whose media "

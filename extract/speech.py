@@ -32,13 +32,17 @@ The policy is written into the store's provenance.
 is the output of transformer block ``k`` (``-k`` counts from the end, ``-1`` being the last);
 blocks after ``k`` are not run.
 
-**Precision.** ``dtype="auto"`` runs float32 on the CPU and float16 autocast on CUDA
-(weights stay float32; GroupNorm, LayerNorm and softmax run in float32). Measured on an
-H100 with wav2vec2-base / bert-base architectures (random weights, 64 utterances), float16
-autocast differs from float32 by at most 0.0075 (speech) and 0.0034 (text), 1.4e-3 and
-6.8e-4 of the largest feature value, against 0.00195 for the store's own float16 rounding;
-bfloat16 differs ten times more and is never the default. ``dtype="float32"`` gives float32
-results (TF32 off). ``benchmarks/extract_speech_text.py`` prints these numbers for any model.
+**Precision.** ``dtype="float32"`` (default, every device) computes in float32 with TF32
+off, also in cuDNN's convolutions, so the store's float16 rounding is the only loss.
+``"float16"`` / ``"bfloat16"`` run the model under autocast (weights stay float32; GroupNorm,
+LayerNorm and softmax in float32): faster on a GPU, but their error is beyond the store's
+precision, so they are opt-in and recorded as ``compute_dtype`` in provenance. Measured with
+wav2vec2-base / bert-base architectures (random weights): on an H100, float16 autocast
+differed from float32 by up to 0.0075 (speech) and 0.0034 (text), against 0.00195 for the
+store's own float16 rounding, and bfloat16 by ten times more; on a CPU, float16 autocast
+changed 89 % (speech) and 72 % (text) of the float16 values the store would hold, against
+0.99 % for float32 masked batches against batch-of-one (speech).
+``benchmarks/extract_speech_text.py --precision`` prints these numbers for any model.
 
 Legend: ``B`` utterances in a batch, ``N`` samples, ``T`` frames, ``D`` hidden width.
 """
@@ -61,7 +65,7 @@ from cmarr.extract.audio import RESAMPLER, AudioError, read_audio
 from cmarr.extract.base import Extractor, ExtractError, Result
 
 BATCHING_POLICIES = ("masked", "equal-length", "none")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16")
 
 _BATCHING_RULES = {
     "masked": ("utterances sorted by duration and zero-padded into batches; the first conv layer's "
@@ -92,12 +96,10 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
-    """``"auto"``: float32 on the CPU, float16 autocast on CUDA (see the module docstrings
-    for why the difference stays near the store's float16 precision)."""
+    """``dtype`` checked (see the module docstring on precision; ``device`` is kept for
+    callers that resolve both together)."""
     if dtype not in DTYPES:
         raise ExtractError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    if dtype == "auto":
-        return "float16" if device.startswith("cuda") else "float32"
     return dtype
 
 
@@ -167,8 +169,8 @@ class SpeechConfig:
 
     ``model``: hub id or local folder (``Wav2Vec2Model.from_pretrained``), ``revision``:
     hub branch/tag/commit. ``layer``: -1 = ``last_hidden_state``, ``k`` = block ``k``.
-    ``device``: ``auto`` / ``cpu`` / ``cuda[:i]``; ``dtype``: ``auto`` (float32 on CPU,
-    float16 autocast on CUDA) / ``float32`` / ``float16`` / ``bfloat16``. ``batching``:
+    ``device``: ``auto`` / ``cpu`` / ``cuda[:i]``; ``dtype``: ``float32`` (default) /
+    ``float16`` / ``bfloat16`` autocast (see the module docstring). ``batching``:
     see the module docstring; ``max_batch_seconds`` bounds the padded audio of one batch
     (None: 400 s on CUDA, 60 s on the CPU) and ``max_batch_size`` its utterances. Under
     ``masked``, ``length_buckets`` > 0 pads every batch to a length on a geometric grid with
@@ -184,7 +186,7 @@ class SpeechConfig:
     revision: str | None = None
     layer: int = -1
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: str = "float32"
     batching: str = "masked"
     max_batch_seconds: float | None = None
     max_batch_size: int = 128

@@ -25,8 +25,8 @@ Choices the paper leaves open, with the defaults taken here:
 - **Batching**: transcripts are sorted by length and padded with an attention mask, which
   is exact for BERT (padded keys get zero attention weight; positions are absolute), up
   to floating-point rounding (``tests/test_speech_text.py`` checks it).
-- **Precision**: ``dtype="auto"`` is float32 on the CPU and float16 autocast on CUDA, as
-  for speech (``cmarr.extract.speech``).
+- **Precision**: ``dtype="float32"`` (default) on every device; float16 / bfloat16
+  autocast are opt-in, as for speech (``cmarr.extract.speech``).
 
 Legend: ``B`` windows in a batch, ``L`` tokens per window, ``D`` hidden width.
 """
@@ -78,7 +78,7 @@ class TextConfig:
     revision: str | None = None
     layer: int = -1
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: str = "float32"
     markers: str = "remove"
     special_tokens: bool = True
     max_length: int = 512

@@ -154,6 +154,31 @@ def test_two_shard_processes_merge_to_the_single_process_store(job, tmp_path):
     assert_same_store(merged, job["reference"])
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_make_extract_builds_a_store_that_validates_and_a_rerun_resumes(job, tmp_path):
+    """``make extract DATASET=iemocap IEMOCAP_DIR=...``: manifest, then store, through the
+    Makefile itself, with this interpreter's environment as the Makefile's venv."""
+    venv = Path(sys.executable).parent.parent
+    assert shutil.which("make") and (venv / "bin" / "cm-arr-extract").exists()
+    out = tmp_path / "feats" / "iemocap.h5"
+    cmd = ["make", "-s", "-C", str(REPO), "-o", f"{venv}/.installed", "extract", f"VENV={venv}",
+           "DATASET=iemocap", f"IEMOCAP_DIR={job['root']}", f"OUT={out}", "MODALITIES=speech,text",
+           f"EXTRACT_ARGS=--speech-model {job['w2v']} --text-model {job['bert']} --log-every 0"]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=_subprocess_env(), timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    manifest = tmp_path / "feats" / "iemocap.manifest.csv"
+    assert manifest.is_file() and out.is_file()
+    check = subprocess.run([str(venv / "bin" / "cm-arr-features"), "validate", str(out), "--manifest", str(manifest)],
+                           capture_output=True, text=True, env=_subprocess_env(), timeout=300)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert_same_store(out, job["reference"])
+    again = subprocess.run(cmd, capture_output=True, text=True, env=_subprocess_env(), timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "speech: 8 of 8 utterances already in the store (resumed), 0 to extract" in again.stdout
+
+
 def test_torchrun_environment_selects_the_shard(job, tmp_path):
     run = run_features("iemocap", job["root"], job["manifest"], tmp_path / "f.h5", modalities=("text",),
                        text=TextConfig(model=job["bert"]), env={"RANK": "1", "WORLD_SIZE": "2"})
