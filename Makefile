@@ -43,8 +43,8 @@ train: $(STAMP)
 #      [DENSEFACE=denseface.pt] [MODALITIES=speech,text,video] [EXTRACT_ARGS="--device cuda"]
 # (DATASET=msp-improv with MSP_IMPROV_DIR=...). Running it again resumes.
 DATASET ?= iemocap
-OUT ?= features/$(DATASET).h5
-MANIFEST ?= $(basename $(OUT)).manifest.csv
+STORE = $(or $(OUT),features/$(DATASET).h5)
+MANIFEST ?= $(basename $(STORE)).manifest.csv
 MODALITIES ?= speech,text,video
 DENSEFACE ?=
 EXTRACT_ARGS ?=
@@ -56,7 +56,7 @@ extract: $(STAMP)
 	  *) echo "error: DATASET must be iemocap or msp-improv" >&2; exit 2 ;; \
 	esac; \
 	if [ -z "$$root" ]; then echo "error: set $$var=/path/to/the/corpus" >&2; exit 2; fi; \
-	mkdir -p "$(dir $(OUT))" && \
+	mkdir -p "$(dir $(STORE))" && \
 	$(VENV)/bin/cm-arr-extract manifest $(DATASET) --root "$$root" --out "$(MANIFEST)" && \
-	$(VENV)/bin/cm-arr-extract features $(DATASET) --root "$$root" --manifest "$(MANIFEST)" --out "$(OUT)" \
+	$(VENV)/bin/cm-arr-extract features $(DATASET) --root "$$root" --manifest "$(MANIFEST)" --out "$(STORE)" \
 	  --modalities $(MODALITIES) $(if $(DENSEFACE),--denseface-checkpoint $(DENSEFACE)) $(EXTRACT_ARGS)

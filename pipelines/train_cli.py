@@ -36,7 +36,7 @@ def parse_folds(text: str | None) -> list[int] | None:
 
 @app.command()
 def train(
-    features: Path = typer.Option(..., "--features", help="Feature store (HDF5) made by cm-arr-features."),
+    features: Path = typer.Option(..., "--features", help="Feature store (HDF5) made by cm-arr-extract features (shards joined with cm-arr-features merge)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (see pipelines/configs/)."),
     folds: Optional[str] = typer.Option(None, "--folds", help="Comma-separated folds to run (default: all)."),
     variant: Optional[str] = typer.Option(None, "--variant", help="cm-arr | baseline | no-udcl | no-spcl | no-attention | point"),
