@@ -3,10 +3,12 @@
     python benchmarks/model_step.py [--device cpu|cuda] [--steps 20] [--models default,tiny]
                                     [--compile [--compile-mode reduce-overhead]]
 
-Times one training step (forward, backward, Adam) at batch 16 on pooled inputs (as the
-trainer's resident path feeds them) for the default model and
-for the same architecture at tiny widths, and counts the aten operators one step runs
-(torch profiler). When the tiny model is nearly as slow as the default one, the step is
+Times one training step as the trainer runs it (``FoldRecipe.train_step``: condition
+sampling, forward with bf16 autocast on CUDA, backward, fused Adam) at batch 16 on pooled
+inputs (as the trainer's resident path feeds them) for the default model and for the same
+architecture at tiny widths, and counts the aten operators one step runs (torch profiler):
+all of them including those nested inside others, the outermost calls, and the outermost
+calls that are not views (each of these launches at least one kernel on a GPU). When the tiny model is nearly as slow as the default one, the step is
 bound by the number of operators (Python, dispatcher, kernel launches), not by FLOPs:
 that is what CUDA graphs or fewer, larger operators fix.
 
@@ -26,6 +28,16 @@ from rich.table import Table
 from torch.profiler import ProfilerActivity, profile
 
 from cmarr.model import CMARR, MODALITIES, CMARRConfig
+from cmarr.pipelines.data import sample_conditions
+
+#: aten operators that return a view (no kernel on a GPU)
+VIEWS = {"aten::" + n for n in (
+    "view", "reshape", "_unsafe_view", "_reshape_alias", "as_strided", "transpose", "permute", "unsqueeze",
+    "squeeze", "expand", "expand_as", "slice", "select", "t", "detach", "alias", "split", "split_with_sizes",
+    "unbind", "narrow", "diagonal", "unflatten", "flatten", "chunk", "view_as", "movedim", "lift_fresh",
+    "numpy_T", "resolve_conj", "resolve_neg")}
+#: aten operators that are free when nothing needs converting (then they call nothing)
+MAYBE_NOOP = {"aten::to", "aten::contiguous", "aten::type_as"}
 
 
 def make_step(cfg: CMARRConfig, device: str, batch: int = 16, compile_mode: str | None = None):
@@ -34,17 +46,20 @@ def make_step(cfg: CMARRConfig, device: str, batch: int = 16, compile_mode: str 
     net = model if compile_mode is None else torch.compile(model, mode=compile_mode, dynamic=False)
     feats = {m: torch.randn(batch, cfg.seq_len, cfg.dims[m], device=device) for m in MODALITIES}
     masks = {m: torch.ones(batch, cfg.seq_len, dtype=torch.bool, device=device) for m in MODALITIES}
-    available = torch.rand(batch, 3, device=device) > 0.5
-    available[:, 0] |= ~available.any(1)
     present = torch.ones(batch, 3, dtype=torch.bool, device=device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0)
+    amp = torch.device(device).type == "cuda"  # the trainer's optim.amp="auto"
     labels = torch.randint(0, cfg.num_classes, (batch,), device=device)
     opt = torch.optim.Adam(model.parameters(), 1e-4, fused=True)  # as the trainer
 
     def step():
+        available = sample_conditions(present, "missing", gen)  # (B, 3), as the trainer
         if compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
-        out = net(feats, masks, available, present, labels, pooled=True,  # as the trainer's resident path
-                  validate=compile_mode is None)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
+            out = net(feats, masks, available, present, labels, pooled=True,  # as the trainer's resident path
+                      validate=compile_mode is None)
         out.losses["total"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -64,10 +79,24 @@ def measure(step, device: str, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def count_ops(step) -> int:
+def count_ops(step) -> tuple[int, int, int]:
+    """(aten operators including nested ones, outermost aten calls, outermost calls that are
+    not views) of one step."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
-    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+
+    def outermost(e) -> bool:
+        p = e.cpu_parent
+        while p is not None:
+            if p.name.startswith("aten::"):
+                return False
+            p = p.cpu_parent
+        return True
+
+    top = [e for e in events if outermost(e)]
+    kernels = [e for e in top if e.name not in VIEWS and (e.name not in MAYBE_NOOP or e.cpu_children)]
+    return len(events), len(top), len(kernels)
 
 
 def main() -> None:
@@ -85,7 +114,8 @@ def main() -> None:
                                                      umc_heads=2, fusion_heads=2, flow_hidden=8, rcan_reduction=4),
     }
     tab = Table(title=f"CM-ARR training step, batch 16, on {args.device} ({torch.get_num_threads()} CPU threads)")
-    for col in ("model", "step", "parameters", "aten ops / step", "ms / step", "steps/s", "compile s"):
+    for col in ("model", "step", "parameters", "aten ops / step (nested)", "outermost", "outermost, not views",
+                "ms / step", "steps/s", "compile s"):
         tab.add_column(col, justify="left" if col in ("model", "step") else "right")
     for name, cfg in configs.items():
         if name.split()[0] not in wanted:
@@ -98,8 +128,9 @@ def main() -> None:
                 step()  # compiles
             compile_s = time.perf_counter() - t0
             sec = measure(step, args.device, args.steps)
+            n_all, n_top, n_kernels = count_ops(step)
             tab.add_row(name, "eager" if mode is None else f"compiled ({mode})", f"{n_params:,}",
-                        f"{count_ops(step):,}", f"{sec * 1e3:.1f}", f"{1 / sec:.1f}",
+                        f"{n_all:,}", f"{n_top:,}", f"{n_kernels:,}", f"{sec * 1e3:.1f}", f"{1 / sec:.1f}",
                         "" if mode is None else f"{compile_s:.0f}")
     Console(width=200).print(tab)
 

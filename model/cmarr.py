@@ -55,7 +55,8 @@ class CMARROutput:
     losses: "udcl", "spcl", "rec", "nll", "cls", "total" scalars when labels were given, else {}.
         A term whose weight is 0 in the config (e.g. "udcl" for ``no-udcl``, all but "cls"
         for the baseline) is not computed and is reported as an exact 0.
-    reps: detached tensors for the t-SNE of Fig. 5: ``reps["real"][m]`` (B, d) pooled ``X_m``
+    reps: only when ``forward(..., reps=True)``, else {}: detached tensors for the t-SNE of
+        Fig. 5: ``reps["real"][m]`` (B, d) pooled ``X_m``
         (NaN on rows where ``m`` is not present), ``reps["recon"][m]`` (B, d) pooled ``X^_m``
         (NaN on rows where ``m`` was available; for the baseline, the projection of the
         zero-filled input), ``reps["recon_mask"]`` (B, 3) bool = which were reconstructed
@@ -148,7 +149,7 @@ class CMARR(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, feats: dict[str, Tensor], masks: dict[str, Tensor], available: Tensor,
                 present: Tensor | None = None, labels: Tensor | None = None, validate: bool = True,
-                pooled: bool = False) -> CMARROutput:
+                pooled: bool = False, reps: bool = False) -> CMARROutput:
         """Run the model on one batch.
 
         Args:
@@ -165,6 +166,8 @@ class CMARR(nn.Module):
             pooled: the inputs are already pooled to ``seq_len`` steps (``pool_to_steps``), so
                 every row's mask is all True or all False: pooling, which would be the
                 identity, is skipped (checked when ``validate``).
+            reps: also return the representations of Fig. 5 (``CMARROutput.reps``); off in
+                training, where they would be wasted work.
         """
         cfg = self.cfg
         present = self._check_inputs(feats, masks, available, present)
@@ -241,8 +244,7 @@ class CMARR(nn.Module):
         fused = self.fusion(Y, Y_mask, available)  # (B, d)
         logits = self.classifier(fused)  # (B, num_classes)
 
-        reps = self._reps(X, x_hat, M, available, present)
-        out = CMARROutput(logits=logits, reps=reps)
+        out = CMARROutput(logits=logits, reps=self._reps(X, x_hat, M, available, present) if reps else {})
         if labels is not None:
             out.losses = self._losses(labels, logits, mu, logsigma, X, x_hat, Y, Y_mask, M, z_nll, logdet_nll,
                                       available, present)
@@ -251,7 +253,7 @@ class CMARR(nn.Module):
     # ------------------------------------------------------------------ pieces
     def _reps(self, X, x_hat, M, available, present) -> dict:
         with torch.no_grad():
-            nan = torch.tensor(float("nan"), device=available.device)
+            nan = torch.full((), float("nan"), dtype=X.dtype, device=X.device)  # a fill, not a host copy
             pooled = group_masked_mean(X, M)  # (3, B, d)
             pooled_hat = x_hat.mean(dim=2)  # (3, B, d), every step of X^_m is valid
             real = torch.where(present.T.unsqueeze(-1), pooled, nan)

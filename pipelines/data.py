@@ -26,6 +26,7 @@ place that makes that choice.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -170,6 +171,13 @@ def resolve_train_conditions(setting: str, train_missing: bool) -> str:
     return setting
 
 
+@functools.lru_cache(maxsize=None)
+def _condition_masks(device: torch.device) -> torch.Tensor:
+    """``CONDITION_MASKS`` on ``device``, copied once: a host-to-device copy per training step
+    would make the host wait for the GPU every step."""
+    return torch.as_tensor(CONDITION_MASKS, device=device)
+
+
 def sample_conditions(present: torch.Tensor, mode: str = "missing", generator: torch.Generator | None = None) -> torch.Tensor:
     """Choose the available modalities of each training sample. The one place this is decided.
 
@@ -194,7 +202,7 @@ def sample_conditions(present: torch.Tensor, mode: str = "missing", generator: t
         return present.clone()
     if mode not in ("missing", "missing+full"):
         raise ValueError(f"sample_conditions: unknown mode {mode!r}")
-    conds = torch.as_tensor(CONDITION_MASKS, device=present.device)  # (7, 3)
+    conds = _condition_masks(present.device)  # (7, 3)
     # a condition is allowed when all its modalities are present: (B, 7)
     allowed = (~conds.unsqueeze(0) | present.unsqueeze(1)).all(dim=-1)
     if mode == "missing":
@@ -209,7 +217,7 @@ def sample_conditions(present: torch.Tensor, mode: str = "missing", generator: t
 
 def condition_available(present: torch.Tensor, condition: str) -> torch.Tensor:
     """(B, 3) inputs available under a test condition: the condition's modalities that exist."""
-    mask = torch.as_tensor(CONDITION_MASKS[CONDITION_NAMES.index(condition)], device=present.device)
+    mask = _condition_masks(present.device)[CONDITION_NAMES.index(condition)]
     return present & mask.unsqueeze(0)
 
 

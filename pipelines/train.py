@@ -642,7 +642,7 @@ def collect_reps(checkpoint: str | Path, store: str | Path | StoreData, fold: in
             n_no_input += int((~ok).sum())
             feats = {m: b.feats[m][ok] for m in MODALITIES}
             masks = {m: b.masks[m][ok] for m in MODALITIES}
-            res = model(feats, masks, avail[ok], present=b.present[ok]).reps
+            res = model(feats, masks, avail[ok], present=b.present[ok], reps=True).reps
             out["labels"].append(b.labels[ok].cpu().numpy())
             out["utterance_ids"].append(np.array([data.ids[i] for i in b.index[ok].cpu().numpy()]))
             out["recon_mask"].append(res["recon_mask"].cpu().numpy())

@@ -215,8 +215,9 @@ def test_reconstruction_targets_and_reps() -> None:
     assert model(feats, masks, available, labels=labels).losses["rec"].item() == 0.0
     present = torch.ones(4, 3, dtype=torch.bool)
     present[1, 0] = False  # sample 1 has no speech at all: neither input nor target
-    out = model(nan_fill(feats, present), masks, available, present=present, labels=labels)
+    out = model(nan_fill(feats, present), masks, available, present=present, labels=labels, reps=True)
     assert out.losses["rec"].item() > 0
+    assert model(feats, masks, available, present=present).reps == {}  # only on request
     reps = out.reps
     assert torch.equal(reps["recon_mask"], ~available) and torch.equal(reps["present_mask"], present)
     for m in MODALITIES:
