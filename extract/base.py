@@ -67,3 +67,25 @@ class ExtractError(Exception):
     """A setup problem that stops an extraction before it starts (missing checkpoint, model
     path that does not load, ...). ``str(e)`` names the file or option and the problem.
     Per-utterance problems are not raised: they become ``Result.error``."""
+
+
+def durable_replace(tmp: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Move the finished file ``tmp`` to ``dst`` so that after a crash or power loss ``dst``
+    is either the old file or the complete new one: the data reach the disk (fsync) before
+    the rename, and the rename itself is flushed with the folder."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, dst)
+    try:
+        dfd = os.open(os.path.dirname(os.path.abspath(dst)), os.O_RDONLY)
+    except OSError:  # a folder that cannot be opened (some platforms): the file itself is safe
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)

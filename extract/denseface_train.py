@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cmarr.extract.base import ExtractError
+from cmarr.extract.base import ExtractError, durable_replace
 from cmarr.extract.faces import normalise
 from cmarr.model.denseface import FERPLUS_CLASSES, DenseFace, DenseFaceConfig
 
@@ -374,7 +374,7 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], recor
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save({"record": record, "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}}, tmp)
-    os.replace(tmp, path)
+    durable_replace(tmp, path)
     return file_sha256(path)
 
 

@@ -47,7 +47,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from .base import PathError
+from .base import PathError, durable_replace
 
 FORMAT = "cm-arr-features"
 SCHEMA_VERSION = 1
@@ -520,7 +520,7 @@ def _assemble(out: Path, utterances: pd.DataFrame, provenance: Mapping[str, dict
                 err = err[keep].drop_duplicates(subset=["utterance_id", "modality"], keep="last")
             _write_table(f.create_group("errors"), err.reset_index(drop=True).astype(str))
             f.attrs["complete"] = True
-        os.replace(tmp, out)
+        durable_replace(tmp, out)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -686,7 +686,7 @@ class StoreWriter:
                 _write_meta(g.create_dataset(utt, data=arr), meta)
             if errors:
                 _write_table(f.create_group("errors"), pd.DataFrame(errors, columns=list(ERROR_COLUMNS)))
-        os.replace(tmp, final)
+        durable_replace(tmp, final)
         self._buffer.clear()
 
     def finalize(self) -> Path:

@@ -44,7 +44,7 @@ class SyntheticSpec:
     offset [1.0 each]: scale of a fixed random mean vector per modality added to every frame.
       Real features (wav2vec2, BERT, Denseface) are not zero-centred, so an input filled
       with zeros is far from the data, as it is for the baseline on real corpora.
-    lengths: (mean, min, max) frames per modality (speech 40/8/120, text 12/3/40,
+    lengths: (median, min, max) frames per modality (speech 40/8/120, text 12/3/40,
       video 16/4/48); drawn log-normally, clipped.
     p_absent: share of utterances without the modality (speech 0, text 0.03, video 0.06).
     p_no_face_frame [0.1]: share of sampled video frames without a face (masked out).

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 import yaml
 
+from cmarr.extract.base import durable_replace
+
 from .config import ConfigError, TrainConfig, load_config, with_overrides
 from .data import (CONDITION_NAMES, LABELS, MODALITIES, Batch, ResidentData, StoreData,
                    condition_available, eager_loader, fill_value, hide_unavailable,
@@ -111,7 +113,7 @@ def _seed(*parts: int) -> int:
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)
-    os.replace(tmp, path)
+    durable_replace(tmp, path)
 
 
 def model_config_for(cfg: TrainConfig, dims: Mapping[str, int]):
