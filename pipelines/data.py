@@ -318,6 +318,10 @@ class ResidentData:
 
     ``x[m]`` (N, S, D_m) float32 (absent rows hold ``fill``), ``mask[m]`` (N, S) bool,
     ``present`` (N, 3), ``labels`` (N,), ``index`` (N,) rows of the utterance table.
+
+    Checked once when built (one host sync): every present row's mask is all True and every
+    absent row's all False, which is what the model's per-step value checks verify; so the
+    trainer's steps on these batches skip them.
     """
 
     def __init__(self, data: StoreData, indices: Sequence[int], steps: int, device: torch.device,
@@ -346,6 +350,12 @@ class ResidentData:
         for j, m in enumerate(MODALITIES):
             absent = ~self.present[:, j]
             self.x[m][absent] = fill
+        ok = torch.stack([torch.where(self.present[:, j], self.mask[m].all(dim=1), ~self.mask[m].any(dim=1))
+                          for j, m in enumerate(MODALITIES)])  # (3, N)
+        if not bool(ok.all()):
+            j, i = (int(v) for v in torch.nonzero(~ok)[0])
+            raise DataError(f"{data.path}: utterance {data.ids[int(self.indices[i])]!r}: pooled {MODALITIES[j]} steps "
+                            "are neither all valid nor all absent (a bug in pooling; please report it)")
 
     def __len__(self) -> int:
         return len(self.indices)

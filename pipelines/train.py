@@ -253,9 +253,12 @@ class FoldRecipe:
         if self.compiled is not self.net and self.cfg.optim.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the last step's graph outputs may be reused
         with self._autocast():
-            # value checks are a host sync that would split a compiled graph: eager steps only
+            # value checks are a host sync per step (and would split a compiled graph): only for
+            # eager batches; resident batches were checked once when built, and conditions
+            # come from sample_conditions, a non-empty subset of what is present
             out = self.compiled(b.feats, b.masks, available, present=b.present, labels=b.labels,
-                                validate=self.compiled is self.net, pooled=self.pipeline == "resident")
+                                validate=self.compiled is self.net and self.pipeline != "resident",
+                                pooled=self.pipeline == "resident")
         loss = out.losses["total"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -150,6 +150,37 @@ def test_compiled_resident_training_step(env):
     assert comp.train_epoch(2)["steps"] > 0
 
 
+@pytest.mark.parametrize("pipeline", ["eager", "resident"])
+def test_resident_batches_are_checked_once_not_every_step(env, pipeline, monkeypatch):
+    """The per-step value checks are a host sync: the eager pipeline's steps run them, the
+    resident pipeline's do not (its pooled tensors are checked once, when built)."""
+    root, store, cfg = env
+    from cmarr.pipelines.data import StoreData
+
+    r = FoldRecipe(resolve_config(cfg, folds=[1], device="cpu", overrides={"data.pipeline": pipeline}),
+                   StoreData(store), 1, root / f"checks-{pipeline}", torch.device("cpu")).setup()
+    seen = []
+    forward = r.model.forward
+    monkeypatch.setattr(r.model, "forward", lambda *a, **kw: seen.append(kw["validate"]) or forward(*a, **kw))
+    r.train_step(next(r._train_batches(1)), r.condition_generator(1))
+    assert seen == [pipeline == "eager"]
+
+
+def test_resident_data_refuses_pooled_steps_that_are_partly_valid(env, monkeypatch):
+    root, store, cfg = env
+    from cmarr.pipelines import data as D
+
+    def half_valid(x, mask, steps):
+        pooled, step_mask = pool(x, mask, steps)
+        return pooled, step_mask & (torch.arange(steps) < steps // 2)
+
+    from cmarr.model import pool_to_steps as pool
+    monkeypatch.setattr("cmarr.model.pool_to_steps", half_valid)
+    sd = D.StoreData(store)
+    with pytest.raises(D.DataError, match="neither all valid nor all absent"):
+        D.ResidentData(sd, np.arange(4), 8, torch.device("cpu"), float("nan"))
+
+
 def test_combine_fold_jobs(env):
     root, store, cfg = env
     for k in (1, 2):
