@@ -533,8 +533,10 @@ def run_training(features_path: str | Path, config: TrainConfig | str | Path | N
     """Train and evaluate the requested folds; write RUN_DIR; return the metrics document.
 
     ``jobs > 1`` runs folds as that many concurrent processes (``cm-arr-train --folds k``
-    into the same RUN_DIR) and combines their results. Under torchrun every rank trains
-    the same folds with distributed data parallel; rank 0 writes the files.
+    into the same RUN_DIR) and combines their results; on a machine with several GPUs (and
+    device "auto" or "cuda") each process gets the visible GPU with the fewest running folds.
+    Under torchrun every rank trains the same folds with distributed data parallel; rank 0
+    writes the files.
     """
     log = log or (lambda s: None)
     cfg = resolve_config(config, variant=variant, folds=folds, device=device, seed=seed, epochs=epochs,
@@ -555,7 +557,8 @@ def run_training(features_path: str | Path, config: TrainConfig | str | Path | N
     if dist.main:
         _write_config(run_dir, cfg, mcfg.to_dict(), store)
     if jobs > 1 and len(wanted) > 1 and not dist.enabled:
-        _run_jobs(features_path, run_dir, wanted, jobs, log)
+        spread = dev.type == "cuda" and cfg.device in ("auto", "cuda")  # not pinned to one GPU
+        _run_jobs(features_path, run_dir, wanted, jobs, log, gpus=torch.cuda.device_count() if spread else 0)
     else:
         for k in wanted:
             if (run_dir / f"fold{k}" / "metrics.json").exists():
@@ -573,23 +576,38 @@ def run_training(features_path: str | Path, config: TrainConfig | str | Path | N
     return metrics
 
 
-def _run_jobs(features_path, run_dir: Path, folds: Sequence[int], jobs: int, log) -> None:
-    """Run ``cm-arr-train --folds k`` processes, ``jobs`` at a time, into ``run_dir``."""
+def job_env(base: Mapping[str, str], gpu: int | None) -> dict[str, str]:
+    """The environment of a fold process: with ``gpu`` (an index among the visible GPUs),
+    ``CUDA_VISIBLE_DEVICES`` narrowed to that one GPU (kept in the terms of an existing
+    ``CUDA_VISIBLE_DEVICES`` list)."""
+    env = dict(base)
+    if gpu is not None:
+        visible = [v.strip() for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = visible[gpu] if visible else str(gpu)
+    return env
+
+
+def _run_jobs(features_path, run_dir: Path, folds: Sequence[int], jobs: int, log, gpus: int = 0) -> None:
+    """Run ``cm-arr-train --folds k`` processes, ``jobs`` at a time, into ``run_dir``; with
+    ``gpus > 1``, each on the GPU with the fewest running processes."""
     pending = list(folds)
-    running: list[tuple[int, subprocess.Popen]] = []
+    running: list[tuple[int, subprocess.Popen, int | None]] = []
     failed = []
-    env = dict(os.environ)
     while pending or running:
         while pending and len(running) < jobs:
             k = pending.pop(0)
+            gpu = None
+            if gpus > 1:
+                load = [sum(g == i for _, _, g in running) for i in range(gpus)]
+                gpu = load.index(min(load))
             cmd = [sys.executable, "-m", "cmarr.pipelines.train_cli", "--features", str(features_path),
                    "--config", str(run_dir / "config.yaml"), "--folds", str(k), "--out", str(run_dir), "--quiet"]
-            log(f"fold {k}: started as a separate process")
-            running.append((k, subprocess.Popen(cmd, env=env)))
+            log(f"fold {k}: started as a separate process" + (f" on GPU {gpu}" if gpu is not None else ""))
+            running.append((k, subprocess.Popen(cmd, env=job_env(os.environ, gpu)), gpu))
         time.sleep(0.2)
-        for k, p in list(running):
+        for k, p, g in list(running):
             if p.poll() is not None:
-                running.remove((k, p))
+                running.remove((k, p, g))
                 if p.returncode != 0:
                     failed.append(k)
                 log(f"fold {k}: process ended ({p.returncode})")

@@ -44,7 +44,7 @@ def train(
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Override optim.epochs."),
-    jobs: int = typer.Option(1, "--jobs", help="Run folds as this many concurrent processes."),
+    jobs: int = typer.Option(1, "--jobs", help="Run folds as this many concurrent processes (spread over the visible GPUs)."),
     set_: List[str] = typer.Option([], "--set", help="Override any config key: --set optim.lr=1e-4"),
     quiet: bool = typer.Option(False, "--quiet", help="No per-epoch lines."),
 ) -> None:

@@ -362,3 +362,31 @@ def test_ddp_two_cpu_processes_gloo(env, tmp_path):
     n_single = int((tmp_path / "single" / "fold1" / "log.csv").read_text().splitlines()[1].split(",")[7])
     assert n_ddp == pytest.approx(n_single / 2, abs=1)
     assert (out / "metrics.json").is_file() and single["folds"]["1"].keys() == json.loads((out / "metrics.json").read_text())["folds"]["1"].keys()
+
+
+def test_fold_jobs_are_spread_over_the_visible_gpus(tmp_path, monkeypatch):
+    """cm-arr-train --jobs on a machine with several GPUs: each fold process sees one GPU, the
+    one with the fewest running folds, named in the terms of CUDA_VISIBLE_DEVICES."""
+    from cmarr.pipelines import train as T
+
+    assert T.job_env({"A": "1"}, None) == {"A": "1"}
+    assert T.job_env({}, 1)["CUDA_VISIBLE_DEVICES"] == "1"
+    assert T.job_env({"CUDA_VISIBLE_DEVICES": "4, 6"}, 1)["CUDA_VISIBLE_DEVICES"] == "6"
+    started = []
+
+    class Done:
+        def __init__(self, cmd, env):
+            started.append((cmd[cmd.index("--folds") + 1], env.get("CUDA_VISIBLE_DEVICES")))
+            self.returncode = 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(T.subprocess, "Popen", Done)
+    monkeypatch.setattr(T.time, "sleep", lambda s: None)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    T._run_jobs("f.h5", tmp_path, [1, 2, 3, 4, 5], jobs=3, log=lambda s: None, gpus=2)
+    assert started == [("1", "0"), ("2", "1"), ("3", "0"), ("4", "0"), ("5", "1")]
+    started.clear()
+    T._run_jobs("f.h5", tmp_path, [1, 2], jobs=2, log=lambda s: None, gpus=0)  # one GPU or none: untouched
+    assert started == [("1", None), ("2", None)]
