@@ -293,7 +293,7 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
                   for m, ex in extractors.items()}
 
     writer = StoreWriter(target, rows, provenance, chunk_size=chunk_size, dtype=store_dtype,
-                         extra_attrs={"shard": f"{shard[0]}/{shard[1]}"} if shard else None)
+                         extra_attrs={"shard": f"{shard[0]}/{shard[1]}"} if shard and shard[1] > 1 else None)
     done = writer.done()
     retried = writer.retried()
     duration = dict(zip(rows["utterance_id"], (rows["end"] - rows["start"]).clip(lower=0.0).to_numpy()))
