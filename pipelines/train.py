@@ -303,7 +303,7 @@ class FoldRecipe:
                 yield b.to(self.device, non_blocking=True)
 
     @torch.no_grad()
-    def predict(self, part: str, conditions: Sequence[str] = CONDITION_NAMES) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+    def predict(self, part: str, conditions: Sequence[str] = CONDITION_NAMES) -> dict[str, tuple[np.ndarray, np.ndarray, int, int]]:
         """Predictions on ``part`` ("val" / "test") per condition: (labels, preds, n_no_input,
         n_reduced) (see the module docstring).
 
