@@ -106,7 +106,7 @@ def info(file: Path = typer.Argument(..., help="Feature store (.h5)."),
 @app.command()
 def validate(file: Path = typer.Argument(..., help="Feature store (.h5)."),
              manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest CSV to check coverage against.")) -> None:
-    """Check coverage, shapes, dtypes, NaN/Inf and provenance; exit 1 on any problem."""
+    """Check coverage, shapes, dtypes, NaN/Inf, the frames' checksums and provenance; exit 1 on any problem."""
     man = _read_manifest(manifest) if manifest is not None else None
     try:
         problems, notes = validate_store(file, man)

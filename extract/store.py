@@ -3,13 +3,17 @@
 A store is one HDF5 file laid out as::
 
     /                         attrs: format="cm-arr-features", schema_version, dtype,
-                              cm_arr_version, created, complete
+                              cm_arr_version, created, complete (and shard "k/N" for the
+                              shard of a sharded extraction)
     /utterances/<column>      the utterance table, one 1-D dataset per column
                               (utterance_id, corpus, session, speaker, label, fold, start, end, ...)
     /provenance               attrs: <modality> = JSON (how that modality was made)
     /errors/<column>          per-utterance extraction failures (utterance_id, modality, reason)
     /features/<modality>/data     (N, D) every frame of every utterance, concatenated,
-                                  float16 by default, contiguous and uncompressed
+                                  float16 by default, contiguous and uncompressed; the
+                                  group's attr ``data_sha256`` is the sha256 of its bytes
+                                  (``validate`` recomputes it: a file damaged or altered
+                                  after it was written is found)
     /features/<modality>/ids      (U,) utterance ids that have this modality
     /features/<modality>/offsets  (U,) first row of each utterance in ``data``
     /features/<modality>/lengths  (U,) its number of frames T
@@ -253,12 +257,16 @@ def _write_modality(f: h5py.File, modality: str, dim: int, dtype: str,
     g.create_dataset("offsets", data=offsets)
     g.create_dataset("lengths", data=lengths)
     metas: list[dict[str, Any]] = []
+    digest = hashlib.sha256()
     for (utt, n), off in zip(items, offsets):
         arr, meta = read(utt)
         if arr.shape != (n, dim):
             raise ValueError(f"{utt} ({modality}): shape {arr.shape}, expected {(n, dim)}")
+        arr = np.ascontiguousarray(arr, dtype=data.dtype)
         data[off:off + n] = arr
+        digest.update(arr.tobytes())  # rows in file order
         metas.append(meta)
+    g.attrs["data_sha256"] = digest.hexdigest()
     mg = g.create_group("meta")
     keys = sorted({k for m in metas for k in m})
     for key in keys:
@@ -851,12 +859,16 @@ def validate_store(path: str | os.PathLike, manifest: pd.DataFrame | None = None
                 problems.append(f"{m}: frame index is inconsistent (offset {off}, length {n}, {shape[0]} rows)")
                 break
             end = off + n
+        with h5py.File(str(store.path), "r") as f:
+            recorded = f["features"][m].attrs.get("data_sha256")
+        digest = hashlib.sha256()
         if shape[0]:
             data = store._data(m)
             step = 1 << 16
             bad_rows = []
             for start in range(0, shape[0], step):
-                block = np.asarray(data[start:start + step])
+                block = np.ascontiguousarray(data[start:start + step])
+                digest.update(block.tobytes())
                 rows = np.nonzero(~np.isfinite(block).all(axis=1))[0]
                 bad_rows.extend((rows + start).tolist())
             if bad_rows:
@@ -871,6 +883,11 @@ def validate_store(path: str | os.PathLike, manifest: pd.DataFrame | None = None
                     problems.append(f"{m}/{u}: {k} frames with NaN/Inf values")
                 if len(by_utt) > 20:
                     problems.append(f"{m}: {len(by_utt) - 20} more utterances with NaN/Inf values")
+        if recorded is None:
+            notes.append(f"{m}: no checksum of the frames recorded (a store from an older version)")
+        elif (recorded.decode() if isinstance(recorded, bytes) else str(recorded)) != digest.hexdigest():
+            problems.append(f"{m}: the frames do not match the checksum recorded when the file was written "
+                            "(damaged or altered since)")
         for u in (sorted(index) if m in ("text", "video") else ()):
             meta = store.meta(u, m)
             n = index[u][1]

@@ -368,7 +368,24 @@ def test_validate_finds_nan_inf(tmp_path):
         arr[off_b + 1, 1] = np.nan
         ds[...] = arr
     code, text = cli("validate", p)
-    assert_clean_error(code, text, "speech/b: 2 frames with NaN/Inf values", "1 problem(s)")
+    assert_clean_error(code, text, "speech/b: 2 frames with NaN/Inf values", "do not match the checksum",
+                       "2 problem(s)")
+
+
+def test_validate_finds_frames_changed_after_writing(tmp_path):
+    """One float16 value one step off, finite and plausible: only the checksum can tell."""
+    p = write_store(tmp_path / "f.h5", ["a", "b", "c"])
+    assert validate_store(p) == ([], [])
+    with h5py.File(p, "a") as f:
+        ds = f["features/video/data"]
+        v = ds[2, 1]
+        ds[2, 1] = np.nextafter(v, np.float16(np.inf))
+    code, text = cli("validate", p)
+    assert_clean_error(code, text, "video: the frames do not match the checksum", "1 problem(s)")
+    with h5py.File(p, "a") as f:  # a store written before checksums: a note, not a problem
+        del f["features/video"].attrs["data_sha256"]
+    problems, notes = validate_store(p)
+    assert problems == [] and any("no checksum" in n for n in notes)
 
 
 def test_validate_finds_wrong_width(tmp_path):
