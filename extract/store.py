@@ -326,8 +326,11 @@ class FeatureStore:
                 self._index: dict[str, dict[str, tuple[int, int]]] = {}
                 self._order: dict[str, list[str]] = {}
                 self._layout: dict[str, tuple[int | None, tuple[int, int], str]] = {}
+                self.checksums: dict[str, str | None] = {}  # modality -> sha256 of its frames as written
                 for m in self.modalities:
                     g = f["features"][m]
+                    c = g.attrs.get("data_sha256")
+                    self.checksums[m] = c.decode() if isinstance(c, bytes) else (str(c) if c is not None else None)
                     ids = list(g["ids"].asstr()[()])
                     offs, lens = g["offsets"][()], g["lengths"][()]
                     self._order[m] = ids

@@ -78,6 +78,7 @@ class StoreData:
                                 "join the shards first (cm-arr-features merge)")
             table = store.utterances
             self.provenance = store.provenance
+            self.checksums = dict(store.checksums)  # sha256 of each modality's frames
             self.dims = dict(store.dims)
             have = {m: store.ids(m) for m in store.modalities}
             lacking = [m for m in MODALITIES if m not in store.modalities or not have[m]]
@@ -89,6 +90,7 @@ class StoreData:
         else:
             table = utterances
             self.provenance = dict(provenance or {})
+            self.checksums = {}
             have = {m: set(features[m]) for m in MODALITIES}
             self.dims = {m: int(next(iter(features[m].values())).shape[1]) for m in MODALITIES if features[m]}
             lacking = [m for m in MODALITIES if not features.get(m)]

@@ -129,7 +129,7 @@ def model_config_for(cfg: TrainConfig, dims: Mapping[str, int]):
 def store_fingerprint(data: StoreData) -> dict[str, Any]:
     ids = "\n".join(data.ids).encode()
     return {"path": str(data.path), "n_utterances": len(data), "utterance_ids_sha256": hashlib.sha256(ids).hexdigest(),
-            "dims": dict(data.dims)}
+            "dims": dict(data.dims), "frames_sha256": dict(data.checksums)}
 
 
 def _comparable(cfg_dict: Mapping[str, Any]) -> dict[str, Any]:

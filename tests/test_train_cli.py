@@ -72,6 +72,8 @@ def test_cli_writes_all_outputs(env, variant):
     ck = torch.load(out / "fold1" / "best.pt", map_location="cpu", weights_only=False)
     assert all(f1[c]["n_reduced"] >= 0 for c in ("t", "s", "v", "vt", "sv", "st", "svt"))
     assert ck["provenance"]["speech"]["model"] == "synthetic" and ck["train_config"]["variant"] == variant
+    with FeatureStore(store) as fs:  # the checkpoint names the exact frames it was trained on
+        assert ck["store"]["frames_sha256"] == fs.checksums and all(fs.checksums.values())
     assert set(ck["split"]["test"]).isdisjoint(ck["split"]["val"])
     md = (out / "results.md").read_text()
     assert "| {v, t} |" in md
