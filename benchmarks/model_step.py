@@ -3,17 +3,18 @@
     python benchmarks/model_step.py [--device cpu|cuda] [--steps 20] [--models default,tiny]
                                     [--compile [--compile-mode reduce-overhead]]
 
-Times one training step as the trainer runs it (``FoldRecipe.train_step``: condition
-sampling, forward with bf16 autocast on CUDA, backward, fused Adam) at batch 16 on pooled
-inputs (as the trainer's resident path feeds them) for the default model and for the same
+Times one training step as the trainer's resident path runs it (``FoldRecipe.train_step``:
+condition sampling, forward on pooled inputs without per-step value checks, bf16 autocast
+on CUDA, backward, fused Adam) at batch 16, for the default model and for the same
 architecture at tiny widths, and counts the aten operators one step runs (torch profiler):
 all of them including those nested inside others, the outermost calls, and the outermost
-calls that are not views (each of these launches at least one kernel on a GPU). When the tiny model is nearly as slow as the default one, the step is
-bound by the number of operators (Python, dispatcher, kernel launches), not by FLOPs:
-that is what CUDA graphs or fewer, larger operators fix.
+calls that are not views (each of these launches at least one kernel on a GPU). When the
+tiny model is nearly as slow as the default one, the step is bound by the number of
+operators (Python, dispatcher, kernel launches), not by FLOPs: that is what CUDA graphs or
+fewer, larger operators fix.
 
 ``--compile`` adds, per model, the same step with the model under ``torch.compile``
-(inductor; value checks off, as the trainer's compiled step), compile time excluded; the
+(inductor), compile time excluded; the
 operator count is then what still runs through the dispatcher (the compiled region's
 generated kernels are not aten operators).
 """
@@ -59,7 +60,7 @@ def make_step(cfg: CMARRConfig, device: str, batch: int = 16, compile_mode: str 
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
             out = net(feats, masks, available, present, labels, pooled=True,  # as the trainer's resident path
-                      validate=compile_mode is None)
+                      validate=False)
         out.losses["total"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
