@@ -22,7 +22,7 @@ from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Build corpus manifests and extract speech, text and video features into a store.")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 EXIT_SETUP = 1
 EXIT_MISSING = 3
@@ -100,7 +100,7 @@ def features_command(
                                     "output is not a terminal."),
 ) -> None:
     """Extract features of the manifest's utterances into a feature store (resumable)."""
-    console = Console()
+    console = Console(soft_wrap=True)  # long lines (paths) stay whole: readable logs, greppable output
     try:
         import transformers
 

@@ -251,7 +251,7 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
     problems; per-utterance problems end up in ``FeaturesRun.errors``.
     """
     t_start = time.monotonic()
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     env = os.environ if env is None else env
     if dataset not in DATASETS:
         raise ExtractError(f"dataset {dataset!r}: expected one of {', '.join(DATASETS)}")

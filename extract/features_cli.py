@@ -21,8 +21,8 @@ from cmarr.extract.store import (LABELS, FeatureStore, StoreError, merge_stores,
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Inspect, validate and merge cm-arr HDF5 feature stores.")
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int = 1) -> None:

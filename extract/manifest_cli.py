@@ -50,7 +50,7 @@ def manifest_command(
                                                         "(utterance_id, reason, where, detail) to this CSV.")] = None,
 ) -> None:
     """Build the utterance manifest of a corpus, print its summary and write it as CSV."""
-    console, err = Console(), Console(stderr=True)
+    console, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
     dataset = Corpus(dataset)
 
     def fail(message: str, code: int = 1) -> None:

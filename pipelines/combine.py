@@ -19,7 +19,7 @@ from rich.console import Console
 
 app = typer.Typer(add_completion=False, help="Combine per-fold cm-arr-train RUN_DIRs into one metrics.json / results.md.")
 err = Console(stderr=True, soft_wrap=True)
-out = Console()
+out = Console(soft_wrap=True)
 
 
 class CombineError(Exception):

@@ -19,7 +19,7 @@ from rich.console import Console
 
 app = typer.Typer(add_completion=False, help="Train and evaluate CM-ARR on a feature store.")
 err = Console(stderr=True, soft_wrap=True)
-out = Console()
+out = Console(soft_wrap=True)
 
 
 def parse_folds(text: str | None) -> list[int] | None:

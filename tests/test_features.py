@@ -73,7 +73,8 @@ def _cli_args(job, out: Path, *extra: str) -> list[str]:
 
 
 def _subprocess_env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    # COLUMNS: wide tables, so that a cell holding a temporary path is not folded mid-word
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", COLUMNS="400")
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     return env
@@ -254,7 +255,7 @@ def test_per_utterance_errors_are_recorded_shown_and_fail_the_run(job, tmp_path)
     out = tmp_path / "feats.h5"
     args = [a if a != str(job["manifest"]) else str(manifest)
             for a in _cli_args({**job, "root": root}, out, "--log-every", "0")]
-    runner = CliRunner()
+    runner = CliRunner(env={"COLUMNS": "400"})  # reasons hold temporary paths: no folding mid-word
     res = runner.invoke(app, args)
     assert res.exit_code == 3, res.output
     text = res.output

@@ -349,8 +349,8 @@ def test_ddp_two_cpu_processes_gloo(env, tmp_path):
         " m['summary']['avg']['uar_mean'], flush=True)\n")
     env_vars = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     out = tmp_path / "ddp-run"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           "29533", str(script), str(store), str(cfg), str(out)],
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(store), str(cfg), str(out)],  # --standalone: a free port
                           capture_output=True, text=True, timeout=240, env=env_vars)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = sorted(ln.split() for ln in proc.stdout.splitlines() if ln.startswith("RANK"))
