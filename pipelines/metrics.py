@@ -116,20 +116,15 @@ def results_markdown(metrics: Mapping[str, Any], title: str | None = None) -> st
         e = summary[r]
         lines.append(f"| {ROW_NAMES[r]} | {100 * e['war_mean']:.2f} ± {100 * e['war_std']:.2f} "
                      f"| {100 * e['uar_mean']:.2f} ± {100 * e['uar_std']:.2f} |")
-    skipped = {c: sum(int(metrics["folds"][f].get(c, {}).get("n_no_input", 0)) for f in metrics["folds"])
-               for c in TABLE_ROWS if c != "avg"}
-    skipped = {c: n for c, n in skipped.items() if n}
-    if skipped:
-        lines.append("")
-        lines.append("Utterances without any input in a condition (not scored there): "
-                     + ", ".join(f"{ROW_NAMES[c]} {n}" for c, n in skipped.items()) + ".")
-    reduced = {c: sum(int(metrics["folds"][f].get(c, {}).get("n_reduced", 0)) for f in metrics["folds"])
-               for c in TABLE_ROWS if c != "avg"}
-    reduced = {c: n for c, n in reduced.items() if n}
-    if reduced:
-        lines.append("")
-        lines.append("Utterances scored with fewer modalities than the condition names (the store lacks one): "
-                     + ", ".join(f"{ROW_NAMES[c]} {n}" for c, n in reduced.items()) + ".")
+    for key, what in (("n_no_input", "Utterances without any input in a condition (not scored there)"),
+                      ("n_reduced", "Utterances scored with fewer modalities than the condition names "
+                                    "(the store lacks one)")):
+        counts = {c: sum(int(metrics["folds"][f].get(c, {}).get(key, 0)) for f in metrics["folds"])
+                  for c in TABLE_ROWS if c != "avg"}
+        counts = {c: n for c, n in counts.items() if n}
+        if counts:
+            lines.append("")
+            lines.append(f"{what}: " + ", ".join(f"{ROW_NAMES[c]} {n}" for c, n in counts.items()) + ".")
     return "\n".join(lines) + "\n"
 
 
