@@ -170,13 +170,13 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    from cmarr.extract.speech import SpeechConfig, SpeechExtractor, resolve_device, resolve_dtype
+    from cmarr.extract.speech import SpeechConfig, SpeechExtractor, check_dtype, resolve_device
     from cmarr.extract.text import TextConfig, TextExtractor, apply_marker_rule
     from transformers import AutoTokenizer
 
     device = resolve_device(args.device)
     gpu = device.startswith("cuda")
-    dtypes = [resolve_dtype(d.strip(), device) for d in (args.dtype or ("float32,float16" if gpu else "float32")).split(",")]
+    dtypes = [check_dtype(d.strip()) for d in (args.dtype or ("float32,float16" if gpu else "float32")).split(",")]
     half = [d.strip() for d in (args.half or ("float16,bfloat16" if gpu else "float16")).split(",")]
     n_speech = args.n_speech or (1500 if gpu else 16)
     n_text = args.n_text or (20000 if gpu else 256)

@@ -95,9 +95,8 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str) -> str:
-    """``dtype`` checked (see the module docstring on precision; ``device`` is kept for
-    callers that resolve both together)."""
+def check_dtype(dtype: str) -> str:
+    """``dtype``, checked (see the module docstring on precision)."""
     if dtype not in DTYPES:
         raise ExtractError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     return dtype
@@ -242,7 +241,7 @@ class SpeechExtractor(Extractor):
         self.device = resolve_device(config.device)
         self.max_batch_seconds = (config.max_batch_seconds if config.max_batch_seconds is not None
                                   else 400.0 if self.device.startswith("cuda") else 60.0)
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.dtype = check_dtype(config.dtype)
         try:
             self.feature_extractor = AutoFeatureExtractor.from_pretrained(config.model, revision=config.revision)
         except Exception as e:  # OSError, ValueError, EnvironmentError from the hub client

@@ -43,7 +43,7 @@ import torch
 
 from cmarr.extract.base import Extractor, ExtractError, Result
 from cmarr.extract.speech import (BlockOutput, autocast, model_identity, resolve_device,
-                                  resolve_dtype, resolve_layer)
+                                  check_dtype, resolve_layer)
 
 MARKER_RULES = ("remove", "keep")
 LONG_TEXT_RULES = ("windows", "error")
@@ -106,7 +106,7 @@ class TextExtractor(Extractor):
             raise ExtractError(f"text long_text {config.long_text!r}: expected one of {', '.join(LONG_TEXT_RULES)}")
         self.config = config
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.dtype = check_dtype(config.dtype)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(config.model, revision=config.revision)
         except Exception as e:

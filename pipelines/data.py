@@ -158,10 +158,6 @@ class StoreData:
         return self.__dict__.copy()
 
 
-def load_store(path: str | Path, load: str = "memory") -> StoreData:
-    return StoreData(path, load=load)
-
-
 # ----------------------------------------------------------------------------------------
 # missing conditions
 

@@ -66,10 +66,7 @@ def train(
         metrics = run_training(features, config=config, variant=variant, out_dir=out_dir, folds=fold_list,
                                device=device, seed=seed, epochs=epochs, overrides=overrides, jobs=jobs,
                                log=None if quiet else (lambda s: err.print(s, highlight=False)))
-    except (ConfigError, DataError, SplitError, StoreError, TrainError) as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(2)
-    except typer.BadParameter as e:
+    except (ConfigError, DataError, SplitError, StoreError, TrainError, typer.BadParameter) as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(2)
     if not quiet:

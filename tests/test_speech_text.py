@@ -289,9 +289,9 @@ def test_text_layer_and_provenance(minilm, text):
 def test_float32_is_the_default_on_every_device():
     """Half-precision autocast changes results beyond the store's float16 precision, so it is
     never chosen for the user (benchmarks/extract_speech_text.py --precision measures it)."""
-    from cmarr.extract.speech import resolve_dtype
+    from cmarr.extract.speech import check_dtype
 
     assert SpeechConfig().dtype == TextConfig().dtype == "float32"
-    assert resolve_dtype("float32", "cuda:0") == "float32" and resolve_dtype("float16", "cuda") == "float16"
+    assert check_dtype("float32") == "float32" and check_dtype("float16") == "float16"
     with pytest.raises(ExtractError, match="expected one of float32, float16, bfloat16"):
-        resolve_dtype("auto", "cuda")
+        check_dtype("auto")

@@ -59,7 +59,7 @@ def test_config_overrides_and_round_trip(tmp_path):
 
 # ---------------------------------------------------------------- store loading
 
-def test_load_store(store):
+def test_store_data_loads_in_memory_and_lazily(store):
     d = StoreData(store)
     assert len(d) == 48 and d.fold_ids == [1, 2, 3]
     assert d.present.shape == (48, 3) and d.present.any(axis=1).all()
