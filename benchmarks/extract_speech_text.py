@@ -15,8 +15,14 @@ word counts (mean about 11 words, occasional ``[LAUGHTER]``).
 Timed: model input preparation, batching, host-device copies and the forward passes of
 ``embed`` (in-memory audio); for text also the same texts through a 1-layer, 32-wide BERT,
 which leaves the host-side work (tokenization, batching, copies): the ceiling of text
-utterances/s on the machine's CPU, whatever the GPU; with ``--files`` (needs soundfile) also ``extract`` on wav files,
-which adds reading. Precision: the largest absolute difference of float16 / bfloat16
+utterances/s on the machine's CPU, whatever the GPU. With ``--files`` (needs soundfile)
+also ``extract`` on wav files, which adds reading, and extraction into a feature store as
+``cm-arr-extract features`` runs it (``StoreWriter``: float16 cast, NaN/Inf checks, chunk
+commits with fsync, then ``finalize`` joining the chunks into the store; the time includes
+``finalize``), with chunks committed in the foreground and in the background (the
+default), for the default architectures and for host-side-only models (a 1-layer, 32-wide
+wav2vec2 over ``--n-host`` utterances; the 1-layer BERT): the ceiling of what one process
+writes into a store on this machine. Precision: the largest absolute difference of float16 / bfloat16
 autocast features from float32, next to the error the store's own float16 rounding makes,
 and the share of the values the store would hold that change (for reference, the same
 share between masked batches and batch-of-one in float32 is printed first).
@@ -37,6 +43,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import functools
 
 import numpy as np
+import pandas as pd
 import torch
 
 print = functools.partial(print, flush=True)  # progress shows up in logs as it happens
@@ -113,6 +120,42 @@ def text_model(name: str, tokenizer: str | None, tmp: Path) -> tuple[str, str]:
         return str(folder), "random weights, BertConfig() (bert-base architecture)"
 
 
+def tiny_speech_model(tmp: Path) -> str:
+    """A 1-layer, 32-wide wav2vec2 (random weights): its forward pass costs little, so
+    what is timed is reading, batching, copies and writing."""
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    folder = tmp / "wav2vec2-tiny"
+    torch.manual_seed(0)
+    Wav2Vec2Model(Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                 conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+                                 feat_extract_norm="group", do_stable_layer_norm=False)).save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SR, padding_value=0.0, do_normalize=True,
+                             return_attention_mask=False).save_pretrained(folder)
+    return str(folder)
+
+
+def into_store(ex, modality: str, table, root: Path, tmp: Path, background: bool, device: str) -> tuple[float, float]:
+    """Extract ``table`` into a new store as ``run_features`` does; (seconds in all,
+    seconds of which in ``finalize``)."""
+    from cmarr.extract.store import StoreWriter
+
+    out = tmp / f"bench-{modality}-{int(background)}.h5"
+    utts = table[["utterance_id", "start", "end"]].assign(corpus="iemocap", session=1, speaker="s", label="neu", fold=1)
+    w = StoreWriter(out, utts, {modality: ex.provenance()}, background=background)
+    t = time.perf_counter()
+    for r in ex.extract(table, root):
+        if r.error is not None:
+            raise RuntimeError(f"{r.utterance_id}: {r.error}")
+        w.add(r.utterance_id, modality, r.matrix, **r.meta)
+    t_fin = time.perf_counter()
+    w.finalize()
+    sync(device)
+    t_end = time.perf_counter()
+    out.unlink()
+    return t_end - t, t_end - t_fin
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -160,7 +203,10 @@ def main() -> None:
     ap.add_argument("--no-cudnn-too", action="store_true",
                     help="also time speech with cuDNN disabled (PyTorch's own convolutions)")
     ap.add_argument("--n-precision", type=int, default=None, help="utterances for the precision check")
-    ap.add_argument("--files", action="store_true", help="also time extract() on wav files (soundfile)")
+    ap.add_argument("--files", action="store_true",
+                    help="also time extract() on wav files (soundfile) and extraction into a feature store")
+    ap.add_argument("--n-host", type=int, default=None,
+                    help="utterances for the host-side-only speech rows of --files (default 256 on CPU, 1500 on GPU)")
     ap.add_argument("--precision", action=argparse.BooleanOptionalAction, default=None,
                     help="compare half-precision autocast with float32 (default: on CUDA only; "
                          "bfloat16 autocast on a CPU without bf16 units is very slow)")
@@ -213,16 +259,21 @@ def main() -> None:
                          + ("" if cudnn else ", cuDNN off"), n_speech / dt, audio_s / dt))
             del ex, feats
         if args.files:
-            import pandas as pd
             import soundfile as sf
 
+            n_host = args.n_host or (1500 if gpu else 256)
+            host_dur = np.concatenate([durations, iemocap_like_durations(max(n_host - n_speech, 0), rng)])[:n_host]
+            host_waves = waves + synth_waves(host_dur[len(waves):], rng)
             wavdir = tmp / "wav"
             wavdir.mkdir()
-            for i, w in enumerate(waves):
+            for i, w in enumerate(host_waves):
                 sf.write(wavdir / f"u{i:05d}.wav", (w * 32767).astype(np.int16), SR, subtype="PCM_16")
-            table = pd.DataFrame({"utterance_id": [f"u{i:05d}" for i in range(n_speech)],
-                                  "wav_path": [f"u{i:05d}.wav" for i in range(n_speech)],
-                                  "start": 0.0, "end": durations})
+
+            def wav_table(n: int, dur: np.ndarray):
+                return pd.DataFrame({"utterance_id": [f"u{i:05d}" for i in range(n)],
+                                     "wav_path": [f"u{i:05d}.wav" for i in range(n)], "start": 0.0, "end": dur[:n]})
+
+            table = wav_table(n_speech, durations)
             ex = SpeechExtractor(SpeechConfig(model=sm, device=device, dtype=dtypes[0]))
             t = time.perf_counter()
             got = list(ex.extract(table, wavdir))
@@ -230,7 +281,28 @@ def main() -> None:
             dt = time.perf_counter() - t
             assert all(r.error is None for r in got)
             rows.append(("speech", f"{dtypes[0]}: extract from wav files", n_speech / dt, audio_s / dt))
-            del ex
+            dt, fin = into_store(ex, "speech", table, wavdir, tmp, True, device)
+            rows.append(("speech", f"{dtypes[0]}: from wav files into a store, background commits "
+                         f"(finalize {fin:.2f} s)", n_speech / dt, audio_s / dt))
+            del ex, got
+            tiny_speech = tiny_speech_model(tmp)
+            host = wav_table(n_host, host_dur)
+            ex = SpeechExtractor(SpeechConfig(model=tiny_speech, device=device, dtype=dtypes[0]))
+            ex.embed(host_waves[:8])
+            sync(device)
+            t = time.perf_counter()
+            got = list(ex.extract(host, wavdir))
+            sync(device)
+            dt = time.perf_counter() - t
+            host_s = float(host_dur.sum())
+            rows.append(("speech", f"host side only (1-layer, 32-wide wav2vec2; {n_host} utterances): "
+                         "extract from wav files", n_host / dt, host_s / dt))
+            for background in (False, True):
+                dt, fin = into_store(ex, "speech", host, wavdir, tmp, background, device)
+                rows.append(("speech", f"host side only: from wav files into a store, "
+                             f"{'background' if background else 'foreground'} commits (finalize {fin:.2f} s)",
+                             n_host / dt, host_s / dt))
+            del ex, got
         prec = []
         if check_precision:
             # batching exactness on this device: masked batches against batch-of-one
@@ -277,6 +349,17 @@ def main() -> None:
         sync(device)
         dt = time.perf_counter() - t
         rows.append(("text", f"{dtypes[0]}: host side only (1-layer, 32-wide BERT)", n_text / dt, float(tdur.sum()) / dt))
+        if args.files:
+            ttable = pd.DataFrame({"utterance_id": [f"t{i:05d}" for i in range(n_text)], "transcript": texts,
+                                   "start": 0.0, "end": tdur})
+            for background in (False, True):
+                dt, fin = into_store(ex, "text", ttable, tmp, tmp, background, device)
+                rows.append(("text", f"host side only: into a store, {'background' if background else 'foreground'} "
+                             f"commits (finalize {fin:.2f} s)", n_text / dt, float(tdur.sum()) / dt))
+            ex = TextExtractor(TextConfig(model=tm, device=device, dtype=dtypes[0]))
+            dt, fin = into_store(ex, "text", ttable, tmp, tmp, True, device)
+            rows.append(("text", f"{dtypes[0]}: into a store, background commits (finalize {fin:.2f} s)",
+                         n_text / dt, float(tdur.sum()) / dt))
         del ex
         if check_precision:
             prec += [("text",) + r for r in precision_rows(

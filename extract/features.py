@@ -332,7 +332,10 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
                 computed[m] = len(seen)
                 progress.finish(m)
     except BaseException:
-        writer.flush()  # keep what is finished: the same command resumes from it
+        try:
+            writer.flush()  # keep what is finished: the same command resumes from it
+        finally:
+            writer.close()
         raise
     writer.finalize()
 

@@ -30,10 +30,12 @@ with no usable data for an utterance has no row for it (and a row in ``/errors``
 missing, never zeros.
 
 Writing is crash-safe without SWMR: ``StoreWriter`` commits finished utterances into small
-chunk files (one dataset per utterance, each file written under a temporary name and
-renamed when closed) in a ``<out>.parts/`` folder beside the output, so a killed job loses
-at most one chunk and a rerun resumes. ``finalize`` joins everything into a temporary file
-and renames it onto the output path: a file at the output path is always complete.
+chunk files in a ``<out>.parts/`` folder beside the output (each modality's frames
+concatenated as in the store; each file written under a temporary name, fsynced and
+renamed; by a background thread while the extractor goes on), so a killed job loses at
+most the utterances of the chunk being filled and the one being written, and a rerun
+resumes. ``finalize`` joins everything into a temporary file and renames it onto the
+output path: a file at the output path is always complete.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ import json
 import os
 import platform
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -63,6 +66,8 @@ ERROR_COLUMNS = ("utterance_id", "modality", "reason")
 
 #: Provenance keys that legitimately differ between shards of one extraction.
 VOLATILE_PROVENANCE_KEYS = frozenset({"created", "host"})
+#: Bytes of consecutive frames gathered before one write when a store is assembled.
+WRITE_BLOCK_BYTES = 8 << 20
 #: Meta keys stored as arrays and the dtype they are read back with.
 _ARRAY_META = {"frame_times": np.float32, "face_mask": bool}
 
@@ -258,16 +263,37 @@ def _write_modality(f: h5py.File, modality: str, dim: int, dtype: str,
     g.create_dataset("lengths", data=lengths)
     metas: list[dict[str, Any]] = []
     digest = hashlib.sha256()
-    for (utt, n), off in zip(items, offsets):
+    pending: list[np.ndarray] = []  # consecutive rows, written together (one HDF5 call per ~8 MB)
+    start = size = 0
+
+    def write_pending() -> None:
+        nonlocal start, size
+        if pending:
+            block = pending[0] if len(pending) == 1 else np.concatenate(pending)
+            data[start:start + block.shape[0]] = block
+            start += block.shape[0]
+            pending.clear()
+            size = 0
+
+    for utt, n in items:
         arr, meta = read(utt)
         if arr.shape != (n, dim):
             raise ValueError(f"{utt} ({modality}): shape {arr.shape}, expected {(n, dim)}")
         arr = np.ascontiguousarray(arr, dtype=data.dtype)
-        data[off:off + n] = arr
-        digest.update(arr.tobytes())  # rows in file order
+        digest.update(arr)  # rows in file order
+        pending.append(arr)
+        size += arr.nbytes
+        if size >= WRITE_BLOCK_BYTES:
+            write_pending()
         metas.append(meta)
+    write_pending()
     g.attrs["data_sha256"] = digest.hexdigest()
-    mg = g.create_group("meta")
+    _write_meta_group(g.create_group("meta"), modality, metas)
+
+
+def _write_meta_group(mg: h5py.Group, modality: str, metas: list[Mapping[str, Any]]) -> None:
+    """Per-utterance meta dicts as columns: a ``(U,)`` dataset per scalar or string key, a
+    group ``values`` + ``offsets`` per sequence key (read back by ``_read_ragged_meta``)."""
     keys = sorted({k for m in metas for k in m})
     for key in keys:
         vals = [m.get(key) for m in metas]
@@ -432,26 +458,73 @@ class FeatureStore:
 
 
 class _ChunkSource:
-    """A committed chunk file: one dataset per (modality, utterance)."""
+    """A committed chunk file. Layout 2 (``chunk_format`` attr): per modality the frames
+    concatenated as in a store (``data``, ``ids``, ``lengths``, ``meta``); its index and meta
+    are read when it is opened, and frames straight from the file (the file is not held
+    open, so that a corpus' hundreds of chunks need no file handle each). Layout 1 (chunks
+    of earlier versions, still read so that their unfinished extractions resume): one
+    dataset per (modality, utterance) with its meta in attributes."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.f = h5py.File(str(path), "r")
+        self.f: h5py.File | None = h5py.File(str(path), "r")
+        self.layout = int(self.f.attrs.get("chunk_format", 1))
+        self._index: dict[str, dict[str, tuple[int, int, int]]] = {}  # m -> utt -> (row, offset, frames)
+        self._data: dict[str, tuple[int | None, int, np.dtype]] = {}  # m -> (file offset of data, dim, dtype)
+        self._metas: dict[str, list[dict[str, Any]]] = {}
+        self._errors: pd.DataFrame | None = None
+        if self.layout == 1:
+            return
+        if self.layout != 2:
+            raise KeyError(f"chunk layout {self.layout} is not one this version reads")
+        try:
+            for m, g in self.f.get("features", {}).items():
+                ids = list(g["ids"].asstr()[()])
+                lengths = g["lengths"][()]
+                offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
+                self._index[m] = {u: (i, int(o), int(n)) for i, (u, o, n) in enumerate(zip(ids, offsets, lengths))}
+                data = g["data"]
+                plain = data.chunks is None and data.compression is None and data.shape[0] > 0
+                self._data[m] = (data.id.get_offset() if plain else None, int(data.shape[1]), data.dtype)
+                self._metas[m] = _read_ragged_meta(g["meta"], len(ids))
+            self._errors = _read_table(self.f["errors"]) if "errors" in self.f else None
+        finally:
+            self.f.close()
+            self.f = None
 
     def keys(self) -> Iterator[tuple[str, str, int, int]]:
-        for m in self.f.get("features", {}):
-            for u, ds in self.f["features"][m].items():
-                yield m, u, ds.shape[0], ds.shape[1]
+        if self.layout == 1:
+            for m in self.f.get("features", {}):
+                for u, ds in self.f["features"][m].items():
+                    yield m, u, ds.shape[0], ds.shape[1]
+            return
+        for m, index in self._index.items():
+            dim = self._data[m][1]
+            for u, (_, _, n) in index.items():
+                yield m, u, n, dim
 
     def read(self, m: str, u: str):
-        ds = self.f["features"][m][u]
-        return ds[()], _read_meta(ds)
+        if self.layout == 1:
+            ds = self.f["features"][m][u]
+            return ds[()], _read_meta(ds)
+        i, off, n = self._index[m][u]
+        start, dim, dtype = self._data[m]
+        if start is None:  # a layout h5py does not store as one plain block
+            with h5py.File(str(self.path), "r") as f:
+                arr = f["features"][m]["data"][off:off + n]
+        else:
+            arr = np.fromfile(self.path, dtype=dtype, count=n * dim, offset=start + off * dim * dtype.itemsize)
+            arr = arr.reshape(n, dim)
+        return arr, dict(self._metas[m][i])
 
     def errors(self) -> pd.DataFrame | None:
-        return _read_table(self.f["errors"]) if "errors" in self.f else None
+        if self.layout == 1:
+            return _read_table(self.f["errors"]) if "errors" in self.f else None
+        return self._errors
 
     def close(self) -> None:
-        self.f.close()
+        if self.f is not None:
+            self.f.close()
 
 
 class _StoreSource:
@@ -541,12 +614,36 @@ def _assemble(out: Path, utterances: pd.DataFrame, provenance: Mapping[str, dict
 # writing
 
 
+def _overflows(arr: np.ndarray, dtype: str) -> bool:
+    """Whether some value of the finite ``arr`` becomes infinite in ``dtype``: rounding to
+    nearest even sends ``|x| >= max + spacing(max) / 2`` to infinity (65520 for float16)."""
+    target = np.finfo(dtype)
+    if arr.size == 0 or (arr.dtype.kind == "f" and np.finfo(arr.dtype).max <= target.max):
+        return False
+    limit = float(target.max) + 2.0 ** (target.maxexp - target.nmant - 2)  # max + half its spacing
+    return max(-float(arr.min()), float(arr.max())) >= limit
+
+
+def _store_cast(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """A copy of ``arr`` in ``dtype``. float32 goes through torch, whose vectorised cast
+    gives the same bits as numpy's (round to nearest even) about ten times faster."""
+    if arr.dtype == np.float32 and dtype in ("float16", "float32") and arr.flags.writeable and arr.dtype.isnative:
+        import torch
+
+        return torch.from_numpy(arr).to(getattr(torch, dtype), copy=True).numpy()
+    with np.errstate(over="ignore"):
+        return arr.astype(dtype)
+
+
 class StoreWriter:
     """Writes a store, resumably.
 
     Finished ``(utterance, modality)`` pairs are buffered and committed every
-    ``chunk_size`` additions into ``<out>.parts/chunk-NNNNNN.h5`` (temporary name, then
-    rename). A rerun with the same output and provenance picks up the committed chunks and
+    ``chunk_size`` additions into ``<out>.parts/chunk-NNNNNN.h5`` (temporary name, fsync,
+    then rename). With ``background`` (the default) a full buffer is committed by one
+    worker thread while the caller goes on computing, at most one chunk at a time; a
+    failed commit is raised by the next ``add``/``flush``/``finalize``, and ``flush``
+    returns only when everything added is on disk. A rerun with the same output and provenance picks up the committed chunks and
     an existing complete store at ``out`` (whose contents are kept), so ``done()`` tells the
     caller what to skip. ``finalize`` writes the complete store atomically and removes the
     parts folder. Nothing exists at ``out`` that is not complete.
@@ -554,7 +651,7 @@ class StoreWriter:
 
     def __init__(self, out_path: str | os.PathLike, utterances: pd.DataFrame,
                  provenance: Mapping[str, dict], chunk_size: int = 64, dtype: str = "float16",
-                 extra_attrs: Mapping[str, Any] | None = None):
+                 extra_attrs: Mapping[str, Any] | None = None, background: bool = True):
         self.out = Path(out_path)
         self.parts = self.out.with_name(self.out.name + ".parts")
         self.chunk_size = int(chunk_size)
@@ -578,6 +675,10 @@ class StoreWriter:
         self._retry: set[tuple[str, str]] = set()  # recorded errors of earlier runs: tried again
         self._dims: dict[str, int] = {m: int(p["dim"]) for m, p in self.provenance.items() if "dim" in p}
         self._base: Path | None = None
+        self._meta_keys: dict[str, frozenset[str]] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cmarr-store") if background else None
+        self._pending: Future | None = None
+        self._inflight: list[tuple[str, str, np.ndarray | None, dict, str | None]] = []  # what _pending writes
         self._resume()
 
     # -- resume ----------------------------------------------------------------------
@@ -655,29 +756,65 @@ class StoreWriter:
         dim = self._dims.setdefault(modality, arr.shape[1])
         if arr.shape[1] != dim:
             raise ValueError(f"{utterance_id} ({modality}): width {arr.shape[1]}, the store's {modality} width is {dim}")
+        keys = self._meta_keys.setdefault(modality, frozenset(meta))
+        if frozenset(meta) != keys:
+            raise ValueError(f"{utterance_id} ({modality}): meta keys {sorted(meta)}, other {modality} utterances "
+                             f"have {sorted(keys)}")
         if not np.isfinite(arr).all():
             self.add_error(utterance_id, modality, "extractor produced NaN or Inf values")
             return False
-        with np.errstate(over="ignore"):
-            cast = arr.astype(self.dtype)
-        if not np.isfinite(cast).all():
+        if _overflows(arr, self.dtype):
             self.add_error(utterance_id, modality, f"values exceed the {self.dtype} range")
             return False
+        cast = _store_cast(arr, self.dtype)
         self._buffer.append((utterance_id, modality, cast, dict(meta), None))
         self._done.add((utterance_id, modality))
         if len(self._buffer) >= self.chunk_size:
-            self.flush()
+            self._commit_buffer()
         return True
 
     def add_error(self, utterance_id: str, modality: str, reason: str) -> None:
         self._buffer.append((utterance_id, modality, None, {}, str(reason)))
         if len(self._buffer) >= self.chunk_size:
-            self.flush()
+            self._commit_buffer()
 
     def flush(self) -> None:
-        """Commit the buffered results as one chunk file (atomic rename)."""
+        """Commit everything added so far; returns when it is on disk."""
+        self._commit_buffer()
+        self._wait()
+
+    def _wait(self) -> None:
+        """Wait for the chunk being committed in the background and raise its error; what it
+        held then goes back into the buffer, so that nothing added is lost."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.result()
+        except BaseException:
+            self._buffer[:0] = self._inflight
+            raise
+        finally:
+            self._inflight = []
+
+    def _commit_buffer(self) -> None:
         if not self._buffer:
             return
+        self._wait()  # one chunk in flight at most
+        buffer, self._buffer = self._buffer, []
+        if self._pool is None:
+            try:
+                self._write_chunk(buffer)
+            except BaseException:
+                self._buffer[:0] = buffer  # not on disk: kept for the next flush
+                raise
+        else:
+            self._inflight = buffer
+            self._pending = self._pool.submit(self._write_chunk, buffer)
+
+    def _write_chunk(self, buffer: list[tuple[str, str, np.ndarray | None, dict, str | None]]) -> None:
+        """One chunk file (layout 2: each modality's frames concatenated, as in a store),
+        written under a temporary name and renamed into place after an fsync."""
         n = len(list(self.parts.glob("chunk-*.h5")))
         final = self.parts / f"chunk-{n:06d}.h5"
         while final.exists():
@@ -685,24 +822,29 @@ class StoreWriter:
             final = self.parts / f"chunk-{n:06d}.h5"
         tmp = final.with_name(final.name + ".tmp")
         errors = []
+        feats: dict[str, dict[str, tuple[np.ndarray, dict]]] = {}
+        for utt, m, arr, meta, err in buffer:
+            if err is not None:
+                errors.append((utt, m, err))
+            else:
+                feats.setdefault(m, {})[utt] = (arr, meta)  # the newest result of a pair wins
         with h5py.File(str(tmp), "w", libver="latest") as f:
-            feats = f.create_group("features")
-            for utt, m, arr, meta, err in self._buffer:
-                if err is not None:
-                    errors.append((utt, m, err))
-                    continue
-                g = feats.require_group(m)
-                if utt in g:
-                    del g[utt]
-                _write_meta(g.create_dataset(utt, data=arr), meta)
+            f.attrs["chunk_format"] = 2
+            fg = f.create_group("features")
+            for m, items in feats.items():
+                g = fg.create_group(m)
+                g.create_dataset("data", data=np.concatenate([a for a, _ in items.values()]))
+                g.create_dataset("ids", data=np.array(list(items), dtype=object), dtype=h5py.string_dtype())
+                g.create_dataset("lengths", data=np.array([a.shape[0] for a, _ in items.values()], dtype=np.int64))
+                _write_meta_group(g.create_group("meta"), m, [meta for _, meta in items.values()])
             if errors:
                 _write_table(f.create_group("errors"), pd.DataFrame(errors, columns=list(ERROR_COLUMNS)))
         durable_replace(tmp, final)
-        self._buffer.clear()
 
     def finalize(self) -> Path:
         """Write the complete store at ``out`` (atomically) and remove the parts folder."""
         self.flush()
+        self.close()
         provenance = {m: dict(p) for m, p in self.provenance.items()}
         for m, dim in self._dims.items():
             provenance[m].setdefault("dim", dim)
@@ -720,6 +862,15 @@ class StoreWriter:
         shutil.rmtree(self.parts, ignore_errors=True)
         return self.out
 
+    def close(self) -> None:
+        """Wait for a background commit and stop the worker thread (``flush`` first to keep
+        what is buffered)."""
+        try:
+            self._wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+
     def __enter__(self):
         return self
 
@@ -727,7 +878,10 @@ class StoreWriter:
         if exc_type is None:
             self.finalize()
         else:
-            self.flush()  # keep what was finished; a rerun resumes from it
+            try:
+                self.flush()  # keep what was finished; a rerun resumes from it
+            finally:
+                self.close()
 
 
 # --------------------------------------------------------------------------------------

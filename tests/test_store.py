@@ -91,7 +91,7 @@ def test_roundtrip_tables_meta_and_missing(tmp_path):
 def test_output_appears_only_when_complete_and_resume_skips_done(tmp_path):
     out = tmp_path / "f.h5"
     ids = [f"u{i}" for i in range(7)]
-    w = StoreWriter(out, table(ids), {"speech": PROV["speech"]}, chunk_size=2)
+    w = StoreWriter(out, table(ids), {"speech": PROV["speech"]}, chunk_size=2, background=False)
     for i, u in enumerate(ids[:5]):
         w.add(u, "speech", feats(i, 4, 6))
     del w  # the job dies without finalize: 4 committed in chunks, 1 buffered and lost
@@ -142,6 +142,7 @@ def test_rerun_tries_recorded_errors_again_and_keeps_the_newest_outcome(tmp_path
     out2 = tmp_path / "g.h5"
     w = StoreWriter(out2, table(["a", "b"]), {"speech": PROV["speech"]}, chunk_size=1)
     w.add_error("a", "speech", "unreadable audio")
+    w.flush()  # on disk (chunks are committed in the background)
     del w
     w = StoreWriter(out2, table(["a", "b"]), {"speech": PROV["speech"]}, chunk_size=1)
     assert w.done() == set() and w.retried() == {("a", "speech")}
@@ -193,6 +194,78 @@ def test_killed_writer_process_resumes_without_corruption(tmp_path):
     assert validate_store(out)[0] == []
 
 
+def test_a_failed_background_commit_is_raised_and_loses_nothing(tmp_path, monkeypatch):
+    """Chunks are written by a worker thread; when one cannot be written (disk full, ...)
+    the next call raises, and what it held is committed by a later flush."""
+    import cmarr.extract.store as store_mod
+
+    real = store_mod.durable_replace
+    failures = []
+
+    def full_disk(tmp, dst):
+        if not failures:
+            failures.append(dst)
+            raise OSError(28, "No space left on device", str(tmp))
+        real(tmp, dst)
+
+    monkeypatch.setattr(store_mod, "durable_replace", full_disk)
+    ids = [f"u{i}" for i in range(5)]
+    out = tmp_path / "f.h5"
+    w = StoreWriter(out, table(ids), {"speech": PROV["speech"]}, chunk_size=2)
+    w.add("u0", "speech", feats(0, 4, 6))
+    w.add("u1", "speech", feats(1, 4, 6))  # full: committed in the background, which fails
+    w.add("u2", "speech", feats(2, 4, 6))
+    with pytest.raises(OSError, match="No space left"):
+        w.add("u3", "speech", feats(3, 4, 6))  # the next commit first waits for the failed one
+    assert failures
+    w.add("u4", "speech", feats(4, 4, 6))
+    w.finalize()  # the disk has room again
+    s = FeatureStore(out)
+    assert s.ids("speech") == set(ids)
+    for i, u in enumerate(ids):
+        np.testing.assert_array_equal(s.get(u, "speech"), feats(i, 4, 6).astype(np.float16))
+
+
+def test_chunks_of_the_earlier_layout_still_resume(tmp_path):
+    """An extraction interrupted under a version that wrote one dataset per utterance
+    (chunk layout 1, meta in attributes) resumes and finishes with this one."""
+    out = tmp_path / "f.h5"
+    ids = ["a", "b", "c"]
+    prov = {"speech": PROV["speech"], "video": PROV["video"]}
+    w = StoreWriter(out, table(ids), prov, background=False)
+    w.add("a", "speech", feats(0, 4, 6), frame_rate=50.0)
+    w.flush()
+    del w
+    with h5py.File(out.with_name(out.name + ".parts") / "chunk-000001.h5", "w") as f:  # as layout 1 wrote it
+        ds = f.create_dataset("features/speech/b", data=feats(1, 5, 6).astype(np.float16))
+        ds.attrs["frame_rate"] = 50.0
+        ds = f.create_dataset("features/video/b", data=feats(2, 2, 3).astype(np.float16))
+        ds.attrs["frame_times"] = np.array([0.0, 0.1, 0.2], np.float32)
+        ds.attrs["face_mask"] = np.array([1, 0, 1], np.uint8)
+        ds = f.create_dataset("features/video/a", data=feats(3, 1, 3).astype(np.float16))
+        ds.attrs["frame_times"] = np.array([0.0], np.float32)
+        ds.attrs["face_mask"] = np.array([1], np.uint8)
+    with StoreWriter(out, table(ids), prov) as w:
+        assert w.done() == {("a", "speech"), ("b", "speech"), ("a", "video"), ("b", "video")}
+        w.add("c", "speech", feats(4, 3, 6), frame_rate=50.0)
+        w.add_error("c", "video", "no face detected in any of 3 sampled frames")
+    s = FeatureStore(out)
+    assert s.ids("speech") == set(ids) and s.ids("video") == {"a", "b"}
+    np.testing.assert_array_equal(s.get("b", "speech"), feats(1, 5, 6).astype(np.float16))
+    np.testing.assert_array_equal(s.get("b", "video"), feats(2, 2, 3).astype(np.float16))
+    assert s.meta("b", "speech") == {"frame_rate": 50.0}
+    assert s.meta("b", "video")["face_mask"].tolist() == [True, False, True]
+    assert validate_store(out)[0] == []
+
+
+def test_meta_keys_must_agree_within_a_modality(tmp_path):
+    w = StoreWriter(tmp_path / "f.h5", table(["a", "b"]), {"speech": PROV["speech"]})
+    w.add("a", "speech", feats(0, 4, 6), frame_rate=50.0)
+    with pytest.raises(ValueError, match=r"b \(speech\): meta keys \[\], other speech utterances have \['frame_rate'\]"):
+        w.add("b", "speech", feats(1, 4, 6))
+    w.close()
+
+
 def test_extending_a_store_keeps_what_it_held(tmp_path):
     out = write_store(tmp_path / "f.h5", ["a", "b"])
     before = FeatureStore(out).get("a", "speech")
@@ -220,6 +293,26 @@ def test_writer_records_nan_and_overflow_instead_of_storing(tmp_path):
     assert s.ids("speech") == {"c"}
     reasons = dict(zip(s.errors["utterance_id"], s.errors["reason"]))
     assert "NaN" in reasons["a"] and "float16" in reasons["b"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("src", [np.float32, np.float64])
+def test_store_cast_and_overflow_check_agree_with_numpy(src, dtype):
+    """The writer's fast cast gives numpy's bits, and its overflow test says "overflow"
+    exactly for the values numpy's cast turns into infinities (the rounding edge included)."""
+    from cmarr.extract.store import _overflows, _store_cast
+
+    rng = np.random.default_rng(0)
+    edge = [65503.9, 65504.0, 65519.99, 65520.0, 65536.0, 6.1e-5, 5.96e-8, 2.98e-8, 2.99e-8, 1e-12, 3.4e38]
+    values = np.concatenate([rng.standard_normal(4000) * 10.0 ** rng.integers(-9, 6, 4000), edge, [-v for v in edge]])
+    values = values[np.isfinite(values.astype(src))].astype(src)
+    with np.errstate(over="ignore"):
+        expect = values.astype(dtype)
+    got = _store_cast(values.reshape(-1, 1), dtype).ravel()
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(got.view(f"u{got.itemsize}"), expect.view(f"u{expect.itemsize}"))
+    for v, e in zip(values, expect):
+        assert _overflows(np.array([[v]], src), dtype) == (not np.isfinite(e)), (v, e)
 
 
 class _Reads(torch.utils.data.Dataset):
