@@ -238,9 +238,10 @@ def _read_ragged_meta(group: h5py.Group, n: int) -> list[dict[str, Any]]:
                 out[i][key] = list(v) if isinstance(v, list) else v
         else:
             col = list(obj.asstr()[()]) if h5py.check_string_dtype(obj.dtype) is not None else obj[()]
+            encoding = obj.attrs.get("encoding")  # absent in files of earlier versions: JSON-looking strings were JSON
             for i in range(n):
                 v = col[i]
-                if isinstance(v, str) and v.startswith(("{", "[")):
+                if isinstance(v, str) and (encoding == "json" or (encoding is None and v.startswith(("{", "[")))):
                     v = json.loads(v)
                 out[i][key] = v.item() if isinstance(v, np.generic) else v
     return out
@@ -313,8 +314,13 @@ def _write_meta_group(mg: h5py.Group, modality: str, metas: list[Mapping[str, An
             sub.create_dataset("values", data=flat.astype(np.uint8) if flat.dtype == bool else flat)
             sub.create_dataset("offsets", data=offs)
         elif isinstance(vals[0], (str, dict)):
-            col = [v if isinstance(v, str) else json.dumps(v) for v in vals]
-            mg.create_dataset(key, data=np.array(col, dtype=object), dtype=h5py.string_dtype())
+            kinds = {type(v) for v in vals}
+            if len(kinds) > 1 or not kinds <= {str, dict}:
+                raise ValueError(f"{modality}: meta {key!r} mixes {', '.join(sorted(k.__name__ for k in kinds))} values")
+            text = kinds == {str}
+            col = vals if text else [json.dumps(v, sort_keys=True) for v in vals]
+            ds = mg.create_dataset(key, data=np.array(col, dtype=object), dtype=h5py.string_dtype())
+            ds.attrs["encoding"] = "text" if text else "json"  # what the reader does with the strings
         else:
             mg.create_dataset(key, data=np.asarray(vals))
 

@@ -258,6 +258,19 @@ def test_chunks_of_the_earlier_layout_still_resume(tmp_path):
     assert validate_store(out)[0] == []
 
 
+def test_string_and_dict_meta_round_trip_as_given(tmp_path):
+    """A string meta is read back as the same string even when it looks like JSON; a dict
+    meta comes back as the dict."""
+    out = tmp_path / "f.h5"
+    prov = {"text": {"model": "bert-base-uncased", "dim": 4}}
+    with StoreWriter(out, table(["a", "b"]), prov, chunk_size=1) as w:
+        w.add("a", "text", feats(0, 2, 4), note="[LAUGHTER] yes", info={"n": 1})
+        w.add("b", "text", feats(1, 2, 4), note='{"not": "parsed"}', info={"n": 2, "k": "x"})
+    s = FeatureStore(out)
+    assert s.meta("a", "text") == {"note": "[LAUGHTER] yes", "info": {"n": 1}}
+    assert s.meta("b", "text") == {"note": '{"not": "parsed"}', "info": {"k": "x", "n": 2}}
+
+
 def test_meta_keys_must_agree_within_a_modality(tmp_path):
     w = StoreWriter(tmp_path / "f.h5", table(["a", "b"]), {"speech": PROV["speech"]})
     w.add("a", "speech", feats(0, 4, 6), frame_rate=50.0)
