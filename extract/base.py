@@ -9,9 +9,11 @@ Legend: ``T`` frames of one utterance, ``D`` feature width of the modality.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -51,6 +53,68 @@ class Extractor:
         """Yield one ``Result`` per row of ``rows`` (in any order, each id exactly once).
         Media paths in ``rows`` are relative to ``root``."""
         raise NotImplementedError
+
+
+T = TypeVar("T")
+
+
+def run_ahead(items: Iterable[T], depth: int = 2, group: int = 64, setup: Callable[[], None] | None = None,
+              name: str = "cmarr-extract") -> Iterator[T]:
+    """Iterate ``items`` in a worker thread that runs ahead of the caller.
+
+    An extractor's iterator does the model work (on a GPU: preparing a batch, the forward
+    pass, copying the result back); the caller stores the results. Run side by side, the
+    device is not idle while results are written. Items come in order. They are handed over
+    in groups: at once while the caller waits, else gathered (up to ``group``) while it is
+    busy, so that the hand-over costs little per item; at most ``depth`` groups wait. An
+    exception in the worker is raised here with its own traceback; when the caller stops
+    early (an error, Ctrl-C, ``close()``), the worker stops after the item it is computing.
+    ``setup`` runs first in the worker (e.g. ``torch.cuda.set_device``: the current device
+    is per thread).
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        pending: list = []
+        try:
+            if setup is not None:
+                setup()
+            for item in items:
+                pending.append(item)
+                if len(pending) >= group or q.empty():  # the caller waits (or will soon): hand over now
+                    if not put(("items", pending)):
+                        return
+                    pending = []
+            if pending and not put(("items", pending)):
+                return
+            put(("done", None))
+        except BaseException as e:  # handed to the caller, raised there (after what came before it)
+            if pending and not put(("items", pending)):
+                return
+            put(("error", e))
+
+    worker = threading.Thread(target=work, name=name, daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield from value
+    finally:
+        stop.set()
 
 
 class PathError(Exception):

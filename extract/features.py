@@ -29,6 +29,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -43,7 +44,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cmarr.extract.base import Extractor, ExtractError
+from cmarr.extract.base import Extractor, ExtractError, run_ahead
 from cmarr.extract.store import MODALITIES, FeatureStore, StoreWriter, file_sha256
 
 DATASETS = ("iemocap", "msp-improv")
@@ -229,6 +230,22 @@ def build_extractors(modalities: Sequence[str], speech=None, text=None, video=No
     return out
 
 
+def _on_cuda(ex: Extractor) -> bool:
+    return str(getattr(ex, "device", "")).startswith("cuda")
+
+
+def _device_setup(ex: Extractor):
+    """What the worker thread running ``ex`` needs first: the extractor's CUDA device made
+    current there (it is per thread), or nothing."""
+    device = str(getattr(ex, "device", ""))
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    dev = torch.device(device)
+    return (lambda: torch.cuda.set_device(dev)) if dev.index is not None else None
+
+
 def _with_device(config, device: str):
     """``config`` with its device set to ``device`` (left as it is for ``"auto"``)."""
     if config is None or device == "auto":
@@ -242,12 +259,15 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
                  allow_missing: bool = False, speech=None, text=None, video=None,
                  chunk_size: int = 64, store_dtype: str = "float16",
                  console: Console | None = None, log_every: float = 10.0,
-                 env: Mapping[str, str] | None = None) -> FeaturesRun:
+                 env: Mapping[str, str] | None = None, overlap: bool | None = None) -> FeaturesRun:
     """Extract ``modalities`` for the utterances of ``manifest`` into the store ``out``
     (or its shard file), resuming a previous run of the same job. See the module docstring.
 
     ``speech``/``text``/``video``: ``SpeechConfig``/``TextConfig``/``VideoConfig`` (their
-    ``device`` is replaced by ``device``). Raises ``ExtractError`` / ``StoreError`` for setup
+    ``device`` is replaced by ``device``). ``overlap``: run each extractor in a worker
+    thread ahead of the store writing (``run_ahead``); ``None`` = when the extractor runs on
+    CUDA, so that the GPU computes while results are stored (on the CPU the two would compete
+    for the same cores). Raises ``ExtractError`` / ``StoreError`` for setup
     problems; per-utterance problems end up in ``FeaturesRun.errors``.
     """
     t_start = time.monotonic()
@@ -314,19 +334,24 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
                 progress.start(m, len(rows), resumed[m])
                 expected = set(todo["utterance_id"])
                 seen: set[str] = set()
-                for res in ex.extract(todo, root):
-                    utt = res.utterance_id
-                    if utt not in expected or utt in seen:
-                        raise RuntimeError(f"{m} extractor returned {utt!r} "
-                                           f"{'twice' if utt in seen else 'which was not asked for'}")
-                    seen.add(utt)
-                    if res.error is not None:
-                        writer.add_error(utt, m, res.error)
-                    elif res.matrix is None:
-                        writer.add_error(utt, m, "extractor returned neither features nor a reason")
-                    else:
-                        writer.add(utt, m, res.matrix, **res.meta)
-                    progress.advance(m, float(duration.get(utt, 0.0)))
+                results = iter(ex.extract(todo, root))
+                if overlap if overlap is not None else _on_cuda(ex):
+                    # the extractor computes the next results in a worker thread while these are stored
+                    results = run_ahead(results, setup=_device_setup(ex))
+                with contextlib.closing(results) if hasattr(results, "close") else contextlib.nullcontext():
+                    for res in results:
+                        utt = res.utterance_id
+                        if utt not in expected or utt in seen:
+                            raise RuntimeError(f"{m} extractor returned {utt!r} "
+                                               f"{'twice' if utt in seen else 'which was not asked for'}")
+                        seen.add(utt)
+                        if res.error is not None:
+                            writer.add_error(utt, m, res.error)
+                        elif res.matrix is None:
+                            writer.add_error(utt, m, "extractor returned neither features nor a reason")
+                        else:
+                            writer.add(utt, m, res.matrix, **res.meta)
+                        progress.advance(m, float(duration.get(utt, 0.0)))
                 for utt in sorted(expected - seen):
                     writer.add_error(utt, m, "extractor returned no result for this utterance")
                 computed[m] = len(seen)

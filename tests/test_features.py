@@ -3,6 +3,7 @@ single-process store, a killed run resumes without recomputing, per-utterance er
 recorded and shown, setup errors are clear."""
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 from cmarr.extract.cli import app
@@ -117,6 +119,60 @@ def test_reference_store_contents(job):
     assert p["model"] == job["w2v"] and p["batching"] == "masked" and p["corpus"] == "iemocap"
     assert p["manifest_sha256"] and p["library_versions"]["torch"] and "created" in p
     assert store.provenance["text"]["tokenizer"]["class"]
+
+
+def test_extraction_overlapped_with_storing_writes_the_same_store(job, tmp_path):
+    """With the extractor in a worker thread (the default on CUDA) the store is the same,
+    to the bit."""
+    out = tmp_path / "feats.h5"
+    run = run_features("iemocap", job["root"], job["manifest"], out, modalities=MODS, overlap=True,
+                       console=Console(file=io.StringIO()), **_configs(job))
+    assert run.ok and run.computed == {"speech": 8, "text": 8}
+    assert_same_store(out, job["reference"])
+    assert FeatureStore(out).checksums == FeatureStore(job["reference"]).checksums
+
+
+def test_run_ahead_keeps_order_bounds_the_lead_raises_and_stops():
+    """The extractor's iterator runs in a worker thread: results come in order (handed over
+    in groups), at most ``depth`` groups (+ the one being computed) ahead; a worker error is
+    raised in the caller after the results before it; when the caller stops, the worker
+    stops."""
+    import threading
+
+    from cmarr.extract.base import run_ahead
+
+    made = []
+
+    def items(n, fail_at=None):
+        for i in range(n):
+            if i == fail_at:
+                raise KeyError(f"item {i}")
+            made.append(i)
+            yield i
+
+    it = run_ahead(items(10), depth=2, group=1)
+    first = next(it)
+    time.sleep(0.3)
+    assert first == 0 and len(made) <= 1 + 2 + 1  # the one taken, the queue, the one waiting to be put
+    assert [first, *it] == list(range(10))
+
+    assert list(run_ahead(items(1000), group=7)) == list(range(1000))
+    got = []
+    with pytest.raises(KeyError, match="item 3"):
+        for x in run_ahead(items(10, fail_at=3), group=64):
+            got.append(x)
+    assert got == [0, 1, 2]
+
+    made.clear()
+    names = {t.name for t in threading.enumerate()}
+    it = run_ahead(items(1000), depth=1, group=1, name="cmarr-test-worker")
+    next(it)
+    it.close()
+    deadline = time.monotonic() + 5
+    while any(t.name == "cmarr-test-worker" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "cmarr-test-worker" not in {t.name for t in threading.enumerate()} - names
+    assert len(made) < 10  # it did not run on to the end
 
 
 def test_shard_helpers():
