@@ -648,10 +648,11 @@ class StoreWriter:
     ``chunk_size`` additions into ``<out>.parts/chunk-NNNNNN.h5`` (temporary name, fsync,
     then rename). With ``background`` (the default) a full buffer is committed by one
     worker thread while the caller goes on computing, at most one chunk at a time; a
-    failed commit is raised by the next ``add``/``flush``/``finalize``, and ``flush``
-    returns only when everything added is on disk. A rerun with the same output and provenance picks up the committed chunks and
-    an existing complete store at ``out`` (whose contents are kept), so ``done()`` tells the
-    caller what to skip. ``finalize`` writes the complete store atomically and removes the
+    failed commit is raised by the next ``add``/``flush``/``finalize`` and its utterances go
+    back into the buffer; ``flush`` returns only when everything added is on disk. A rerun
+    with the same output and provenance picks up the committed chunks and an existing
+    complete store at ``out`` (whose contents are kept), so ``done()`` tells the caller what
+    to skip. ``finalize`` writes the complete store atomically and removes the
     parts folder. Nothing exists at ``out`` that is not complete.
     """
 
