@@ -22,11 +22,12 @@ joining the chunks into the store; the time includes ``finalize``) in the ways o
 (``cm-arr-extract features`` commits chunks in the background, and on CUDA also runs the
 extractor in a worker thread ahead of the writing), for the default architectures and for
 host-side-only models (a 1-layer, 32-wide wav2vec2 over ``--n-host`` utterances; the
-1-layer BERT): the ceiling of what one process writes into a store on this machine. Precision: the largest
-absolute difference of float16 / bfloat16 autocast features from float32, next to the
-error the store's own float16 rounding makes, and the share of the values the store would
-hold that change (for reference, the same share between masked batches and batch-of-one
-in float32 is printed first).
+1-layer BERT): the ceiling of what one process writes into a store on this machine.
+Precision: the largest absolute difference of float16 / bfloat16 autocast features (and
+with ``--tf32`` of emulated TF32, ``EmulatedTF32``) from float32, next to the error the
+store's own float16 rounding makes, and the share of the values the store would hold that
+change (for reference, the same share between masked batches and batch-of-one in float32
+is printed first).
 """
 from __future__ import annotations
 
@@ -179,6 +180,36 @@ def stored_changed(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
     return changed / max(sum(np.asarray(r).size for r in ref), 1)
 
 
+TF32_EMULATED = "tf32 (emulated)"
+
+
+def to_tf32(x):
+    """float32 ``x`` rounded to TF32's 10-bit mantissa (to nearest, ties away from zero; a
+    conversion that truncates would err more); anything else unchanged."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+        return x
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32).view(x.shape)
+
+
+class EmulatedTF32(torch.overrides.TorchFunctionMode):
+    """TF32 on any device: the float32 inputs of matrix products and convolutions (linear,
+    matmul, bmm, conv, the attention products) are rounded to 10 mantissa bits and the
+    products summed in float32, as TF32 tensor cores do. What a GPU with TF32 enabled would
+    change in the features, measured without one."""
+
+    OPS = {torch.nn.functional.linear, torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.matmul,
+           torch.bmm, torch.baddbmm, torch.mm, torch.addmm, torch.einsum, torch.Tensor.matmul, torch.Tensor.__matmul__,
+           torch.nn.functional.scaled_dot_product_attention}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.OPS:
+            args = tuple(to_tf32(a) for a in args)
+            kwargs = {k: to_tf32(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
 def precision_rows(make, inputs, embed, dtypes) -> list[tuple]:
     """Per dtype: (dtype, max |x_dtype - x_fp32|, that / max |x_fp32|, max |fp16(x_fp32) -
     x_fp32|, share of stored values changed)."""
@@ -187,7 +218,11 @@ def precision_rows(make, inputs, embed, dtypes) -> list[tuple]:
     store_err = max(float(np.abs(r.astype(np.float16).astype(np.float32) - r).max()) for r in ref)
     rows = []
     for dt in dtypes:
-        got = [np.asarray(g, np.float32) for g in embed(make(dt), inputs)]
+        if dt == TF32_EMULATED:
+            with EmulatedTF32():
+                got = [np.asarray(g, np.float32) for g in embed(make("float32"), inputs)]
+        else:
+            got = [np.asarray(g, np.float32) for g in embed(make(dt), inputs)]
         diff = max(float(np.abs(g - r).max()) for g, r in zip(got, ref))
         rows.append((dt, diff, diff / scale, store_err, stored_changed(ref, got)))
     return rows
@@ -199,6 +234,9 @@ def main() -> None:
     ap.add_argument("--dtype", default=None,
                     help="compute dtypes of the timed runs, comma-separated (default: float32,float16 on CUDA, "
                          "float32 on the CPU)")
+    ap.add_argument("--tf32", action="store_true",
+                    help="also compare emulated TF32 (matrix-product and convolution inputs rounded to 10 "
+                         "mantissa bits) with float32 for precision")
     ap.add_argument("--half", default=None,
                     help="autocast dtypes compared with float32 for precision (default: float16,bfloat16 on CUDA, "
                          "float16 on the CPU)")
@@ -233,6 +271,8 @@ def main() -> None:
     gpu = device.startswith("cuda")
     dtypes = [check_dtype(d.strip()) for d in (args.dtype or ("float32,float16" if gpu else "float32")).split(",")]
     half = [d.strip() for d in (args.half or ("float16,bfloat16" if gpu else "float16")).split(",")]
+    if args.tf32:
+        half.append(TF32_EMULATED)
     n_speech = args.n_speech or (1500 if gpu else 16)
     n_text = args.n_text or (20000 if gpu else 256)
     n_prec = args.n_precision or (64 if gpu else 4)
