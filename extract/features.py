@@ -26,6 +26,9 @@
   store's error table and listed in a summary at the end. ``FeaturesRun.ok`` is False
   when such errors exist, unless ``allow_missing`` accepts them as missing modalities.
   Nothing is skipped silently and no zeros stand in for data.
+- **Overlap**: the writer commits chunks from a background thread; on CUDA the extractor
+  also runs in a worker thread ahead of the writing (``run_ahead``), so the GPU computes
+  the next batch while the last one is stored.
 """
 from __future__ import annotations
 
@@ -267,8 +270,8 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
     ``device`` is replaced by ``device``). ``overlap``: run each extractor in a worker
     thread ahead of the store writing (``run_ahead``); ``None`` = when the extractor runs on
     CUDA, so that the GPU computes while results are stored (on the CPU the two would compete
-    for the same cores). Raises ``ExtractError`` / ``StoreError`` for setup
-    problems; per-utterance problems end up in ``FeaturesRun.errors``.
+    for the same cores). Raises ``ExtractError`` / ``StoreError`` for setup problems;
+    per-utterance problems end up in ``FeaturesRun.errors``.
     """
     t_start = time.monotonic()
     console = console or Console(soft_wrap=True)
