@@ -85,18 +85,16 @@ def synth_transcripts(n: int, rng: np.random.Generator) -> list[str]:
 
 
 def speech_model(name: str, tmp: Path) -> tuple[str, str]:
-    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+    from transformers import Wav2Vec2Model
+
+    from cmarr.pipelines.demo import build_random_wav2vec2
 
     try:
         Wav2Vec2Model.from_pretrained(name)
         return name, "real weights"
     except Exception:
-        folder = tmp / "wav2vec2-base-random"
-        torch.manual_seed(0)
-        Wav2Vec2Model(Wav2Vec2Config()).save_pretrained(folder)
-        Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SR, padding_value=0.0, do_normalize=True,
-                                 return_attention_mask=False).save_pretrained(folder)
-        return str(folder), "random weights, Wav2Vec2Config() (wav2vec2-base architecture)"
+        folder = build_random_wav2vec2(tmp / "wav2vec2-base-random", {}, seed=0)["path"]
+        return folder, "random weights, Wav2Vec2Config() (wav2vec2-base architecture)"
 
 
 def text_model(name: str, tokenizer: str | None, tmp: Path) -> tuple[str, str]:
@@ -132,16 +130,12 @@ HOW = {"fg": "one thread, commits in the foreground", "bg": "one thread, backgro
 def tiny_speech_model(tmp: Path) -> str:
     """A 1-layer, 32-wide wav2vec2 (random weights): its forward pass costs little, so
     what is timed is reading, batching, copies and writing."""
-    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+    from cmarr.pipelines.demo import build_random_wav2vec2
 
-    folder = tmp / "wav2vec2-tiny"
-    torch.manual_seed(0)
-    Wav2Vec2Model(Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                                 conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-                                 feat_extract_norm="group", do_stable_layer_norm=False)).save_pretrained(folder)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SR, padding_value=0.0, do_normalize=True,
-                             return_attention_mask=False).save_pretrained(folder)
-    return str(folder)
+    sizes = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, conv_dim=(32,) * 7,
+                 num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, feat_extract_norm="group",
+                 do_stable_layer_norm=False)
+    return build_random_wav2vec2(tmp / "wav2vec2-tiny", sizes, seed=0)["path"]
 
 
 def into_store(ex, modality: str, table, root: Path, tmp: Path, how: str, device: str) -> tuple[float, float]:

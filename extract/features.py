@@ -240,12 +240,11 @@ def _on_cuda(ex: Extractor) -> bool:
 def _device_setup(ex: Extractor):
     """What the worker thread running ``ex`` needs first: the extractor's CUDA device made
     current there (it is per thread), or nothing."""
-    device = str(getattr(ex, "device", ""))
-    if not device.startswith("cuda"):
+    if not _on_cuda(ex):
         return None
     import torch
 
-    dev = torch.device(device)
+    dev = torch.device(str(ex.device))
     return (lambda: torch.cuda.set_device(dev)) if dev.index is not None else None
 
 

@@ -481,9 +481,9 @@ class _ChunkSource:
         self._errors: pd.DataFrame | None = None
         if self.layout == 1:
             return
-        if self.layout != 2:
-            raise KeyError(f"chunk layout {self.layout} is not one this version reads")
         try:
+            if self.layout != 2:
+                raise KeyError(f"chunk layout {self.layout} is not one this version reads")
             for m, g in self.f.get("features", {}).items():
                 ids = list(g["ids"].asstr()[()])
                 lengths = g["lengths"][()]
