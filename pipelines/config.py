@@ -60,6 +60,13 @@ class OptimConfig:
       "max-autotune" also tunes kernels (slow to compile).
     compile_backend ["inductor"]: the ``torch.compile`` backend ("aot_eager" traces and
       differentiates the same graph without generating kernels: quick, for checking a setup).
+    stack_folds [1]: how many folds one process trains together, their weights stacked and
+      every step run once for all of them (``torch.func.vmap``,
+      :mod:`cmarr.pipelines.stacked`): the same number of operators per step as one fold, each
+      larger, where a GPU step at batch 16 is bound by their count. Each fold keeps its own
+      initial weights, batches, conditions, Adam state and checkpoints; dropout masks are drawn
+      for all at once, so results are not bit-equal to one fold at a time. 1 = one fold at a
+      time. Needs the resident pipeline ("auto" picks it), no compile, no torchrun.
     """
 
     lr: float = 1e-5
@@ -74,6 +81,7 @@ class OptimConfig:
     compile: Literal["auto", "off", "on"] = "off"
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
+    stack_folds: int = 1
 
 
 @dataclass(frozen=True)
@@ -264,6 +272,10 @@ def _check_values(cfg: TrainConfig, where: str) -> None:
         (o.epochs >= 1, "optim.epochs", "must be >= 1"),
         (o.eval_batch_size >= 1, "optim.eval_batch_size", "must be >= 1"),
         (o.grad_clip >= 0, "optim.grad_clip", "must be >= 0"),
+        (o.stack_folds >= 1, "optim.stack_folds", f"must be >= 1 (got {o.stack_folds})"),
+        (o.stack_folds == 1 or d.pipeline != "eager", "optim.stack_folds",
+         "> 1 needs data.pipeline resident or auto (every stacked batch has the same shape)"),
+        (o.stack_folds == 1 or o.compile != "on", "optim.stack_folds", "> 1 runs without torch.compile (optim.compile: on)"),
         (o.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
         (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be two numbers in [0, 1) (got {list(o.betas)})"),
         (cfg.seed >= 0, "seed", f"must be >= 0 (got {cfg.seed})"),

@@ -368,3 +368,30 @@ class ResidentData:
         order = order if order is not None else torch.arange(n, device=self.device)
         for s in range(0, len(order), batch_size):
             yield self.batch(order[s:s + batch_size])
+
+
+class ResidentSubset:
+    """Positions ``indices`` (rows of the utterance table) of a :class:`ResidentData` built over
+    every row (``full.indices == arange(N)``), with the same interface: the folds' parts share
+    one copy of the pooled tensors."""
+
+    def __init__(self, full: ResidentData, indices: Sequence[int]):
+        if not np.array_equal(full.indices, np.arange(len(full.indices))):
+            raise ValueError("ResidentSubset: the full set must hold every row in order")
+        self.full = full
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.rows = torch.as_tensor(self.indices, device=full.device)
+        self.device = full.device
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batch(self, rows: torch.Tensor) -> Batch:
+        """The batch of positions ``rows`` (a device tensor of indices into this set)."""
+        return self.full.batch(self.rows[rows])
+
+    def batches(self, batch_size: int, order: torch.Tensor | None = None) -> Iterator[Batch]:
+        n = len(self)
+        order = order if order is not None else torch.arange(n, device=self.device)
+        for s in range(0, len(order), batch_size):
+            yield self.batch(order[s:s + batch_size])

@@ -49,9 +49,10 @@ import yaml
 from cmarr.extract.base import durable_replace
 
 from .config import ConfigError, TrainConfig, load_config, with_overrides
-from .data import (CONDITION_NAMES, LABELS, MODALITIES, Batch, ResidentData, StoreData,
+from .data import (CONDITION_NAMES, LABELS, MODALITIES, Batch, ResidentData, ResidentSubset, StoreData,
                    condition_available, eager_loader, fill_value, hide_unavailable,
                    resolve_train_conditions, sample_conditions)
+from .stacked import StackedFolds, stack_groups
 from .metrics import MISSING_CONDITIONS, build_metrics, score, with_average, write_results
 from .validation import FoldSplit, SplitError, split_fold
 
@@ -133,9 +134,11 @@ def store_fingerprint(data: StoreData) -> dict[str, Any]:
 
 
 def _comparable(cfg_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """A config without the keys that may differ between jobs of one run (folds, device)."""
+    """A config without the keys that may differ between jobs of one run (folds, device, how
+    many folds a process trains together)."""
     d = json.loads(json.dumps(cfg_dict))
     d.get("protocol", {}).pop("folds", None)
+    d.get("optim", {}).pop("stack_folds", None)
     d.pop("device", None)
     return d
 
@@ -172,7 +175,9 @@ class FoldRecipe:
         self.rows: list[dict[str, Any]] = []
 
     # ---- setup ----------------------------------------------------------------------
-    def setup(self) -> "FoldRecipe":
+    def setup(self, resident: ResidentData | None = None) -> "FoldRecipe":
+        """``resident``: the pooled tensors of every row of the store on this device, shared
+        by the folds of one process (built here when not given and the pipeline is resident)."""
         from cmarr.model import CMARR
 
         cfg, data = self.cfg, self.data
@@ -197,12 +202,13 @@ class FoldRecipe:
         self.fill = fill_value(cfg.data.fill_absent)
         pipeline = cfg.data.pipeline
         if pipeline == "auto":
-            pipeline = "resident" if self.device.type == "cuda" else "eager"
+            pipeline = "resident" if self.device.type == "cuda" or cfg.optim.stack_folds > 1 else "eager"
         self.pipeline = pipeline
         if pipeline == "resident":
-            steps = self.mcfg.seq_len
-            self.res = {name: ResidentData(data, getattr(self.split, name), steps, self.device, self.fill)
+            self.res_full = resident or resident_data(data, self.mcfg.seq_len, self.device, self.fill)
+            self.res = {name: ResidentSubset(self.res_full, getattr(self.split, name))
                         for name in ("train", "val", "test")}
+            self.train_index = self.res["train"].rows
         self.resume()
         return self
 
@@ -223,9 +229,9 @@ class FoldRecipe:
         return contextlib.nullcontext()
 
     # ---- training -------------------------------------------------------------------
-    def _train_batches(self, epoch: int):
-        """Batches of this rank for ``epoch`` (order seeded by seed, fold, epoch)."""
-        bs = self.cfg.optim.batch_size
+    def _train_order(self, epoch: int) -> torch.Tensor:
+        """Positions in the training part, in this rank's order for ``epoch`` (seeded by seed,
+        fold, epoch)."""
         n = len(self.split.train)
         g = torch.Generator()
         g.manual_seed(_seed(self.cfg.seed, self.fold, epoch, 1))
@@ -233,13 +239,25 @@ class FoldRecipe:
         if self.dist.enabled:  # same permutation on every rank, padded to a multiple of the world size
             pad = (-n) % self.dist.world
             order = torch.cat([order, order[:pad]])[self.dist.rank::self.dist.world]
+        return order
+
+    def train_rows(self, epoch: int):
+        """Resident pipeline: the store rows of each training batch of ``epoch``, as device
+        tensors (a final batch of one utterance is dropped)."""
+        bs = self.cfg.optim.batch_size
+        rows = self.train_index[self._train_order(epoch).to(self.device)]
+        for s in range(0, len(rows), bs):
+            if len(rows[s:s + bs]) >= 2:
+                yield rows[s:s + bs]
+
+    def _train_batches(self, epoch: int):
+        """Batches of this rank for ``epoch``."""
+        bs = self.cfg.optim.batch_size
         if self.pipeline == "resident":
-            order = order.to(self.device)
-            for s in range(0, len(order), bs):
-                rows = order[s:s + bs]
-                if len(rows) >= 2:
-                    yield self.res["train"].batch(rows)
+            for rows in self.train_rows(epoch):
+                yield self.res_full.batch(rows)
         else:
+            order = self._train_order(epoch)
             idx = self.split.train[order.numpy()]
             loader = eager_loader(self.data, idx, bs, shuffle=False, seed=0, fill=self.fill,
                                   num_workers=self.cfg.data.num_workers)
@@ -287,9 +305,12 @@ class FoldRecipe:
             sums += torch.stack([losses[k].float() for k in names])  # stays on the device: no sync per step
             steps += 1
         vals = (sums / max(steps, 1)).tolist()
-        if not np.isfinite(vals[-1]):
-            raise TrainError(f"fold {self.fold}, epoch {epoch}: the training loss is not finite ({vals[-1]})")
+        self.check_loss(epoch, vals[-1])
         return {f"loss_{k}": v for k, v in zip(names, vals)} | {"steps": steps}
+
+    def check_loss(self, epoch: int, value: float) -> None:
+        if not np.isfinite(value):
+            raise TrainError(f"fold {self.fold}, epoch {epoch}: the training loss is not finite ({value})")
 
     # ---- evaluation -----------------------------------------------------------------
     def _eval_batches(self, part: str):
@@ -424,29 +445,34 @@ class FoldRecipe:
     # ---- the loop -------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train the remaining epochs, select on validation, evaluate the best on test."""
-        epochs = self.cfg.optim.epochs
-        while self.epoch < epochs:
-            epoch = self.epoch + 1
+        while self.epoch < self.cfg.optim.epochs:
             t0 = time.perf_counter()
-            losses = self.train_epoch(epoch)
-            val = self.evaluate("val")
-            sel = self.selection_score(val)
-            self.epoch = epoch
-            improved = sel > self.best_score
-            if improved:
-                self.best_score, self.best_epoch = sel, epoch
-                self.save_checkpoint("best", val)
-            row = {"epoch": epoch, **{k: round(v, 6) for k, v in losses.items() if k != "steps"},
-                   "steps": losses["steps"],
-                   "val_war_avg": round(val["avg"]["war"], 6), "val_uar_avg": round(val["avg"]["uar"], 6),
-                   "val_war_full": round(val["svt"]["war"], 6), "val_uar_full": round(val["svt"]["uar"], 6),
-                   "val_select": round(sel, 6), "best": int(improved), "seconds": round(time.perf_counter() - t0, 3)}
-            self.rows.append(row)
-            self._write_log()
-            self.save_checkpoint("last")
-            self.log(f"fold {self.fold} epoch {epoch}/{epochs}: loss {losses['loss_total']:.4f} "
-                     f"val UAR avg {val['avg']['uar']:.4f} full {val['svt']['uar']:.4f}{' *' if improved else ''}")
+            losses = self.train_epoch(self.epoch + 1)
+            self.end_epoch(self.epoch + 1, losses, t0=t0)
         return self.test_best()
+
+    def end_epoch(self, epoch: int, losses: Mapping[str, float], t0: float, seconds_before: float = 0.0) -> None:
+        """After training epoch ``epoch``: validate, select, checkpoint, log. The log's
+        seconds are ``seconds_before`` plus the time since ``t0``."""
+        epochs = self.cfg.optim.epochs
+        val = self.evaluate("val")
+        sel = self.selection_score(val)
+        self.epoch = epoch
+        improved = sel > self.best_score
+        if improved:
+            self.best_score, self.best_epoch = sel, epoch
+            self.save_checkpoint("best", val)
+        row = {"epoch": epoch, **{k: round(v, 6) for k, v in losses.items() if k != "steps"},
+               "steps": losses["steps"],
+               "val_war_avg": round(val["avg"]["war"], 6), "val_uar_avg": round(val["avg"]["uar"], 6),
+               "val_war_full": round(val["svt"]["war"], 6), "val_uar_full": round(val["svt"]["uar"], 6),
+               "val_select": round(sel, 6), "best": int(improved),
+               "seconds": round(seconds_before + time.perf_counter() - t0, 3)}
+        self.rows.append(row)
+        self._write_log()
+        self.save_checkpoint("last")
+        self.log(f"fold {self.fold} epoch {epoch}/{epochs}: loss {losses['loss_total']:.4f} "
+                 f"val UAR avg {val['avg']['uar']:.4f} full {val['svt']['uar']:.4f}{' *' if improved else ''}")
 
     def test_best(self) -> dict[str, Any]:
         """Load ``best.pt`` and score the test part under the seven conditions (once)."""
@@ -471,6 +497,11 @@ class FoldRecipe:
 
 # ----------------------------------------------------------------------------------------
 # a whole run
+
+
+def resident_data(data: StoreData, steps: int, device: torch.device, fill: float) -> ResidentData:
+    """Every row of ``data`` pooled to ``steps`` steps on ``device`` (the resident pipeline)."""
+    return ResidentData(data, np.arange(len(data.ids)), steps, device, fill)
 
 
 def resolve_config(config: TrainConfig | str | Path | None = None, *, variant: str | None = None,
@@ -556,16 +587,30 @@ def run_training(features_path: str | Path, config: TrainConfig | str | Path | N
     store = store_fingerprint(data)
     if dist.main:
         _write_config(run_dir, cfg, mcfg.to_dict(), store)
+    if dist.enabled and cfg.optim.stack_folds > 1:
+        raise TrainError("optim.stack_folds > 1 does not run under torchrun (distributed data parallel); use 1")
     if jobs > 1 and len(wanted) > 1 and not dist.enabled:
         spread = dev.type == "cuda" and cfg.device in ("auto", "cuda")  # not pinned to one GPU
         _run_jobs(features_path, run_dir, wanted, jobs, log, gpus=torch.cuda.device_count() if spread else 0)
     else:
+        todo = []
         for k in wanted:
             if (run_dir / f"fold{k}" / "metrics.json").exists():
                 log(f"fold {k}: already done in {run_dir / f'fold{k}'}")
-                continue
-            recipe = FoldRecipe(cfg, data, k, run_dir, dev, dist, log=log if dist.main else None).setup()
-            recipe.fit()
+            else:
+                todo.append(k)
+        resident = None
+        for group in stack_groups(todo, cfg.optim.stack_folds):
+            recipes = []
+            for k in group:
+                recipes.append(FoldRecipe(cfg, data, k, run_dir, dev, dist, log=log if dist.main else None)
+                               .setup(resident))
+                resident = getattr(recipes[-1], "res_full", None)  # one copy for the folds of this process
+            if len(recipes) == 1:
+                recipes[0].fit()
+            else:
+                log(f"folds {', '.join(map(str, group))}: trained together (optim.stack_folds)")
+                StackedFolds(recipes).fit()
     results = collect_fold_results(run_dir, wanted)
     missing = [k for k in wanted if k not in results]
     if missing:

@@ -3,7 +3,7 @@
     cm-arr-train --features FEATS.h5 [--config CONFIG.yaml] [--folds 1,2,...]
                  [--variant cm-arr|baseline|no-udcl|no-spcl|no-attention|point]
                  [--out RUN_DIR] [--device auto|cpu|cuda] [--seed N] [--epochs N]
-                 [--jobs N] [--set optim.lr=1e-4 ...]
+                 [--jobs N] [--stack-folds N] [--set optim.lr=1e-4 ...]
 
 Writes RUN_DIR (see :mod:`cmarr.pipelines.train`) and prints the Table 2 layout at the end.
 Under ``torchrun --nproc-per-node N -m cmarr.pipelines.train_cli ...`` it trains with
@@ -45,6 +45,7 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Override optim.epochs."),
     jobs: int = typer.Option(1, "--jobs", help="Run folds as this many concurrent processes (spread over the visible GPUs)."),
+    stack_folds: Optional[int] = typer.Option(None, "--stack-folds", help="Train this many folds together in one process, weights stacked, one step for all (optim.stack_folds)."),
     set_: List[str] = typer.Option([], "--set", help="Override any config key: --set optim.lr=1e-4"),
     quiet: bool = typer.Option(False, "--quiet", help="No per-epoch lines."),
 ) -> None:
@@ -59,6 +60,8 @@ def train(
     try:
         fold_list = parse_folds(folds)
         overrides = dict(parse_set_option(s) for s in set_)
+        if stack_folds is not None:
+            overrides["optim.stack_folds"] = stack_folds
         if variant is not None:
             from .config import VARIANT_NAMES
             if variant not in VARIANT_NAMES:

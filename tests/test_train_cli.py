@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -354,8 +355,11 @@ def test_ddp_two_cpu_processes_gloo(env, tmp_path):
                            str(script), str(store), str(cfg), str(out)],  # --standalone: a free port
                           capture_output=True, text=True, timeout=240, env=env_vars)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = sorted(ln.split() for ln in proc.stdout.splitlines() if ln.startswith("RANK"))
-    assert [ln[1] for ln in lines] == ["0", "1"] and all(ln[2] == "2" and ln[3] == "gloo" for ln in lines)
+    # found anywhere in the output: the two ranks share one stdout, and another line may precede
+    # a rank's line without its newline yet
+    lines = sorted(["RANK", *m] for m in re.findall(r"RANK (\d) (\d) (\w+) ([0-9a-f]{64}) (\d+) (\S+)", proc.stdout))
+    assert [ln[1] for ln in lines] == ["0", "1"] and all(ln[2] == "2" and ln[3] == "gloo" for ln in lines), \
+        proc.stdout[-3000:] + proc.stderr[-3000:]
     assert lines[0][4] == lines[1][4]  # both ranks hold the same weights after training (best checkpoint)
     assert lines[0][6] == lines[1][6]  # and report the same metrics
     single = run_training(store, cfg, out_dir=tmp_path / "single", folds=[1], device="cpu", epochs=1, log=None)
