@@ -26,11 +26,23 @@ class CombineError(Exception):
     pass
 
 
+def _read_yaml_mapping(path: Path) -> dict:
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise CombineError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise CombineError(f"{path}: expected a mapping, got {type(doc).__name__}")
+    return doc
+
+
 def combine_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
     """Merge the finished folds of ``run_dirs``; write metrics.json / results.md in ``out_dir``."""
     from .config import config_from_dict
     from .metrics import write_results
-    from .train import _comparable, summary_document
+    from .train import _comparable, store_difference, summary_document
 
     if not run_dirs:
         raise CombineError("no RUN_DIRs given")
@@ -39,22 +51,30 @@ def combine_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
         cfg_path = d / "config.yaml"
         if not cfg_path.is_file():
             raise CombineError(f"{d}: not a cm-arr-train RUN_DIR (no config.yaml)")
-        cfg_doc = yaml.safe_load(cfg_path.read_text()) or {}
-        side = yaml.safe_load((d / "model_config.yaml").read_text()) if (d / "model_config.yaml").is_file() else {}
+        cfg_doc = _read_yaml_mapping(cfg_path)
+        side_path = d / "model_config.yaml"
+        if not side_path.is_file():
+            raise CombineError(f"{d}: not a complete cm-arr-train RUN_DIR (no model_config.yaml)")
+        side = _read_yaml_mapping(side_path)
         if first_cfg is None:
             first_cfg, first_dir = cfg_doc, d
             store, model_cfg = side.get("store", {}), side.get("model", {})
         else:
             if _comparable(cfg_doc) != _comparable(first_cfg):
                 raise CombineError(f"{d}: its config differs from {first_dir}'s (only folds and device may differ)")
-            if side.get("store", {}).get("utterance_ids_sha256") != store.get("utterance_ids_sha256"):
-                raise CombineError(f"{d}: was trained on another store than {first_dir}")
+            diff = store_difference(store, side.get("store", {}))
+            if diff:
+                raise CombineError(f"{d}: was trained on another store than {first_dir} ({diff})")
         found = sorted(d.glob("fold*/metrics.json"))
         if not found:
             raise CombineError(f"{d}: has no finished fold (no fold*/metrics.json)")
         for p in found:
-            r = json.loads(p.read_text())
-            k = int(r["fold"])
+            try:
+                r = json.loads(p.read_text())
+                k = int(r["fold"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise CombineError(f"{p}: not a fold's metrics.json ({type(e).__name__}: {e}); "
+                                   "rerun that fold (cm-arr-train --folds K --out RUN_DIR)") from None
             if k in results:
                 raise CombineError(f"{d}: fold {k} is also in another RUN_DIR; give each fold once")
             results[k] = r

@@ -263,8 +263,9 @@ def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-def _check_values(cfg: TrainConfig, where: str) -> None:
-    """Range checks (types are checked on construction)."""
+def _check_values(cfg: TrainConfig, where: str) -> TrainConfig:
+    """Range checks (types are checked on construction); returns ``cfg`` with the ``model``
+    overrides in canonical form (e.g. YAML's string "5e-1" for a float field as 0.5)."""
     o, d = cfg.optim, cfg.data
     checks = [
         (o.lr > 0, "optim.lr", "must be > 0"),
@@ -282,6 +283,8 @@ def _check_values(cfg: TrainConfig, where: str) -> None:
         (0 < d.val_fraction < 1, "data.val_fraction", "must be in (0, 1)"),
         (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
         (all(f >= 1 for f in cfg.protocol.folds), "protocol.folds", "folds are 1-based"),
+        (len(set(cfg.protocol.folds)) == len(cfg.protocol.folds), "protocol.folds",
+         f"names a fold more than once ({list(cfg.protocol.folds)})"),
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "device",
          f"must be auto, cpu, cuda or cuda:N (got {cfg.device!r})"),
     ]
@@ -303,8 +306,9 @@ def _check_values(cfg: TrainConfig, where: str) -> None:
             raise ConfigError(f"{where}: unknown model key{'s' if len(unknown) > 1 else ''} "
                               f"{', '.join('model.' + k for k in unknown)} (see cmarr.model.CMARRConfig)")
         hints = typing.get_type_hints(CMARRConfig)
-        for key, value in cfg.model.items():
-            _coerce(value, hints[key], f"{where}: model.{key}")
+        return dataclasses.replace(cfg, model={key: _coerce(value, hints[key], f"{where}: model.{key}")
+                                               for key, value in cfg.model.items()})
+    return cfg
 
 
 def config_from_dict(data: Mapping[str, Any] | None, where: str = "<config>") -> TrainConfig:
@@ -313,8 +317,7 @@ def config_from_dict(data: Mapping[str, Any] | None, where: str = "<config>") ->
         cfg = _build(TrainConfig, data or {}, "")
     except ConfigError as e:
         raise ConfigError(f"{where}: {str(e).removeprefix(': ')}") from None
-    _check_values(cfg, where)
-    return cfg
+    return _check_values(cfg, where)
 
 
 def load_config(path: str | Path | None) -> TrainConfig:
@@ -322,6 +325,8 @@ def load_config(path: str | Path | None) -> TrainConfig:
     if path is None:
         return config_from_dict({})
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a directory, not a config file")
     if not p.is_file():
         raise ConfigError(f"{p}: no such config file")
     try:

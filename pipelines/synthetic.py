@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -130,12 +130,14 @@ def make_synthetic_data(spec: SyntheticSpec = SyntheticSpec(), seed: int = 0,
 
 def make_synthetic_store(path: str | Path, n_per_class: int = 8, sessions: int = 5, seed: int = 0,
                          dims: Mapping[str, int] | None = None, spec: SyntheticSpec | None = None,
-                         session_sizes: list[int] | None = None, modalities=SYN_MODALITIES) -> Path:
+                         session_sizes: list[int] | None = None, modalities=SYN_MODALITIES,
+                         absent_folds: Mapping[str, Sequence[int]] | None = None) -> Path:
     """Write a synthetic store at ``path`` through :class:`cmarr.extract.store.StoreWriter`.
 
     ``n_per_class`` utterances per class per session; ``dims`` overrides the widths
     (default 8/8/6; 768/768/342 for IEMOCAP-shaped stores). ``modalities`` lets tests write
-    a store that lacks one entirely.
+    a store that lacks one entirely; ``absent_folds`` (modality -> folds) one whose given folds
+    lack it.
     """
     from cmarr.extract.store import StoreWriter
 
@@ -152,9 +154,10 @@ def make_synthetic_store(path: str | Path, n_per_class: int = 8, sessions: int =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = StoreWriter(path, table, provenance, chunk_size=512)
+    absent_folds = {m: set(v) for m, v in (absent_folds or {}).items()}
     for m in modalities:
-        for utt in table["utterance_id"]:
-            if utt in feats[m]:
+        for utt, fold in zip(table["utterance_id"], table["fold"]):
+            if utt in feats[m] and int(fold) not in absent_folds.get(m, ()):
                 writer.add(utt, m, feats[m][utt], **meta[m][utt])
             else:
                 writer.add_error(utt, m, "no face found" if m == "video" else

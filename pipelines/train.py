@@ -49,7 +49,7 @@ import yaml
 from cmarr.extract.base import durable_replace
 
 from .config import ConfigError, TrainConfig, load_config, with_overrides
-from .data import (CONDITION_NAMES, LABELS, MODALITIES, Batch, ResidentData, ResidentSubset, StoreData,
+from .data import (CONDITION_MASKS, CONDITION_NAMES, LABELS, MODALITIES, Batch, ResidentData, ResidentSubset, StoreData,
                    condition_available, eager_loader, fill_value, hide_unavailable,
                    resolve_train_conditions, sample_conditions)
 from .stacked import StackedFolds, stack_groups
@@ -128,9 +128,27 @@ def model_config_for(cfg: TrainConfig, dims: Mapping[str, int]):
 
 
 def store_fingerprint(data: StoreData) -> dict[str, Any]:
+    """What identifies the store a run trained on: its utterance ids, its table (ids, labels,
+    folds, speakers) and the sha256 of each modality's frames (as the store records them)."""
     ids = "\n".join(data.ids).encode()
+    table = "\n".join(f"{u}\t{y}\t{k}\t{s}" for u, y, k, s in zip(data.ids, data.labels, data.folds, data.speakers))
     return {"path": str(data.path), "n_utterances": len(data), "utterance_ids_sha256": hashlib.sha256(ids).hexdigest(),
+            "table_sha256": hashlib.sha256(table.encode()).hexdigest(),
             "dims": dict(data.dims), "frames_sha256": dict(data.checksums)}
+
+
+def store_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
+    """How the store fingerprint ``new`` differs from ``old`` (None: the same store). A field
+    that one of them lacks (written by an older version, or a store in memory) is not compared."""
+    if old.get("utterance_ids_sha256") != new.get("utterance_ids_sha256"):
+        return "its utterance ids differ"
+    if old.get("table_sha256") and new.get("table_sha256") and old["table_sha256"] != new["table_sha256"]:
+        return "its labels, folds or speakers differ"
+    a, b = old.get("frames_sha256") or {}, new.get("frames_sha256") or {}
+    changed = sorted(m for m in set(a) & set(b) if a[m] and b[m] and a[m] != b[m])
+    if changed or (a and b and set(a) != set(b)):
+        return f"its {', '.join(changed) or 'modalities'} features differ (frames_sha256)"
+    return None
 
 
 def _comparable(cfg_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -184,6 +202,12 @@ class FoldRecipe:
         self.split: FoldSplit = split_fold(data.folds, data.labels, data.speakers, self.fold, cfg.data.validation,
                                            cfg.data.val_fraction, cfg.seed, where=str(data.path))
         self.mcfg = model_config_for(cfg, data.dims)
+        for part in ("val", "test"):  # found now, not after the fold has trained
+            have = data.present[getattr(self.split, part)]  # (n, 3)
+            for c, mask in zip(CONDITION_NAMES, CONDITION_MASKS):
+                if len(have) and not (have & np.asarray(mask, dtype=bool)).any():
+                    raise TrainError(f"{data.path}: fold {self.fold}: no {part} utterance has any input under "
+                                     f"condition {c} (the store has none of its modalities for them)")
         self.mode = resolve_train_conditions(cfg.protocol.train_conditions, self.mcfg.train_missing)
         torch.manual_seed(_seed(cfg.seed, self.fold, 0))
         self.model = CMARR(self.mcfg).to(self.device)
@@ -416,8 +440,10 @@ class FoldRecipe:
         check_model_format(ck, path)
         if _comparable(ck["train_config"]) != _comparable(self.cfg.to_dict()):
             raise TrainError(f"{path}: was made with another config; use another --out or the same config")
-        if ck["store"]["utterance_ids_sha256"] != store_fingerprint(self.data)["utterance_ids_sha256"]:
-            raise TrainError(f"{path}: was made from another store (utterance ids differ)")
+        diff = store_difference(ck["store"], store_fingerprint(self.data))
+        if diff:
+            raise TrainError(f"{path}: was made from another store than {self.data.path} ({diff}); "
+                             "use another --out")
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"]["torch"])
@@ -544,8 +570,10 @@ def _write_config(run_dir: Path, cfg: TrainConfig, model_cfg: Mapping[str, Any],
             raise TrainError(f"{run_dir}: holds a run with another config (see its config.yaml); use another --out")
         if side.exists():
             old_store = (yaml.safe_load(side.read_text()) or {}).get("store", {})
-            if old_store.get("utterance_ids_sha256") != store["utterance_ids_sha256"]:
-                raise TrainError(f"{run_dir}: holds a run on another store; use another --out")
+            diff = store_difference(old_store, store)
+            if diff:
+                raise TrainError(f"{run_dir}: holds a run on another store than {store['path']} ({diff}); "
+                                 "use another --out")
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     for p, text in ((side, yaml.safe_dump({"model": dict(model_cfg), "store": dict(store)}, sort_keys=False)),
@@ -573,6 +601,10 @@ def run_training(features_path: str | Path, config: TrainConfig | str | Path | N
     cfg = resolve_config(config, variant=variant, folds=folds, device=device, seed=seed, epochs=epochs,
                          overrides=overrides)
     run_dir = Path(out_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainError(f"--out {run_dir}: is a file, not a directory")
+    if jobs < 1:
+        raise TrainError(f"--jobs {jobs}: must be >= 1")
     if data is None:
         data = StoreData(features_path, load=cfg.data.load)
     all_folds = data.fold_ids
@@ -688,8 +720,9 @@ def collect_reps(checkpoint: str | Path, store: str | Path | StoreData, fold: in
     if condition not in CONDITION_NAMES:
         raise TrainError(f"unknown condition {condition!r}; choose one of {', '.join(CONDITION_NAMES)}")
     data = store if isinstance(store, StoreData) else StoreData(store)
-    if ck["store"]["utterance_ids_sha256"] != store_fingerprint(data)["utterance_ids_sha256"]:
-        raise TrainError(f"{checkpoint}: was trained on another store than {data.path}")
+    diff = store_difference(ck["store"], store_fingerprint(data))
+    if diff:
+        raise TrainError(f"{checkpoint}: was trained on another store than {data.path} ({diff})")
     mdict = dict(ck["model_config"])
     model = CMARR(CMARRConfig(**mdict)).to(device)
     model.load_state_dict(ck["model"])

@@ -11,6 +11,7 @@ distributed data parallel. Rerunning with the same RUN_DIR resumes an interrupte
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -31,6 +32,8 @@ def parse_folds(text: str | None) -> list[int] | None:
         raise typer.BadParameter(f"--folds {text!r}: expected comma-separated fold numbers, e.g. 1,2,3") from None
     if not folds or any(f < 1 for f in folds):
         raise typer.BadParameter(f"--folds {text!r}: folds are 1-based")
+    if len(set(folds)) != len(folds):
+        raise typer.BadParameter(f"--folds {text!r}: names a fold more than once")
     return folds
 
 
@@ -72,7 +75,7 @@ def train(
     except (ConfigError, DataError, SplitError, StoreError, TrainError, typer.BadParameter) as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(2)
-    if not quiet:
+    if not quiet and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 only
         out.print(rich_table(metrics, title=f"{metrics['variant']}: WAR / UAR (%) on {features.name}"))
         out.print(f"results in {out_dir}/ (metrics.json, results.md, config.yaml, fold*/)")
 

@@ -198,6 +198,31 @@ def test_combine_fold_jobs(env):
     assert (root / "combined" / "results.md").read_text().count("|") > 20
     bad = runner.invoke(combine_app, [str(root / "job1"), str(root / "job1"), "--out", str(root / "c2")])
     assert bad.exit_code == 2 and "fold 1 is also in another RUN_DIR" in bad.output and "Traceback" not in bad.output
+    # a damaged fold result or config is a message, not a traceback
+    broken = root / "job-broken"
+    shutil.copytree(root / "job2", broken)
+    (broken / "fold2" / "metrics.json").write_text("{")
+    bad = runner.invoke(combine_app, [str(root / "job1"), str(broken), "--out", str(root / "c3")])
+    assert bad.exit_code == 2 and "fold2/metrics.json: not a fold's metrics.json" in bad.output, bad.output
+    (broken / "config.yaml").write_text("- a list\n")
+    bad = runner.invoke(combine_app, [str(root / "job1"), str(broken), "--out", str(root / "c3")])
+    assert bad.exit_code == 2 and "config.yaml: expected a mapping" in bad.output, bad.output
+
+
+def test_a_run_is_not_continued_on_another_store(env):
+    """Same utterance ids, other labels and features (e.g. a re-extraction with another
+    encoder): resuming, adding folds to the RUN_DIR or reading its checkpoints is refused."""
+    root, store, cfg = env
+    other = make_synthetic_store(root / "other.h5", n_per_class=4, sessions=3, seed=6)
+    out = root / "on-store-a"
+    assert _train(["--features", store, "--config", cfg, "--folds", "1", "--epochs", "1", "--out", out,
+                   "--quiet"]).exit_code == 0
+    (out / "fold1" / "metrics.json").unlink()  # as if interrupted before the test evaluation
+    res = _train(["--features", other, "--config", cfg, "--folds", "1", "--epochs", "1", "--out", out, "--quiet"])
+    assert res.exit_code == 2 and "holds a run on another store than" in res.output, res.output
+    assert "labels, folds or speakers differ" in res.output or "features differ" in res.output
+    with pytest.raises(TrainError, match="was trained on another store"):
+        collect_reps(out / "fold1" / "best.pt", other, fold=1)
 
 
 def test_collect_reps_for_tsne(env):
@@ -284,6 +309,9 @@ def _edit_store(src, dst, edit, rewrite_table):
     ("bad-betas", "optim.betas must be two numbers in [0, 1)"),
     ("dims-override", "model.num_classes is not a setting"),
     ("shard-store", "is shard 1/2 of an extraction"),
+    ("out-is-a-file", "is a file, not a directory"),
+    ("duplicate-folds", "names a fold more than once"),
+    ("no-test-video", "fold 1: no test utterance has any input under condition v"),
 ])
 def test_bad_input_is_a_clear_message(env, case, message, rewrite_table):
     root, store, cfg = env
@@ -319,6 +347,14 @@ def test_bad_input_is_a_clear_message(env, case, message, rewrite_table):
         with h5py.File(shard, "a") as f:
             f.attrs["shard"] = "1/2"
         args[1] = shard
+    elif case == "out-is-a-file":
+        (d / "afile").write_text("x")
+        args[5] = d / "afile"
+    elif case == "duplicate-folds":
+        args += ["--folds", "1,2,1"]
+    elif case == "no-test-video":  # found before the fold trains (50 epochs would take long)
+        args[1] = make_synthetic_store(d / "novid1.h5", n_per_class=3, sessions=3, seed=2, absent_folds={"video": [1]})
+        args += ["--folds", "1", "--epochs", "50"]
     res = _train(args)
     assert res.exit_code == 2, res.output
     assert message in res.output

@@ -45,6 +45,13 @@ def test_config_yaml_unknown_key_and_wrong_type(tmp_path):
     p.write_text("optim:\n  lr: 1e-4\n  compile: off\n")  # YAML 1.1: a string and a bool
     c = load_config(p)
     assert c.optim.lr == 1e-4 and c.optim.compile == "off"
+    p.write_text("model:\n  beta: 5e-1\n  udcl_b: 4e0\n")  # model floats too, stored as floats
+    c = load_config(p)
+    assert c.model == {"beta": 0.5, "udcl_b": 4.0} and all(type(v) is float for v in c.model.values())
+    assert with_overrides(load_config(None), {"model.alpha": "1e-1"}).model == {"alpha": 0.1}
+    p.write_text("protocol:\n  folds: [1, 2, 1]\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: protocol\.folds names a fold more than once"):
+        load_config(p)
 
 
 def test_config_overrides_and_round_trip(tmp_path):
