@@ -95,7 +95,10 @@ class GroupConv1d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, G * in, T) -> (B, G * out, T)."""
-        return F.conv1d(x, self.weight.flatten(0, 1), self.bias.flatten(), padding=self.padding, groups=self.groups)
+        # in x's dtype: a no-op in float32 and under autocast, whose cast of a batched
+        # (vmapped) conv reaches the input but not the bias
+        w, b = self.weight.flatten(0, 1).to(x.dtype), self.bias.flatten().to(x.dtype)
+        return F.conv1d(x, w, b, padding=self.padding, groups=self.groups)
 
 
 def attention_mask(mask: Tensor) -> Tensor:

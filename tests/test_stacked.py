@@ -234,3 +234,19 @@ def test_stack_folds_on_the_command_line_and_bad_settings(env):
         assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
     with pytest.raises(ConfigError):
         run_training(store, cfg, out_dir=root / "cli-bad2", device="cpu", log=None, overrides={"optim.stack_folds": -1})
+
+
+@pytest.mark.parametrize("variant", ["baseline", "point", "no-attention"])
+def test_stacked_variants_with_bf16_adamw_and_clipping(env, variant):
+    """Every model path under vmap with autocast; 3 folds by 2: a stacked pair, then one alone."""
+    root, store, cfg, _ = env
+    logs = []
+    m = run_training(store, cfg, variant=variant, out_dir=root / f"var-{variant}", device="cpu", epochs=1,
+                     log=logs.append, overrides={"optim.stack_folds": 2, "optim.amp": "bf16", "optim.grad_clip": 0.5,
+                                                 "optim.optimizer": "adamw", "optim.weight_decay": 0.01})
+    assert any("folds 1, 2: trained together" in s for s in logs)
+    assert not any("folds 3" in s for s in logs)
+    assert set(m["folds"]) == {"1", "2", "3"}
+    for k in (1, 2, 3):
+        ck = torch.load(root / f"var-{variant}" / f"fold{k}" / "last.pt", weights_only=False)
+        assert ck["variant"] == variant and all(torch.isfinite(v).all() for v in ck["model"].values())
