@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -43,10 +44,11 @@ from .data import sample_conditions
 class StackedParams:
     """The parameters of ``E`` models of one architecture, stacked along a leading axis.
 
-    Parameter ``name`` is a leaf tensor ``(E, *shape)`` that is a view into one flat buffer
-    (``self.flat``), and its ``.grad`` a view into another (``self.flat_grad``), in the same
-    layout, so that the optimizer works on two flat tensors with a handful of operators.
-    ``member_of[i]`` is the member of element ``i`` of the flat buffers.
+    All of them live in one ``(E, P)`` buffer (``self.flat``), row ``e`` holding member ``e``'s
+    ``P`` parameter values; parameter ``name`` is a leaf tensor ``(E, *shape)`` viewing its
+    columns, and its ``.grad`` views the same columns of a second buffer (``self.flat_grad``),
+    where backward accumulates. The optimizer then works on two ``(E, P)`` tensors with a
+    handful of operators, a member's factors broadcast along its row.
     """
 
     def __init__(self, models: Sequence[torch.nn.Module]):
@@ -56,25 +58,21 @@ class StackedParams:
         ref = named[0]
         device, dtype = ref[self.names[0]].device, ref[self.names[0]].dtype
         sizes = [ref[n].numel() for n in self.names]
-        total = E * sum(sizes)
-        self.flat = torch.empty(total, device=device, dtype=dtype)
-        self.flat_grad = torch.zeros(total, device=device, dtype=dtype)
+        self.flat = torch.empty(E, sum(sizes), device=device, dtype=dtype)
+        self.flat_grad = torch.zeros(E, sum(sizes), device=device, dtype=dtype)
         self.params: dict[str, Tensor] = {}
         self.slices: dict[str, tuple[int, int]] = {}
-        member = []
         off = 0
         with torch.no_grad():
             for n, size in zip(self.names, sizes):
                 shape = (E, *ref[n].shape)
-                view = self.flat[off:off + E * size].view(shape)
+                view = self.flat[:, off:off + size].view(shape)
                 view.copy_(torch.stack([d[n].detach() for d in named]))
                 view.requires_grad_()
-                view.grad = self.flat_grad[off:off + E * size].view(shape)  # backward accumulates here
+                view.grad = self.flat_grad[:, off:off + size].view(shape)  # backward accumulates here
                 self.params[n] = view
                 self.slices[n] = (off, size)
-                member.append(torch.arange(E, device=device).repeat_interleave(size))
-                off += E * size
-        self.member_of = torch.cat(member)
+                off += size
 
     def member(self, e: int) -> dict[str, Tensor]:
         """Member ``e``'s parameters (views)."""
@@ -104,31 +102,31 @@ class MemberAdam:
 
     @torch.no_grad()
     def step(self, active: Tensor) -> None:
-        s, idx = self.s, self.s.member_of
+        s = self.s
+        dt = s.flat.dtype
         a = active.to(self.steps.dtype)
         self.steps += a
+        col = lambda v: v.to(dt).unsqueeze(1)  # (E,) -> (E, 1), broadcast along a member's row
         g = s.flat_grad
         if self.grad_clip > 0:  # per member: torch.nn.utils.clip_grad_norm_ of that member's gradients
-            sq = torch.zeros(s.E, device=g.device, dtype=g.dtype).index_add_(0, idx, g * g)
-            coef = (self.grad_clip / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-            g = g * coef[idx]
+            norm = (g * g).sum(dim=1).sqrt()
+            g = g * (self.grad_clip / (norm + 1e-6)).clamp(max=1.0).unsqueeze(1)
         if self.wd and not self.decoupled:
             g = g.add(s.flat, alpha=self.wd)
         stepped = self.steps > 0
         bc1 = torch.where(stepped, 1 - self.b1 ** self.steps, torch.ones_like(self.steps))
         bc2 = torch.where(stepped, 1 - self.b2 ** self.steps, torch.ones_like(self.steps))
-        dt = s.flat.dtype
-        self.exp_avg.lerp_(g, ((1 - self.b1) * a).to(dt)[idx])
-        self.exp_avg_sq.lerp_(g * g, ((1 - self.b2) * a).to(dt)[idx])
+        self.exp_avg.lerp_(g, col((1 - self.b1) * a))
+        self.exp_avg_sq.lerp_(g * g, col((1 - self.b2) * a))
         if self.wd and self.decoupled:
-            s.flat.mul_((1 - self.lr * self.wd * a).to(dt)[idx])
-        denom = (self.exp_avg_sq.sqrt() / bc2.sqrt().to(dt)[idx]).add_(self.eps)
-        s.flat.addcdiv_(self.exp_avg * (-self.lr * a / bc1).to(dt)[idx], denom)
+            s.flat.mul_(col(1 - self.lr * self.wd * a))
+        denom = (self.exp_avg_sq.sqrt() / col(bc2.sqrt())).add_(self.eps)
+        s.flat.addcdiv_(self.exp_avg * col(-self.lr * a / bc1), denom)
 
     # ---- torch.optim.Adam's per-model state, for checkpoints ------------------------------
     def _view(self, flat: Tensor, name: str, e: int) -> Tensor:
         off, size = self.s.slices[name]
-        return flat[off + e * size: off + (e + 1) * size].view(self.s.params[name].shape[1:])
+        return flat[e, off:off + size].view(self.s.params[name].shape[1:])
 
     def export_member(self, e: int, opt: torch.optim.Optimizer) -> None:
         """Put member ``e``'s moments and step count into ``opt`` (an optimizer over that fold's
@@ -158,6 +156,68 @@ class MemberAdam:
         self.steps[e] = steps.pop() if steps else 0.0
 
 
+class StackedModels:
+    """``E`` CM-ARR models of one configuration trained as one: :class:`StackedParams`,
+    :class:`MemberAdam`, and the training losses of all of them in one vmapped call.
+
+    ``losses(members, ...)`` takes inputs stacked along a leading member axis (E', B, ...) for
+    ``members`` (indices, in order; all E is the fast path, a subset is gathered) and returns
+    the model's loss terms, each (E',). ``step(total, active)`` back-propagates ``total`` and
+    updates the ``active`` (E,) members.
+    """
+
+    def __init__(self, models: Sequence[torch.nn.Module], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 weight_decay: float = 0.0, decoupled: bool = False, grad_clip: float = 0.0):
+        from torch.func import functional_call, vmap
+
+        self.E = len(models)
+        self.params = StackedParams(models)
+        # buffers equal in every model (constants, index tables) go in once, not per member: an
+        # index tensor with a member axis would turn plain indexing into a gather
+        per = [dict(m.named_buffers()) for m in models]
+        self.shared = {n: b for n, b in per[0].items() if all(torch.equal(b, d[n]) for d in per[1:])}
+        self.buffers = {n: torch.stack([d[n] for d in per]) for n in per[0] if n not in self.shared}
+        self.opt = MemberAdam(self.params, lr=lr, betas=betas, weight_decay=weight_decay, decoupled=decoupled,
+                              grad_clip=grad_clip)
+        self.skeleton = copy.deepcopy(models[0]).to("meta")  # the architecture, no storage
+        self.device = self.params.flat.device
+
+        def loss(p, b, shared, feats, masks, available, present, labels):
+            out = functional_call(self.skeleton, (p, b, shared), (feats, masks, available),
+                                  dict(present=present, labels=labels, pooled=True, validate=False))
+            return out.losses
+
+        self._loss = vmap(loss, in_dims=(0, 0, None, 0, 0, 0, 0, 0), randomness="different")
+        self._all = torch.ones(self.E, dtype=torch.bool, device=self.device)
+
+    def train(self, mode: bool = True) -> None:
+        self.skeleton.train(mode)
+
+    def losses(self, members: Sequence[int], feats, masks, available, present, labels) -> dict[str, Tensor]:
+        if len(members) == self.E:
+            p, buf = self.params.params, self.buffers
+        else:
+            sel = torch.tensor(list(members), device=self.device)
+            p = {n: v.index_select(0, sel) for n, v in self.params.params.items()}
+            buf = {n: v.index_select(0, sel) for n, v in self.buffers.items()}
+        return self._loss(p, buf, self.shared, feats, masks, available, present, labels)
+
+    def step(self, total: Tensor, active: Sequence[int]) -> None:
+        self.params.zero_grad()
+        with warnings.catch_warnings():
+            # the gradients are views of one (E, P) buffer, on purpose (see StackedParams);
+            # autograd accumulates into them in place and notes that they are not dense
+            warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+            total.backward()
+        if len(active) == self.E:
+            mask = self._all
+        else:
+            mask = torch.zeros(self.E, dtype=torch.bool)
+            mask[list(active)] = True
+            mask = mask.to(self.device)
+        self.opt.step(mask)
+
+
 class StackedFolds:
     """Train the folds of ``recipes`` (set up, each possibly resumed) together.
 
@@ -167,32 +227,19 @@ class StackedFolds:
     """
 
     def __init__(self, recipes: Sequence[Any]):
-        from torch.func import functional_call, vmap
-
         self.recipes = list(recipes)
         r0 = self.recipes[0]
         if any(r.pipeline != "resident" for r in self.recipes):
             raise ValueError("stacked folds need data.pipeline = resident")
         self.cfg = r0.cfg
         self.device = r0.device
-        models = [r.model for r in self.recipes]
-        self.params = StackedParams(models)
-        self.buffers = {n: torch.stack([dict(m.named_buffers())[n] for m in models])
-                        for n, _ in models[0].named_buffers()}
         o = self.cfg.optim
-        self.opt = MemberAdam(self.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
-                              decoupled=o.optimizer == "adamw", grad_clip=o.grad_clip)
+        self.models = StackedModels([r.model for r in self.recipes], lr=o.lr, betas=tuple(o.betas),
+                                    weight_decay=o.weight_decay, decoupled=o.optimizer == "adamw",
+                                    grad_clip=o.grad_clip)
+        self.params, self.opt = self.models.params, self.models.opt
         for e, r in enumerate(self.recipes):
             self.opt.import_member(e, r.optimizer)
-        self.skeleton = copy.deepcopy(models[0]).to("meta")  # the architecture, no storage
-
-        def loss(p, b, feats, masks, available, present, labels):
-            out = functional_call(self.skeleton, (p, b), (feats, masks, available),
-                                  dict(present=present, labels=labels, pooled=True, validate=False))
-            return out.losses
-
-        self._loss = vmap(loss, randomness="different")
-        self._all = torch.ones(len(self.recipes), dtype=torch.bool, device=self.device)
 
     def _sync_member(self, e: int) -> None:
         """Copy member ``e``'s weights and optimizer state into its recipe's own model."""
@@ -229,7 +276,7 @@ class StackedFolds:
         return out
 
     def train(self) -> None:
-        self.skeleton.train()
+        self.models.train()
         for r in self.recipes:
             r.model.train()
 
@@ -239,7 +286,6 @@ class StackedFolds:
         from cmarr.model import LOSS_NAMES
 
         names = (*LOSS_NAMES, "total")
-        E = len(self.recipes)
         groups: dict[int, list[int]] = {}
         for e, r in batch.items():
             groups.setdefault(len(r), []).append(e)
@@ -248,31 +294,17 @@ class StackedFolds:
             b = self.recipes[0].res_full.batch(torch.stack([batch[e] for e in group]))  # (E', B, ...)
             avail = torch.stack([sample_conditions(b.present[i], self.recipes[e].mode, gens[e])
                                  for i, e in enumerate(group)])
-            if len(group) == E:
-                p, buf = self.params.params, self.buffers
-            else:
-                sel = torch.tensor(group, device=self.device)
-                p = {n: v.index_select(0, sel) for n, v in self.params.params.items()}
-                buf = {n: v.index_select(0, sel) for n, v in self.buffers.items()}
             with self.recipes[0]._autocast():
-                losses = self._loss(p, buf, b.feats, b.masks, avail, b.present, b.labels)
+                losses = self.models.losses(group, b.feats, b.masks, avail, b.present, b.labels)
             part = losses["total"].sum()
             total = part if total is None else total + part
             if sums is not None:
                 terms = torch.stack([losses[k].detach().float() for k in names], dim=1)  # (E', L)
-                if len(group) == E:
+                if len(group) == self.models.E:
                     sums += terms
                 else:
-                    sums.index_add_(0, sel, terms)
-        self.params.zero_grad()
-        total.backward()
-        if len(batch) == E:
-            active = self._all
-        else:
-            active = torch.zeros(E, dtype=torch.bool)
-            active[list(batch)] = True
-            active = active.to(self.device)
-        self.opt.step(active)
+                    sums.index_add_(0, torch.tensor(group, device=self.device), terms)
+        self.models.step(total, list(batch))
 
     def fit(self) -> list[dict[str, Any]]:
         """Train every fold to ``optim.epochs``, then test each one's best checkpoint."""
@@ -298,4 +330,4 @@ def stack_groups(folds: Sequence[int], size: int) -> list[list[int]]:
     return [folds[i:i + size] for i in range(0, len(folds), size)]
 
 
-__all__ = ["MemberAdam", "StackedFolds", "StackedParams", "stack_groups"]
+__all__ = ["MemberAdam", "StackedFolds", "StackedModels", "StackedParams", "stack_groups"]

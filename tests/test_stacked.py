@@ -52,6 +52,7 @@ def _log(path):
 
 # ---------------------------------------------------------------- the optimizer
 
+@pytest.mark.filterwarnings("ignore:grad and param do not obey")  # gradients in one buffer, on purpose
 @pytest.mark.parametrize("kind,wd,clip", [("adam", 0.0, 0.0), ("adam", 0.1, 0.0), ("adamw", 0.1, 0.0),
                                           ("adam", 0.0, 0.05)])
 def test_member_adam_is_torch_adam_for_each_member(kind, wd, clip):
@@ -97,9 +98,8 @@ def test_member_adam_is_torch_adam_for_each_member(kind, wd, clip):
     fresh = MemberAdam(StackedParams(models), lr=1e-2)
     fresh.import_member(2, opts[2])
     assert fresh.steps.tolist() == [0, 0, 5]
-    torch.testing.assert_close(fresh.exp_avg_sq.view(-1)[fresh.s.member_of == 2],
-                               opt.exp_avg_sq.view(-1)[opt.s.member_of == 2], rtol=1e-12, atol=1e-12)
-    assert not fresh.exp_avg[fresh.s.member_of != 2].any()
+    torch.testing.assert_close(fresh.exp_avg_sq[2], opt.exp_avg_sq[2], rtol=1e-12, atol=1e-12)
+    assert not fresh.exp_avg[:2].any()
 
 
 def test_stacked_parameters_are_views_and_gradients_land_in_one_buffer():
