@@ -7,7 +7,9 @@
         [--denseface-checkpoint CKPT | --random-denseface]
 
 Exit codes of ``features``: 0 the store is complete; 1 bad input or setup (the message names
-the file or option and the problem; nothing is computed); 3 the store is written but some
+the file or option and the problem; nothing is computed), another run writing the same output
+(refused), or an extraction that left some utterance/modality without features or a recorded
+error (no store is written; rerun to resume); 3 the store is written but some
 utterances have no features for some modality (listed, and recorded in the store) and
 ``--allow-missing`` was not given; 130 interrupted (rerun the same command to resume).
 """

@@ -11,13 +11,18 @@
 - **Sharding**: ``shard=(k, N)`` keeps the rows whose position in the id-sorted manifest is
   ``k`` modulo ``N`` (deterministic, balanced, independent of the manifest's row order) and
   writes ``OUT`` with ``.shard-k-of-N`` before its extension (``feats.shard-0-of-2.h5``); join
-  the shards with ``cm-arr-features merge``. Under ``torchrun`` (``WORLD_SIZE > 1``) the shard
+  the shards with ``cm-arr-features merge`` (which lists them in the single-process order). Under ``torchrun`` (``WORLD_SIZE > 1``) the shard
   is taken from ``RANK``/``WORLD_SIZE`` and ``device="auto"`` becomes ``cuda:LOCAL_RANK``.
   An explicit shard wins over the environment.
 - **Resume**: the writer commits finished utterances in chunks beside the output; a rerun
   of the same command skips every (utterance, modality) whose features are already
   committed and says how many it skipped. Pairs recorded as errors are tried again (the
-  media may have been fixed since); the newest outcome is kept.
+  media may have been fixed since); the newest outcome is kept. One run at a time writes an
+  output: a second run on the same ``--out`` (or shard file) is refused while the first
+  holds the writer's lock, and a killed run's lock is released by the kernel.
+- **Coverage**: the store is written only when every (utterance, modality) of the job has
+  features or a recorded error; otherwise the run fails naming the uncovered pairs, and a
+  rerun extracts them.
 - **Progress**: a rich progress bar per modality with utterances/s, media seconds/s (the
   manifest's ``end - start``) and ETA on a terminal; a plain log line every
   ``log_every`` seconds otherwise.
@@ -48,7 +53,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from cmarr.extract.base import Extractor, ExtractError, run_ahead
-from cmarr.extract.store import MODALITIES, FeatureStore, StoreWriter, file_sha256
+from cmarr.extract.store import (MODALITIES, FeatureStore, StoreWriter, errors_hint, file_sha256,
+                                 make_folder, select_shard, utterance_order)
 
 DATASETS = ("iemocap", "msp-improv")
 #: Rows of the error summary printed at the end (all are in the store's error table).
@@ -83,19 +89,16 @@ def shard_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int] | No
     rank = env.get("RANK")
     if rank is None:
         raise ExtractError(f"WORLD_SIZE={world} is set but RANK is not")
-    return parse_shard(f"{rank}/{world}")
+    if not rank.strip().isdigit() or int(rank) >= int(world):
+        raise ExtractError(f"RANK={rank!r} and WORLD_SIZE={world!r} in the environment (set by torchrun, or left "
+                           f"over): need a whole number 0 <= RANK < WORLD_SIZE; give --shard k/N to override them")
+    return int(rank), int(world)
 
 
 def shard_path(out: str | os.PathLike, k: int, n: int) -> Path:
     """``feats.h5`` -> ``feats.shard-k-of-N.h5``."""
     out = Path(out)
     return out.with_name(f"{out.stem}.shard-{k}-of-{n}{out.suffix}")
-
-
-def select_shard(manifest: pd.DataFrame, k: int, n: int) -> pd.DataFrame:
-    """Rows ``k, k+N, k+2N, ...`` of the manifest sorted by utterance id."""
-    ordered = manifest.sort_values("utterance_id", kind="stable").reset_index(drop=True)
-    return ordered.iloc[k::n].reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -297,9 +300,9 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
 
     table = _manifest(manifest, dataset)
     manifest_sha = file_sha256(manifest)
-    rows = select_shard(table, *shard) if shard else table.sort_values("utterance_id", kind="stable").reset_index(drop=True)
+    rows = select_shard(table, *shard) if shard else utterance_order(table)  # the store's order
     target = shard_path(out, *shard) if shard else out
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(target.parent, out)
     where = f" (shard {shard[0]} of {shard[1]}: {len(rows)} of {len(table)} utterances)" if shard else ""
     console.print(f"{dataset}: {len(rows)} utterances from {manifest}{where} -> {target}", highlight=False)
 
@@ -364,7 +367,7 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
         finally:
             writer.close()
         raise
-    writer.finalize()
+    writer.finalize()  # raises, writing nothing, unless every (utterance, modality) is covered
 
     store = FeatureStore(target)
     errors = store.errors.copy()
@@ -399,8 +402,8 @@ def print_summary(console: Console, run: FeaturesRun, counts: Mapping[str, int],
             e.add_row(escape(str(r.utterance_id)), str(r.modality), escape(str(r.reason)))
         console.print(e)
         if len(run.errors) > SUMMARY_ROWS:
-            console.print(f"... and {len(run.errors) - SUMMARY_ROWS} more (all are in the store's error table: "
-                          f"`cm-arr-features info {run.out}`)", highlight=False)
+            console.print(f"... and {len(run.errors) - SUMMARY_ROWS} more (all are in the store's error table; "
+                          f"{errors_hint(run.out)} lists them)", highlight=False)
         if allow_missing:
             console.print("--allow-missing: these modalities are recorded as missing for those utterances.",
                           highlight=False)

@@ -1,6 +1,7 @@
 """``cm-arr-features``: look inside, check and merge feature stores.
 
     cm-arr-features info FEATS.h5
+    cm-arr-features errors FEATS.h5 [--modality speech]
     cm-arr-features validate FEATS.h5 [--manifest MANIFEST.csv]
     cm-arr-features merge SHARD.h5... --out FEATS.h5
 """
@@ -14,10 +15,11 @@ import numpy as np
 import pandas as pd
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from cmarr.extract.store import (LABELS, FeatureStore, StoreError, merge_stores,
-                                 validate_store)
+from cmarr.extract.store import (LABELS, MODALITIES, FeatureStore, StoreError, errors_hint,
+                                 merge_stores, validate_store)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Inspect, validate and merge cm-arr HDF5 feature stores.")
@@ -99,8 +101,36 @@ def info(file: Path = typer.Argument(..., help="Feature store (.h5)."),
         tab.add_row(m, text)
     out.print(tab)
     if len(store.errors):
-        out.print(f"{len(store.errors)} recorded extraction failures; `validate` lists them.")
+        out.print(f"{len(store.errors)} recorded extraction failures; {escape(errors_hint(file))} lists them.",
+                  highlight=False)
     store.close()
+
+
+@app.command()
+def errors(file: Path = typer.Argument(..., help="Feature store (.h5)."),
+           modality: Optional[str] = typer.Option(None, "--modality", help="Only this modality's failures.")) -> None:
+    """List the recorded extraction failures: utterance id, modality, reason."""
+    if modality is not None and modality not in MODALITIES:
+        _fail(f"--modality {modality!r}: expected one of {', '.join(MODALITIES)}")
+    try:
+        store = FeatureStore(file)
+    except StoreError as e:
+        _fail(str(e))
+    table = store.errors
+    store.close()
+    if modality is not None:
+        table = table[table["modality"] == modality]
+    which = f" {modality}" if modality is not None else ""
+    if table.empty:
+        out.print(f"{file}: no recorded{which} extraction failures", highlight=False)
+        return
+    tab = Table(title=f"{file}: {len(table)} recorded{which} extraction failures", title_justify="left")
+    tab.add_column("utterance_id", no_wrap=True)
+    tab.add_column("modality", no_wrap=True)
+    tab.add_column("reason", overflow="fold")
+    for r in table.itertuples(index=False):
+        tab.add_row(escape(str(r.utterance_id)), escape(str(r.modality)), escape(str(r.reason)))
+    out.print(tab)
 
 
 @app.command()
@@ -113,10 +143,10 @@ def validate(file: Path = typer.Argument(..., help="Feature store (.h5)."),
     except StoreError as e:
         _fail(str(e))
     for note in notes:
-        out.print(f"note: {note}", highlight=False)
+        out.print(f"note: {escape(note)}", highlight=False)
     if problems:
         for p in problems:
-            err.print(f"[red]problem:[/] {file}: {p}", highlight=False, soft_wrap=True)
+            err.print(f"[red]problem:[/] {escape(str(file))}: {escape(p)}", highlight=False, soft_wrap=True)
         _fail(f"{file}: {len(problems)} problem(s) found")
     out.print(f"[green]ok[/]: {file} is a valid feature store", highlight=False)
 

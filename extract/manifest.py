@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import pandas as pd
 
 from .base import PathError
@@ -130,10 +131,22 @@ def _coerce(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def check_manifest(df: pd.DataFrame, where: str = "manifest") -> None:
-    """Raise ``ManifestError`` unless ``df`` follows the manifest contract."""
+    """Raise ``ManifestError`` unless ``df`` follows the manifest contract: all columns, a
+    non-empty unique ``utterance_id`` per row, known labels, corpora and video halves, and
+    ``end >= start``."""
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise ManifestError(where, f"missing columns {missing}")
+    # Every feature and error of the store is keyed by the id: an empty one cannot be stored,
+    # looked up or told apart from another. Rows are counted from 1 after the header (not as
+    # file lines: a quoted transcript may span several lines).
+    blank = np.flatnonzero(df["utterance_id"].astype(str).str.strip().eq("").to_numpy())
+    if len(blank):
+        first = df.iloc[int(blank[0])]
+        wav = str(first.get("wav_path", "") or "")
+        more = f" ({len(blank)} rows in all)" if len(blank) > 1 else ""
+        raise ManifestError(where, f"row {int(blank[0]) + 1} has an empty utterance_id"
+                                   + (f" (wav_path {wav!r})" if wav else "") + more)
     dup = df["utterance_id"][df["utterance_id"].duplicated()]
     if len(dup):
         raise ManifestError(where, f"duplicate utterance ids, e.g. {dup.iloc[0]!r}")
@@ -178,7 +191,8 @@ def write_csv_atomic(df: pd.DataFrame, out: str | os.PathLike) -> Path:
 
 def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     """Read a manifest CSV written by ``write_manifest``; empty cells stay "" (absent media),
-    never NaN."""
+    never NaN. A file that breaks the contract (``check_manifest``: e.g. a row with an empty
+    ``utterance_id``) raises ``ManifestError`` naming the file and the row."""
     path = Path(path)
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)

@@ -51,7 +51,9 @@ Legend: ``B`` utterances in a batch, ``N`` samples, ``T`` frames, ``D`` hidden w
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,20 +65,27 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from cmarr.extract.audio import RESAMPLER, AudioError, read_audio
+from cmarr.extract.audio import (DURATION_TOLERANCE_FRACTION, DURATION_TOLERANCE_S, RESAMPLER, AudioError,
+                                 read_audio)
 from cmarr.extract.base import Extractor, ExtractError, Result
 
 BATCHING_POLICIES = ("masked", "equal-length", "none")
 DTYPES = ("float32", "float16", "bfloat16")
 
+# Written into provenance. Batched arithmetic may sum in another order than a batch of one,
+# so only "none" gives the batch-of-one values bit for bit; the others equal them up to
+# floating-point rounding, which moves a small share of the stored float16 values by one
+# float16 step (measured, masked against none: about 0.5 % of the values).
 _BATCHING_RULES = {
     "masked": ("utterances sorted by duration and zero-padded into batches; the first conv layer's "
                "GroupNorm statistics cover each utterance's own samples only and padded frames are "
                "masked in the transformer, so every utterance's features equal its batch-of-one "
-               "features up to floating-point rounding"),
+               "features up to floating-point rounding (batched sums may round differently: a small "
+               "share of the stored float16 values lie one float16 step from the batch-of-one values)"),
     "equal-length": ("only utterances with identical sample counts share a batch (no padding); "
-                     "all others run alone"),
-    "none": "every utterance runs alone (batch of one)",
+                     "all others run alone; features equal the batch-of-one features up to "
+                     "floating-point rounding (batched sums may round differently)"),
+    "none": "every utterance runs alone (batch of one): the batch-of-one features themselves",
 }
 
 
@@ -115,19 +124,81 @@ def autocast(device: str, dtype: str):
     return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
 
 
-def model_identity(name: str, revision: str | None, hf_config: Any) -> dict[str, Any]:
+def model_identity(name: str, revision: str | None, hf_config: Any,
+                   folder: Path | None = None) -> dict[str, Any]:
     """What pins a checkpoint down: the name as given, the requested revision, the commit
-    the hub cache resolved it to, and for a local folder the sha256 of its weight files."""
+    the hub cache resolved it to, and for a local folder (``folder``, else ``name`` when it
+    is one) the sha256 of its weight files."""
     from cmarr.extract.store import file_sha256
 
     out: dict[str, Any] = {"model": str(name), "revision": revision}
     commit = getattr(hf_config, "_commit_hash", None)
     out["commit_hash"] = commit if commit else None
-    path = Path(name)
+    path = folder if folder is not None else Path(name)
     if path.is_dir():
         files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
         out["weights_sha256"] = {f.name: file_sha256(f) for f in files}
     return out
+
+
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def model_folder(name: str, what: str) -> Path | None:
+    """The local folder that the model name ``name`` stands for, or ``None`` for a hub id.
+
+    ``transformers`` loads any existing folder as a local model and takes every other name
+    for a hub id, so a mistyped path came back as a complaint about hub-id syntax. The rule
+    here, which keeps hub ids (``bert-base-uncased``, ``facebook/wav2vec2-base``) as they were:
+
+    - an existing folder (after ``~`` expansion) is a local model;
+    - an existing file is an error: a model is a folder;
+    - a name no hub id can have (absolute, starting with ``.`` or ``~``, holding a
+      backslash or more than one ``/``) is a path, and it does not exist: "no such folder";
+    - anything else is a hub id (a relative ``org/name`` that is not a folder here included).
+
+    ``what`` names the model in messages (``"speech model"``, ``"text model"``).
+    """
+    path = Path(os.path.expanduser(name))
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ExtractError(f"{name}: cannot load the {what}: it is a file, not a model folder")
+    if (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or name.count("/") > 1
+            or (os.sep != "/" and os.sep in name)):
+        raise ExtractError(f"{name}: cannot load the {what}: no such folder")
+    return None
+
+
+def read_model_config(folder: Path, what: str) -> dict[str, Any]:
+    """The ``config.json`` of a local model folder, checked to name a ``model_type`` and
+    to sit beside weight files; ``ExtractError`` naming the folder and what is wrong."""
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise ExtractError(f"{folder}: cannot load the {what}: no config.json in this folder (a model folder "
+                           "holds the config.json and weights that transformers' save_pretrained writes)")
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExtractError(f"{cfg}: cannot load the {what}: config.json is not readable JSON ({e})") from None
+    if not isinstance(data, dict) or not data.get("model_type"):
+        raise ExtractError(f"{cfg}: cannot load the {what}: config.json names no model_type")
+    if not any(next(folder.glob(g), None) for g in _WEIGHT_FILES):
+        raise ExtractError(f"{folder}: cannot load the {what}: no weight file in this folder "
+                           "(model.safetensors or pytorch_model.bin)")
+    return data
+
+
+def _check_speech_folder(folder: Path) -> None:
+    """A local speech model folder must hold a wav2vec2 config, weights and the
+    feature-extractor settings (``preprocessor_config.json``)."""
+    data = read_model_config(folder, "speech model")
+    if data["model_type"] != "wav2vec2":
+        raise ExtractError(f"{folder}: cannot load the speech model: its config.json says model_type "
+                           f"{data['model_type']!r}; the speech extractor needs a wav2vec2 model")
+    if not (folder / "preprocessor_config.json").is_file():
+        raise ExtractError(f"{folder}: cannot load the speech model: no preprocessor_config.json in this folder "
+                           "(the feature-extractor settings of a wav2vec2 checkpoint: sampling rate, normalisation)")
 
 
 def resolve_layer(layer: int, num_layers: int, what: str) -> int | None:
@@ -181,6 +252,11 @@ class SpeechConfig:
     utterance may carry. These set speed and memory, never results. ``io_workers`` threads read
     and resample audio ahead of the model, ``prefetch`` utterances at most.
     ``verify_batching`` checks the masked policy on probe signals at start-up.
+    ``duration_tolerance_s`` / ``duration_tolerance_fraction``: a wav whose decoded duration
+    differs from the manifest's ``end - start``, or falls short of what its own header
+    declares, by more than ``max(duration_tolerance_s, duration_tolerance_fraction *
+    expected)`` is a per-utterance error (truncated or wrong file), not features of part of
+    the utterance; defaults 50 ms and 5 % (``cmarr.extract.audio`` says why).
     """
 
     model: str = "facebook/wav2vec2-base"
@@ -196,6 +272,8 @@ class SpeechConfig:
     io_workers: int = 4
     prefetch: int = 256
     verify_batching: bool = True
+    duration_tolerance_s: float = DURATION_TOLERANCE_S
+    duration_tolerance_fraction: float = DURATION_TOLERANCE_FRACTION
 
 
 class MaskedGroupNorm(nn.Module):
@@ -239,18 +317,25 @@ class SpeechExtractor(Extractor):
                 or config.length_buckets < 0 or not 0.0 <= config.max_padding <= 1.0):
             raise ExtractError("speech batching: max_batch_seconds and max_batch_size must be positive, "
                                "length_buckets >= 0, max_padding within 0..1")
+        if not (config.duration_tolerance_s >= 0 and config.duration_tolerance_fraction >= 0):
+            raise ExtractError(f"speech duration tolerance ({config.duration_tolerance_s} s, "
+                               f"{config.duration_tolerance_fraction}): both must be >= 0")
         self.config = config
         self.device = resolve_device(config.device)
         self.max_batch_seconds = (config.max_batch_seconds if config.max_batch_seconds is not None
                                   else 400.0 if self.device.startswith("cuda") else 60.0)
         self.dtype = check_dtype(config.dtype)
+        self.folder = model_folder(config.model, "speech model")
+        if self.folder is not None:
+            _check_speech_folder(self.folder)
+        source = str(self.folder) if self.folder is not None else config.model
         try:
-            self.feature_extractor = AutoFeatureExtractor.from_pretrained(config.model, revision=config.revision)
+            self.feature_extractor = AutoFeatureExtractor.from_pretrained(source, revision=config.revision)
         except Exception as e:  # OSError, ValueError, EnvironmentError from the hub client
             raise ExtractError(f"{config.model}: cannot load the speech feature-extractor config "
                                f"(preprocessor_config.json): {_first_line(e)}") from None
         try:
-            self.model = Wav2Vec2Model.from_pretrained(config.model, revision=config.revision)
+            self.model = Wav2Vec2Model.from_pretrained(source, revision=config.revision)
         except Exception as e:
             raise ExtractError(f"{config.model}: cannot load a wav2vec2 model: {_first_line(e)}") from None
         self.model.eval().to(self.device)
@@ -295,7 +380,7 @@ class SpeechExtractor(Extractor):
     def provenance(self) -> dict[str, Any]:
         c = self.config
         return {
-            **model_identity(c.model, c.revision, self.model.config),
+            **model_identity(c.model, c.revision, self.model.config, self.folder),
             "architecture": "wav2vec2",
             "layer": c.layer,
             "layer_meaning": ("last_hidden_state" if self.block is None
@@ -311,6 +396,10 @@ class SpeechExtractor(Extractor):
             "compute_dtype": self.dtype,
             "batching": c.batching,
             "batching_rule": _BATCHING_RULES[c.batching],
+            "duration_check": ("a wav whose decoded duration differs from the manifest's end - start, or falls "
+                               "short of the frames its header declares, by more than "
+                               f"max({c.duration_tolerance_s:g} s, {c.duration_tolerance_fraction:g} x expected) "
+                               "is a per-utterance error"),
         }
 
     def num_frames(self, num_samples: int) -> int:
@@ -447,11 +536,17 @@ class SpeechExtractor(Extractor):
         return out  # type: ignore[return-value]
 
     # -- the Extractor contract --------------------------------------------------------
-    def _load(self, path: Path) -> tuple[np.ndarray | None, str | None]:
+    def _load(self, path: Path, expected_seconds: float | None = None) -> tuple[np.ndarray | None, str | None]:
+        """The prepared input of one wav, or the reason it has none. ``expected_seconds``:
+        the manifest's ``end - start`` (``None``: unknown), checked against the decoded
+        duration (see ``SpeechConfig``)."""
+        c = self.config
         try:
-            wave = read_audio(path, self.sample_rate)
+            wave = read_audio(path, self.sample_rate, expected_seconds=expected_seconds,
+                              tolerance_s=c.duration_tolerance_s, tolerance_fraction=c.duration_tolerance_fraction,
+                              expected_source="the manifest's end - start says")
         except AudioError as e:
-            return None, f"unreadable audio: {e}"
+            return None, f"{e.kind}: {e}"
         except Exception as e:  # a decoder bug must not stop the whole run
             return None, f"unreadable audio: {path}: {_first_line(e)}"
         if len(wave) < self.receptive_field:
@@ -459,21 +554,23 @@ class SpeechExtractor(Extractor):
                           f"needs at least {self.receptive_field} ({1000 * self.receptive_field / self.sample_rate:.0f} ms)")
         return self._prepare(wave), None
 
-    def _read_ahead(self, jobs: list[tuple[str, Path]]) -> Iterator[tuple[str, Path, np.ndarray | None, str | None]]:
-        """Read (and prepare) audio in worker threads, at most ``prefetch`` ahead, in order."""
+    def _read_ahead(self, jobs: list[tuple[str, Path, float | None]]
+                    ) -> Iterator[tuple[str, Path, np.ndarray | None, str | None]]:
+        """Read (and prepare) audio in worker threads, at most ``prefetch`` ahead, in order.
+        ``jobs``: ``(utterance, wav, expected seconds or None)``."""
         workers = max(1, int(self.config.io_workers))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cmarr-audio") as pool:
             pending: deque = deque()
             it = iter(jobs)
-            for utt, path in it:
-                pending.append((utt, path, pool.submit(self._load, path)))
+            for utt, path, seconds in it:
+                pending.append((utt, path, pool.submit(self._load, path, seconds)))
                 if len(pending) >= max(1, self.config.prefetch):
                     break
             while pending:
                 utt, path, fut = pending.popleft()
                 nxt = next(it, None)
                 if nxt is not None:
-                    pending.append((nxt[0], nxt[1], pool.submit(self._load, nxt[1])))
+                    pending.append((nxt[0], nxt[1], pool.submit(self._load, nxt[1], nxt[2])))
                 x, err = fut.result()
                 yield utt, path, x, err
 
@@ -481,22 +578,25 @@ class SpeechExtractor(Extractor):
         """One ``Result`` per row: features, or the reason the utterance has none.
 
         Rows are processed longest first (by the manifest's ``end - start``) so that a batch
-        too large for the device fails at the start, not after an hour.
+        too large for the device fails at the start, not after an hour. The same duration is
+        what each wav's decoded duration is checked against (rows without ``start`` / ``end``
+        get the header check only).
         """
         root = Path(root)
-        jobs: list[tuple[str, Path, float]] = []
+        jobs: list[tuple[str, Path, float | None]] = []
         for r in rows.itertuples(index=False):
             utt = str(r.utterance_id)
             wav = str(getattr(r, "wav_path", "") or "")
             if not wav:
                 yield Result(utt, error="no wav file for this utterance in the manifest")
                 continue
-            duration = float(r.end) - float(r.start) if pd.notna(r.end) and pd.notna(r.start) else 0.0
+            start, end = getattr(r, "start", None), getattr(r, "end", None)
+            duration = float(end) - float(start) if pd.notna(end) and pd.notna(start) else None
             jobs.append((utt, root / wav, duration))
-        jobs.sort(key=lambda j: -j[2])
+        jobs.sort(key=lambda j: -(j[2] or 0.0))
 
         def prepared() -> Iterator[tuple[Any, np.ndarray]]:
-            for utt, path, x, err in self._read_ahead([(u, p) for u, p, _ in jobs]):
+            for utt, path, x, err in self._read_ahead(jobs):
                 if err is not None:
                     errors.append(Result(utt, error=err))
                     continue

@@ -34,17 +34,29 @@ chunk files in a ``<out>.parts/`` folder beside the output (each modality's fram
 concatenated as in the store; each file written under a temporary name, fsynced and
 renamed; by a background thread while the extractor goes on), so a killed job loses at
 most the utterances of the chunk being filled and the one being written, and a rerun
-resumes. ``finalize`` joins everything into a temporary file and renames it onto the
-output path: a file at the output path is always complete.
+resumes. One writer at a time: a writer holds an exclusive lock (``flock`` on
+``<out>.parts/lock``) for its lifetime, and a second one on the same output is refused (the
+kernel drops the lock of a killed process, so a crash never blocks the rerun). ``finalize``
+checks that every requested (utterance, modality) has features or a recorded error, joins
+everything into a temporary file and renames it onto the output path: a file at the output
+path is always complete.
+
+The utterance table of a store is in one order, ``utterance_order`` (by utterance id), both
+for a single-process extraction and for a merge of its shards (``select_shard`` splits that
+order), so a merged store lists its utterances, frames and errors as the single-process store
+does.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import shutil
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
@@ -120,6 +132,168 @@ def provenance_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[s
         if a.get(key) != b.get(key):
             out.append(f"{key}: {a.get(key)!r} != {b.get(key)!r}")
     return out
+
+
+def errors_hint(path: str | os.PathLike) -> str:
+    """The command that lists a store's recorded extraction failures."""
+    return f"`cm-arr-features errors {path}`"
+
+
+# --------------------------------------------------------------------------------------
+# the order of the utterance table, and shards of it
+
+
+def utterance_order(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` in the order of a store's utterance table: sorted by utterance id (stable,
+    so independent of the manifest's row order). Extraction writes its rows in this order and
+    ``merge_stores`` puts the shards' rows back into it: a merged store is laid out as the
+    single-process store is (trainers pick validation utterances by table position)."""
+    return table.sort_values("utterance_id", kind="stable").reset_index(drop=True)
+
+
+def select_shard(manifest: pd.DataFrame, k: int, n: int) -> pd.DataFrame:
+    """Shard ``k`` of ``n``: rows ``k, k+N, k+2N, ...`` of ``utterance_order(manifest)``."""
+    return utterance_order(manifest).iloc[k::n].reset_index(drop=True)
+
+
+def parse_shard_tag(tag: Any) -> tuple[int, int] | None:
+    """The ``(k, N)`` of a store's ``shard`` attribute ``"k/N"``, or None if it holds none."""
+    if not tag:
+        return None
+    try:
+        k, n = (int(x) for x in str(tag).split("/"))
+    except ValueError:
+        return None
+    return (k, n) if 0 <= k < n else None
+
+
+# --------------------------------------------------------------------------------------
+# files and folders of a writer
+
+
+def make_folder(folder: Path, out: Path | None = None) -> None:
+    """Create ``folder`` (and its parents), with a clear ``StoreError`` when a file stands
+    where a folder is needed (``--out notes.txt/feats.h5``) or it cannot be created."""
+    folder = Path(folder)
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                needed = f" (--out {out} needs a folder there)" if out is not None else ""
+                raise StoreError(p, f"is a file, not a folder{needed}")
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(e.filename or folder, f"cannot create the folder ({e.strerror or e})") from None
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` so that it is either the old or the complete new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, sort_keys=True))
+    durable_replace(tmp, path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+class _OutputLock:
+    """Exclusive right to write ``out``: ``flock`` on ``<out>.parts/lock``, held until
+    ``release``. The holder's pid is written into the file (for the message another writer
+    gets). The kernel releases a flock when its process dies, so a killed run never blocks
+    the rerun (a pid file would). The lock file is removed only by its holder, last of the
+    folder; a writer that locked a file removed meanwhile tries again on the new one."""
+
+    NAME = "lock"
+
+    def __init__(self, out: Path, parts: Path):
+        self.out, self.parts = out, parts
+        self.path = parts / self.NAME
+        self.fd: int | None = None
+        self.created = False  # whether the parts folder was made for this lock (nothing of earlier runs in it)
+        for _ in range(100):
+            self.created = not parts.exists()
+            make_folder(parts, out)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the folder was removed by a writer that just finished
+                continue
+            except OSError as e:
+                raise StoreError(self.path, f"cannot create the lock file ({e.strerror or e})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = self._holder(fd)
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise StoreError(out, f"is being written by another process (pid {holder}); wait for it to "
+                                     "finish, or stop it and run the same command again to resume") from None
+                raise StoreError(self.path, f"cannot be locked ({e.strerror or e}); the folder must be on a file "
+                                 "system that supports flock") from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if not same:  # locked a lock file that its holder removed when it finished: take the new one
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self.fd = fd
+            return
+        raise StoreError(self.path, "could not be locked: the folder keeps being removed by another process")
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        for _ in range(20):  # the holder writes its pid just after locking
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            if text:
+                return text
+            time.sleep(0.01)
+        return "unknown"
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def release(self, remove_folder: bool = False) -> None:
+        """Drop the lock; with ``remove_folder`` first remove the parts folder (its lock file
+        last, while still holding it)."""
+        if self.fd is None:
+            return
+        try:
+            if remove_folder:
+                for entry in self.parts.iterdir():
+                    if entry.name == self.NAME:
+                        continue
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
+                self.path.unlink(missing_ok=True)
+                try:
+                    self.parts.rmdir()
+                except OSError:  # a new writer has already begun in it
+                    pass
+        finally:
+            fd, self.fd = self.fd, None
+            os.close(fd)  # closing the descriptor drops the flock
+
+    def __del__(self):
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
 
 
 # --------------------------------------------------------------------------------------
@@ -569,20 +743,42 @@ def _create_store_file(path: Path, dtype: str) -> h5py.File:
 
 
 def _assemble(out: Path, utterances: pd.DataFrame, provenance: Mapping[str, dict],
-              sources: list, dtype: str, extra_attrs: Mapping[str, Any] | None = None) -> None:
+              sources: list, dtype: str, extra_attrs: Mapping[str, Any] | None = None,
+              required: Iterable[tuple[str, str]] | None = None) -> None:
     """Write a complete store at ``out`` from ``sources`` (chunk files and/or stores), via
     a temporary file renamed into place.
 
     A later source's (utterance, modality) replaces an earlier one (a base store being
     extended); an error record is dropped when the pair has features in any source, and of
-    several error records of a pair the last is kept. Frames are laid out in utterance-table
-    order.
+    several error records of a pair the last is kept. Frames and error records are laid out
+    in utterance-table order (errors of one utterance in ``MODALITIES`` order).
+
+    ``required``: ``(utterance, modality)`` pairs that must each have features or an error
+    record; when some have neither, ``StoreError`` is raised and nothing is written.
     """
     owner: dict[tuple[str, str], tuple[int, int, int]] = {}
     for i, src in enumerate(sources):
         for m, u, n, d in src.keys():
             owner[(m, u)] = (i, n, d)
     order = {u: k for k, u in enumerate(utterances["utterance_id"])}
+    errors = [e for e in (src.errors() for src in sources) if e is not None and len(e)]
+    err = (pd.concat(errors, ignore_index=True) if errors
+           else pd.DataFrame({c: pd.Series(dtype=object) for c in ERROR_COLUMNS}))
+    if len(err):
+        keep = [(m, u) not in owner for u, m in zip(err["utterance_id"], err["modality"])]
+        err = err[keep].drop_duplicates(subset=["utterance_id", "modality"], keep="last")
+        rank = [(order.get(u, len(order)), MODALITIES.index(m) if m in MODALITIES else len(MODALITIES))
+                for u, m in zip(err["utterance_id"], err["modality"])]
+        err = err.iloc[sorted(range(len(err)), key=rank.__getitem__)]
+    err = err.reset_index(drop=True).astype(str)
+    if required is not None:
+        errored = set(zip(err["utterance_id"], err["modality"]))
+        lacking = [(u, m) for u, m in required if (m, u) not in owner and (u, m) not in errored]
+        if lacking:
+            first = ", ".join(f"{u} ({m})" for u, m in lacking[:5])
+            raise StoreError(out, f"not written: {len(lacking)} utterance/modality pairs have neither features nor "
+                             f"a recorded error (first: {first}{', ...' if len(lacking) > 5 else ''}); run the same "
+                             "command again: what is finished is kept and the rest is extracted")
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     try:
         with _create_store_file(tmp, dtype) as f:
@@ -602,13 +798,7 @@ def _assemble(out: Path, utterances: pd.DataFrame, provenance: Mapping[str, dict
                 src_of = {u: i for u, _, _, i in keys}
                 _write_modality(f, m, dim, dtype, [(u, n) for u, n, _, _ in keys],
                                 lambda u, m=m: sources[src_of[u]].read(m, u))
-            errors = [e for e in (src.errors() for src in sources) if e is not None and len(e)]
-            err = (pd.concat(errors, ignore_index=True) if errors
-                   else pd.DataFrame({c: pd.Series(dtype=object) for c in ERROR_COLUMNS}))
-            if len(err):
-                keep = [(m, u) not in owner for u, m in zip(err["utterance_id"], err["modality"])]
-                err = err[keep].drop_duplicates(subset=["utterance_id", "modality"], keep="last")
-            _write_table(f.create_group("errors"), err.reset_index(drop=True).astype(str))
+            _write_table(f.create_group("errors"), err)
             f.attrs["complete"] = True
         durable_replace(tmp, out)
     finally:
@@ -652,8 +842,16 @@ class StoreWriter:
     back into the buffer; ``flush`` returns only when everything added is on disk. A rerun
     with the same output and provenance picks up the committed chunks and an existing
     complete store at ``out`` (whose contents are kept), so ``done()`` tells the caller what
-    to skip. ``finalize`` writes the complete store atomically and removes the
-    parts folder. Nothing exists at ``out`` that is not complete.
+    to skip. ``finalize`` checks that every (utterance, modality) of this job has features
+    or a recorded error (``StoreError`` otherwise, and nothing is written), writes the
+    complete store atomically and removes the parts folder. Nothing exists at ``out`` that is
+    not complete.
+
+    A writer holds an exclusive lock on ``out`` (``<out>.parts/lock``) from its creation to
+    ``finalize`` or ``close``; a second writer on the same output is refused with
+    ``StoreError`` naming the holder's pid. Under the lock a new writer removes what dead runs
+    left behind: half-written chunks and the temporary ``<out>.tmp-<pid>`` of a run killed
+    while it assembled the store.
     """
 
     def __init__(self, out_path: str | os.PathLike, utterances: pd.DataFrame,
@@ -683,10 +881,18 @@ class StoreWriter:
         self._dims: dict[str, int] = {m: int(p["dim"]) for m, p in self.provenance.items() if "dim" in p}
         self._base: Path | None = None
         self._meta_keys: dict[str, frozenset[str]] = {}
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cmarr-store") if background else None
+        self._requested = tuple(self.provenance)  # the modalities this job must cover
+        self._next_chunk = 0
         self._pending: Future | None = None
         self._inflight: list[tuple[str, str, np.ndarray | None, dict, str | None]] = []  # what _pending writes
-        self._resume()
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = _OutputLock(self.out, self.parts)
+        try:
+            self._resume()
+        except BaseException:
+            self._lock.release(remove_folder=self._lock.created)  # a folder made just now holds nothing
+            raise
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cmarr-store") if background else None
 
     # -- resume ----------------------------------------------------------------------
     def _state(self) -> dict:
@@ -718,27 +924,56 @@ class StoreWriter:
             self._retry |= set(zip(store.errors["utterance_id"], store.errors["modality"])) - self._done
             for m, p in store.provenance.items():
                 self.provenance.setdefault(m, p)
-        if self.parts.exists():
-            state_file = self.parts / "state.json"
-            if state_file.exists() and json.loads(state_file.read_text()) != state:
+        # the parts folder exists (it holds the lock); everything in it is ours or a dead run's
+        chunks = sorted(self.parts.glob("chunk-*.h5"))
+        state_file = self.parts / "state.json"
+        if state_file.exists():
+            try:
+                recorded = json.loads(state_file.read_text())
+            except (OSError, ValueError) as e:
+                if chunks:
+                    why = e.strerror if isinstance(e, OSError) else "empty or damaged"
+                    raise StoreError(state_file, f"cannot be read ({why}), so the settings of the unfinished "
+                                     f"extraction in {self.parts} are unknown; if it was started by this same "
+                                     "command, remove this file and run it again to resume; otherwise remove "
+                                     "the folder to start over") from None
+                recorded = state  # nothing committed yet: nothing to keep apart
+            if recorded != state:
                 raise StoreError(self.parts, "holds an unfinished extraction made with other settings or another "
                                  "manifest; remove the folder or write to another --out")
-            for tmp in self.parts.glob("*.tmp"):
-                tmp.unlink()  # a chunk that was being written when the job died
-            for chunk in sorted(self.parts.glob("chunk-*.h5")):
-                try:
-                    src = _ChunkSource(chunk)
-                    self._done |= {(u, m) for m, u, _, _ in src.keys()}
-                    errs = src.errors()
-                    if errs is not None:
-                        self._retry |= set(zip(errs["utterance_id"], errs["modality"]))
-                    src.close()
-                except (OSError, KeyError) as e:
-                    raise StoreError(chunk, f"committed chunk cannot be read ({e}); remove it to recompute its utterances") from None
-        else:
-            self.parts.mkdir(parents=True)
+        for tmp in self.parts.glob("*.tmp"):
+            tmp.unlink()  # a file that was being written when a run died
+        self._remove_dead_leftovers()
+        for chunk in chunks:
+            try:
+                src = _ChunkSource(chunk)
+                self._done |= {(u, m) for m, u, _, _ in src.keys()}
+                errs = src.errors()
+                if errs is not None:
+                    self._retry |= set(zip(errs["utterance_id"], errs["modality"]))
+                src.close()
+            except (OSError, KeyError) as e:
+                raise StoreError(chunk, f"committed chunk cannot be read ({e}); remove it to recompute its utterances") from None
+            number = chunk.name[len("chunk-"):-len(".h5")]
+            if number.isdigit():
+                self._next_chunk = max(self._next_chunk, int(number) + 1)
         self._retry -= self._done
-        (self.parts / "state.json").write_text(json.dumps(state, sort_keys=True))
+        _write_json_atomic(state_file, state)
+
+    def _remove_dead_leftovers(self) -> None:
+        """Remove ``<out>.tmp-<pid>`` files of runs that died while assembling the store (a
+        store's full size each). Only this job writes ``out`` (the lock); a pid that is still
+        running is another program's (e.g. a merge): its file is left alone."""
+        prefix = self.out.name + ".tmp-"
+        try:
+            entries = list(self.out.parent.iterdir())
+        except OSError:
+            return
+        for p in entries:
+            pid = p.name[len(prefix):]
+            if p.name.startswith(prefix) and pid.isdigit() and p.is_file():
+                if int(pid) == os.getpid() or not _pid_alive(int(pid)):
+                    p.unlink(missing_ok=True)
 
     # -- API -------------------------------------------------------------------------
     def done(self) -> set[tuple[str, str]]:
@@ -822,11 +1057,15 @@ class StoreWriter:
     def _write_chunk(self, buffer: list[tuple[str, str, np.ndarray | None, dict, str | None]]) -> None:
         """One chunk file (layout 2: each modality's frames concatenated, as in a store),
         written under a temporary name and renamed into place after an fsync."""
-        n = len(list(self.parts.glob("chunk-*.h5")))
-        final = self.parts / f"chunk-{n:06d}.h5"
+        if not self._lock.held:
+            raise StoreError(self.out, "the writer is closed; nothing more can be committed")
+        # numbers are taken only by the holder of the lock, one chunk at a time: no two runs
+        # or commits share a name, and no committed chunk is ever replaced
+        final = self.parts / f"chunk-{self._next_chunk:06d}.h5"
         while final.exists():
-            n += 1
-            final = self.parts / f"chunk-{n:06d}.h5"
+            self._next_chunk += 1
+            final = self.parts / f"chunk-{self._next_chunk:06d}.h5"
+        self._next_chunk += 1
         tmp = final.with_name(final.name + ".tmp")
         errors = []
         feats: dict[str, dict[str, tuple[np.ndarray, dict]]] = {}
@@ -835,48 +1074,69 @@ class StoreWriter:
                 errors.append((utt, m, err))
             else:
                 feats.setdefault(m, {})[utt] = (arr, meta)  # the newest result of a pair wins
-        with h5py.File(str(tmp), "w", libver="latest") as f:
-            f.attrs["chunk_format"] = 2
-            fg = f.create_group("features")
-            for m, items in feats.items():
-                g = fg.create_group(m)
-                g.create_dataset("data", data=np.concatenate([a for a, _ in items.values()]))
-                g.create_dataset("ids", data=np.array(list(items), dtype=object), dtype=h5py.string_dtype())
-                g.create_dataset("lengths", data=np.array([a.shape[0] for a, _ in items.values()], dtype=np.int64))
-                _write_meta_group(g.create_group("meta"), m, [meta for _, meta in items.values()])
-            if errors:
-                _write_table(f.create_group("errors"), pd.DataFrame(errors, columns=list(ERROR_COLUMNS)))
-        durable_replace(tmp, final)
+        try:
+            with h5py.File(str(tmp), "w", libver="latest") as f:
+                f.attrs["chunk_format"] = 2
+                fg = f.create_group("features")
+                for m, items in feats.items():
+                    g = fg.create_group(m)
+                    g.create_dataset("data", data=np.concatenate([a for a, _ in items.values()]))
+                    g.create_dataset("ids", data=np.array(list(items), dtype=object), dtype=h5py.string_dtype())
+                    g.create_dataset("lengths", data=np.array([a.shape[0] for a, _ in items.values()], dtype=np.int64))
+                    _write_meta_group(g.create_group("meta"), m, [meta for _, meta in items.values()])
+                if errors:
+                    _write_table(f.create_group("errors"), pd.DataFrame(errors, columns=list(ERROR_COLUMNS)))
+            durable_replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)  # present only when the commit failed
 
     def finalize(self) -> Path:
-        """Write the complete store at ``out`` (atomically) and remove the parts folder."""
-        self.flush()
-        self.close()
-        provenance = {m: dict(p) for m, p in self.provenance.items()}
-        for m, dim in self._dims.items():
-            provenance[m].setdefault("dim", dim)
-        sources: list = []
+        """Write the complete store at ``out`` (atomically), remove the parts folder and
+        release the lock. Raises ``StoreError`` (writing nothing, keeping the parts folder for
+        a rerun, releasing the lock) when some (utterance, modality) of this job has neither
+        features nor a recorded error."""
+        if not self._lock.held:
+            raise StoreError(self.out, "the writer is closed; nothing more can be written")
+        self.flush()  # a failed commit is raised here, the writer still open: nothing is lost, finalize again
         try:
-            utterances = self.utterances
-            if self._base is not None:
-                sources.append(_StoreSource(self._base))
-                utterances = sources[0].store.utterances  # holds every id (checked in _resume)
-            sources += [_ChunkSource(c) for c in sorted(self.parts.glob("chunk-*.h5"))]
-            _assemble(self.out, utterances, provenance, sources, self.dtype, self.extra_attrs)
-        finally:
-            for src in sources:
-                src.close()
-        shutil.rmtree(self.parts, ignore_errors=True)
+            self._stop()
+            provenance = {m: dict(p) for m, p in self.provenance.items()}
+            for m, dim in self._dims.items():
+                provenance[m].setdefault("dim", dim)
+            required = [(u, m) for m in self._requested for u in self.utterances["utterance_id"]]
+            sources: list = []
+            try:
+                utterances = self.utterances
+                if self._base is not None:
+                    sources.append(_StoreSource(self._base))
+                    utterances = sources[0].store.utterances  # holds every id (checked in _resume)
+                sources += [_ChunkSource(c) for c in sorted(self.parts.glob("chunk-*.h5"))]
+                _assemble(self.out, utterances, provenance, sources, self.dtype, self.extra_attrs,
+                          required=required)
+            finally:
+                for src in sources:
+                    src.close()
+        except BaseException:
+            self.close()
+            raise
+        self._lock.release(remove_folder=True)
         return self.out
 
-    def close(self) -> None:
-        """Wait for a background commit and stop the worker thread (``flush`` first to keep
-        what is buffered)."""
+    def _stop(self) -> None:
+        """Wait for a background commit and stop the worker thread."""
         try:
             self._wait()
         finally:
             if self._pool is not None:
                 self._pool.shutdown()
+
+    def close(self) -> None:
+        """Wait for a background commit, stop the worker thread and release the lock on the
+        output (``flush`` first to keep what is buffered; a later run resumes from it)."""
+        try:
+            self._stop()
+        finally:
+            self._lock.release()
 
     def __enter__(self):
         return self
@@ -886,7 +1146,8 @@ class StoreWriter:
             self.finalize()
         else:
             try:
-                self.flush()  # keep what was finished; a rerun resumes from it
+                if self._lock.held:
+                    self.flush()  # keep what was finished; a rerun resumes from it
             finally:
                 self.close()
 
@@ -937,8 +1198,13 @@ def merge_stores(shard_paths: Iterable[str | os.PathLike], out_path: str | os.Pa
         raise StoreError(out, "already exists; merge never overwrites a file (choose another --out or remove it)")
     if not out.parent.is_dir():
         raise StoreError(out, f"its folder {out.parent} does not exist")
-    if len(set(p.resolve() for p in paths)) != len(paths):
-        raise StoreError(paths[0], "the same shard is given twice")
+    given: dict[Path, Path] = {}
+    for p in paths:
+        real = p.resolve()
+        if real in given:
+            same = "" if given[real] == p else f" (as {given[real]} and as {p})"
+            raise StoreError(p, f"the same shard is given twice{same}")
+        given[real] = p
     stores = [FeatureStore(p) for p in paths]
     first = stores[0]
     _check_shard_set(stores)
@@ -961,7 +1227,9 @@ def merge_stores(shard_paths: Iterable[str | os.PathLike], out_path: str | os.Pa
             if utt in seen:
                 raise StoreError(s.path, f"shares utterance id {utt!r} with {seen[utt]} (shards must be disjoint)")
             seen[utt] = s.path
-    table = pd.concat([s.utterances for s in stores], ignore_index=True)
+    # the single-process store's order (utterance_order), not shard after shard: the merged
+    # store lists utterances, frames and errors as one process writing the whole job would
+    table = utterance_order(pd.concat([s.utterances for s in stores], ignore_index=True))
     sources = [_StoreSource(p) for p in paths]
     try:
         _assemble(out, table, first.provenance, sources, first.dtype,
@@ -975,7 +1243,9 @@ def merge_stores(shard_paths: Iterable[str | os.PathLike], out_path: str | os.Pa
 def validate_store(path: str | os.PathLike, manifest: pd.DataFrame | None = None) -> tuple[list[str], list[str]]:
     """Check a store thoroughly. Returns ``(problems, notes)``; problems make it unusable.
 
-    Raises ``StoreError`` only when the file cannot be opened as a store at all.
+    ``manifest``: check coverage against it; a shard store (``shard`` attribute ``"k/N"``) is
+    checked against its share of the manifest (``select_shard``, as extraction split it), and
+    a note says so. Raises ``StoreError`` only when the file cannot be opened as a store at all.
     """
     store = FeatureStore(path)
     problems: list[str] = []
@@ -1067,8 +1337,15 @@ def validate_store(path: str | os.PathLike, manifest: pd.DataFrame | None = None
         if unaccounted:
             problems.append(f"{m}: {len(unaccounted)} utterances have neither features nor a recorded reason (first: {sorted(unaccounted)[0]!r})")
         if errored:
-            notes.append(f"{m}: {len(errored)} utterances missing, with reasons recorded")
+            notes.append(f"{m}: {len(errored)} utterances missing, with reasons recorded "
+                         f"({errors_hint(store.path)} lists them)")
     if manifest is not None:
+        shard = parse_shard_tag(store.attrs.get("shard"))
+        if shard is not None:
+            share = select_shard(manifest.assign(utterance_id=manifest["utterance_id"].astype(str)), *shard)
+            notes.append(f"the store is shard {shard[0]}/{shard[1]} of an extraction: checked against that shard's "
+                         f"share of the manifest ({len(share)} of {len(manifest)} utterances)")
+            manifest = share
         mids = set(manifest["utterance_id"].astype(str))
         lacking, extra = mids - ids, ids - mids
         if lacking:

@@ -42,8 +42,8 @@ import pandas as pd
 import torch
 
 from cmarr.extract.base import Extractor, ExtractError, Result
-from cmarr.extract.speech import (BlockOutput, autocast, model_identity, resolve_device,
-                                  check_dtype, resolve_layer)
+from cmarr.extract.speech import (BlockOutput, autocast, model_folder, model_identity, read_model_config,
+                                  resolve_device, check_dtype, resolve_layer)
 
 MARKER_RULES = ("remove", "keep")
 LONG_TEXT_RULES = ("windows", "error")
@@ -92,6 +92,40 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+# Files a tokenizer can be loaded from: the fast tokenizer's own file, or the vocabulary a
+# fast tokenizer is converted from (WordPiece, BPE, sentencepiece).
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "*.model")
+
+
+def _non_text_model_kind(model_type: str) -> str | None:
+    """``"speech"`` / ``"image"`` when ``transformers`` files ``model_type`` under speech
+    (CTC, audio classification) or image classification models, else ``None``."""
+    try:
+        from transformers.models.auto import modeling_auto as auto
+    except ImportError:
+        return None
+    for kind, names in (("speech", ("MODEL_FOR_CTC_MAPPING_NAMES", "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES")),
+                        ("image", ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",))):
+        if any(model_type in getattr(auto, n, {}) for n in names):
+            return kind
+    return None
+
+
+def _check_text_folder(folder: Path) -> None:
+    """A local text model folder must hold a text model's config, weights and tokenizer
+    files; a speech or image model (a wav2vec2 folder given as the text model) is named as such."""
+    data = read_model_config(folder, "text model")
+    kind = _non_text_model_kind(str(data["model_type"]))
+    if kind is not None:
+        raise ExtractError(f"{folder}: cannot load the text model: its config.json says model_type "
+                           f"{data['model_type']!r}, a {kind} model; the text extractor needs a text model "
+                           "(e.g. BERT) saved with its tokenizer")
+    if not any(next(folder.glob(g), None) for g in _TOKENIZER_FILES):
+        raise ExtractError(f"{folder}: cannot load the tokenizer: no tokenizer files in this folder "
+                           f"(one of {', '.join(_TOKENIZER_FILES)}; save the tokenizer beside the model "
+                           "with its save_pretrained)")
+
+
 class TextExtractor(Extractor):
     """BERT token features for the ``text`` modality (see the module docstring)."""
 
@@ -107,12 +141,16 @@ class TextExtractor(Extractor):
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = check_dtype(config.dtype)
+        self.folder = model_folder(config.model, "text model")
+        if self.folder is not None:
+            _check_text_folder(self.folder)
+        source = str(self.folder) if self.folder is not None else config.model
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(config.model, revision=config.revision)
+            self.tokenizer = AutoTokenizer.from_pretrained(source, revision=config.revision)
         except Exception as e:
             raise ExtractError(f"{config.model}: cannot load the tokenizer: {_first_line(e)}") from None
         try:
-            self.model = AutoModel.from_pretrained(config.model, revision=config.revision)
+            self.model = AutoModel.from_pretrained(source, revision=config.revision)
         except Exception as e:
             raise ExtractError(f"{config.model}: cannot load the text model: {_first_line(e)}") from None
         if not getattr(self.tokenizer, "is_fast", False):
@@ -146,7 +184,7 @@ class TextExtractor(Extractor):
         c = self.config
         tok = self.tokenizer
         return {
-            **model_identity(c.model, c.revision, self.model.config),
+            **model_identity(c.model, c.revision, self.model.config, self.folder),
             "architecture": str(self.model.config.model_type),
             "layer": c.layer,
             "layer_meaning": ("last_hidden_state" if self.block is None

@@ -109,11 +109,14 @@ class VideoExtractor(Extractor):
             raise ExtractError(f"video: device {config.device!r}: {e}") from None
         if config.checkpoint is None:
             if not config.allow_random_weights:
+                # The message names the command-line flags (how most users get here) and the
+                # matching VideoConfig fields (for callers from Python).
                 raise ExtractError(
-                    "video: no Denseface checkpoint (VideoConfig.checkpoint). Train one with "
+                    "video: no Denseface checkpoint. Train one with "
                     "`cm-arr-denseface train --fer2013 fer2013.csv --ferplus fer2013new.csv --out CKPT` "
-                    "and pass it; random weights are only for tests and demos "
-                    "(allow_random_weights=True, recorded in provenance).")
+                    "and pass it with --denseface-checkpoint CKPT (from Python: VideoConfig(checkpoint=...)); "
+                    "random weights are only for tests and demos: --random-denseface "
+                    "(VideoConfig(allow_random_weights=True)), recorded in provenance.")
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_SEED)
                 self.model = DenseFace(DenseFaceConfig()).eval()

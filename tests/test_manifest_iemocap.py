@@ -320,6 +320,27 @@ def test_command_against_a_matching_canonical_list_and_strict(tree, result, tmp_
     assert (tmp_path / "b.csv").exists()
 
 
+@pytest.mark.parametrize("blank", ["", "   "])
+def test_read_manifest_refuses_an_empty_utterance_id(result, tmp_path, blank):
+    from cmarr.extract.manifest import write_manifest
+
+    path = write_manifest(result.df, tmp_path / "m.csv")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df.loc[2, "utterance_id"] = blank
+    df.to_csv(path, index=False)
+    with pytest.raises(ManifestError) as e:
+        read_manifest(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: row 3 has an empty utterance_id"), msg
+    assert df.loc[2, "wav_path"] in msg  # the row is recognisable by its media
+    # nor can such a manifest be written
+    with pytest.raises(ManifestError, match="row 3 has an empty utterance_id"):
+        write_manifest(df.assign(session=df["session"].astype(int), fold=df["fold"].astype(int),
+                                 start=df["start"].astype(float), end=df["end"].astype(float)),
+                       tmp_path / "again.csv")
+    assert not (tmp_path / "again.csv").exists()
+
+
 def test_command_bad_input_exits_nonzero_without_traceback(small, tmp_path):
     root, _ = small
     out = tmp_path / "m.csv"

@@ -295,3 +295,202 @@ def test_float32_is_the_default_on_every_device():
     assert check_dtype("float32") == "float32" and check_dtype("float16") == "float16"
     with pytest.raises(ExtractError, match="expected one of float32, float16, bfloat16"):
         check_dtype("auto")
+
+
+# -- truncated and mismatched wavs ----------------------------------------------------------
+
+def _truncate(path: Path, keep: float = 1 / 3) -> None:
+    """Cut a file to its first ``keep`` of bytes, the wav header intact (what an interrupted
+    copy leaves): libsndfile then reads the short data chunk without complaint."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _write_int16(path: Path, x: np.ndarray) -> Path:
+    sf.write(path, (x * 32767).astype(np.int16), SR, subtype="PCM_16")
+    return path
+
+
+def test_read_audio_refuses_a_wav_cut_short_of_its_header(tmp_path):
+    cut = _write_int16(tmp_path / "cut.wav", _voice(14400, 5))  # 0.9 s
+    _truncate(cut)
+    n = sf.read(cut)[0].shape[0]
+    assert 0 < n < 14400 // 2  # the decoder alone would hand over the first 0.3 s
+    with pytest.raises(AudioError) as e:
+        read_audio(cut)
+    msg = str(e.value)
+    assert e.value.kind == "truncated audio" and msg.startswith(f"{cut}: truncated file"), msg
+    assert "declares 14400 frames (0.900 s)" in msg and f"only {n} " in msg
+    # a tolerance wide enough (0.7 x 0.9 s > the 0.6 s lost) accepts it: the tolerance decides
+    assert read_audio(cut, tolerance_fraction=0.7).shape == (n,)
+    # a whole wav that is too short for the expected duration
+    short = _write_int16(tmp_path / "short.wav", _voice(4800, 5))
+    with pytest.raises(AudioError) as e:
+        read_audio(short, expected_seconds=0.9)
+    assert e.value.kind == "audio duration mismatch" and str(e.value) == (
+        f"{short}: decoded 0.300 s of audio, expected 0.900 s (tolerance 0.050 s): truncated file?")
+
+
+def test_read_audio_accepts_whole_wavs_and_placeholder_headers(tmp_path):
+    x = _voice(14400, 6)
+    good = _write_int16(tmp_path / "good.wav", x)
+    np.testing.assert_array_equal(read_audio(good, expected_seconds=0.9), read_audio(good))
+    assert read_audio(good, expected_seconds=0.9 + 0.049).shape == (14400,)  # within 50 ms
+    with pytest.raises(AudioError, match="the wrong file"):
+        read_audio(good, expected_seconds=0.5)
+    # a streaming writer's placeholder data size (0xFFFFFFFF) declares nothing: not a truncation
+    data = bytearray(good.read_bytes())
+    at = data.index(b"data") + 4
+    data[at:at + 4] = b"\xff\xff\xff\xff"
+    (tmp_path / "streamed.wav").write_bytes(bytes(data))
+    np.testing.assert_array_equal(read_audio(tmp_path / "streamed.wav"), read_audio(good))
+
+
+def test_speech_extract_records_truncated_and_mismatched_wavs(speech, tiny_wav2vec2, tmp_path):
+    x = _voice(14400, 5)  # 0.9 s
+    _write_int16(tmp_path / "good.wav", x)
+    _truncate(_write_int16(tmp_path / "cut.wav", x))
+    _write_int16(tmp_path / "short.wav", x[:4800])  # a whole wav of 0.3 s: its header agrees
+    rows = pd.DataFrame({"utterance_id": ["good", "near", "cut", "cut_no_times", "short", "wrong"],
+                         "wav_path": ["good.wav", "good.wav", "cut.wav", "cut.wav", "short.wav", "good.wav"],
+                         "start": [10.0, 10.0, 10.0, np.nan, 10.0, 10.0],
+                         "end": [10.9, 10.93, 10.9, np.nan, 10.9, 10.4]})
+    res = {r.utterance_id: r for r in speech.extract(rows, tmp_path)}
+    assert sorted(res) == sorted(rows["utterance_id"])
+    want = speech.embed([read_audio(tmp_path / "good.wav")])[0]
+    for utt in ("good", "near"):  # a whole wav within the tolerance is unaffected
+        assert res[utt].error is None and res[utt].matrix.shape == ((14400 - 400) // 320 + 1, 32)
+        np.testing.assert_allclose(res[utt].matrix, want, atol=1e-4, rtol=0)
+    for utt in ("cut", "cut_no_times"):  # the header check needs no times in the manifest
+        assert res[utt].error.startswith(f"truncated audio: {tmp_path / 'cut.wav'}: truncated file"), res[utt].error
+    assert res["short"].error == (f"audio duration mismatch: {tmp_path / 'short.wav'}: decoded 0.300 s of audio, "
+                                  "the manifest's end - start says 0.900 s (tolerance 0.050 s): truncated file?")
+    assert "the manifest's end - start says 0.400 s" in res["wrong"].error and "the wrong file?" in res["wrong"].error
+    assert all(res[u].matrix is None for u in ("cut", "cut_no_times", "short", "wrong"))
+    assert "max(0.05 s, 0.05 x expected)" in speech.provenance()["duration_check"]
+    # the tolerance is a config option
+    lax = SpeechExtractor(SpeechConfig(model=str(tiny_wav2vec2), device="cpu", io_workers=1,
+                                       duration_tolerance_fraction=0.8))
+    assert "0.8 x expected" in lax.provenance()["duration_check"]
+    r = next(lax.extract(rows[rows["utterance_id"] == "short"], tmp_path))
+    assert r.error is None and r.matrix.shape == ((4800 - 400) // 320 + 1, 32)
+    with pytest.raises(ExtractError, match="must be >= 0"):
+        SpeechExtractor(SpeechConfig(model=str(tiny_wav2vec2), device="cpu", duration_tolerance_s=-1))
+
+
+def test_msp_improv_clip_cut_before_the_manifest_is_still_refused(speech, tmp_path):
+    """MSP-IMPROV's ``end`` is read from the clip's own header, so a clip truncated before
+    the manifest was built agrees with its manifest row: only the header check can tell."""
+    from cmarr.extract.fixtures import make_msp_improv_tree
+    from cmarr.extract.msp_improv import prepare_msp_improv
+
+    root = tmp_path / "MSP-IMPROV"
+    make_msp_improv_tree(root, sessions=(1,), utts_per_session=4, seed=3, video=False, quirks=False)
+    before = prepare_msp_improv(root, drop_no_face=False).df
+    cut = before["utterance_id"].iloc[0]
+    _truncate(root / before["wav_path"].iloc[0], keep=0.5)
+    df = prepare_msp_improv(root, drop_no_face=False).df
+    row = df[df["utterance_id"] == cut].iloc[0]
+    assert row["end"] < 0.6 * before["end"].iloc[0]  # the manifest took the cut duration
+    res = {r.utterance_id: r for r in speech.extract(df, root)}
+    assert res[cut].error.startswith(f"truncated audio: {root / row['wav_path']}"), res[cut].error
+    assert all(r.error is None for u, r in res.items() if u != cut)
+
+
+def test_cli_records_a_truncated_wav_and_names_bad_model_folders(tiny_wav2vec2, minilm, tmp_path):
+    """The command on a one-utterance IEMOCAP tree whose wav was cut short: exit 3 and the
+    reason in the store; model folders that do not fit: exit 1 with a clear message."""
+    from typer.testing import CliRunner
+
+    from cmarr.extract.cli import app
+    from cmarr.extract.fixtures import make_iemocap_tree
+    from cmarr.extract.iemocap import prepare_iemocap
+    from cmarr.extract.manifest import write_manifest
+    from cmarr.extract.store import FeatureStore
+
+    root = tmp_path / "IEMOCAP_full_release"
+    make_iemocap_tree(root, sessions=(1,), dialogs_per_session=1, utts_per_dialog=1, video=False, quirks=False)
+    df = prepare_iemocap(root).df.iloc[:1]
+    manifest = write_manifest(df, tmp_path / "one.csv")
+    wav = root / df["wav_path"].iloc[0]
+    _truncate(wav)
+    out = tmp_path / "f.h5"
+    args = ["features", "iemocap", "--root", str(root), "--manifest", str(manifest), "--out", str(out),
+            "--speech-model", str(tiny_wav2vec2), "--modalities", "speech", "--device", "cpu"]
+    runner = CliRunner(env={"COLUMNS": "400"})
+    res = runner.invoke(app, args)
+    assert res.exit_code == 3, res.output
+    store = FeatureStore(out)
+    (utt, modality, reason), = store.errors.itertuples(index=False)
+    store.close()
+    assert (utt, modality) == (df["utterance_id"].iloc[0], "speech")
+    assert reason.startswith(f"truncated audio: {wav}: truncated file"), reason
+    for flag, model, message in [
+        ("--speech-model", "/no/such/w2v", "/no/such/w2v: cannot load the speech model: no such folder"),
+        ("--text-model", str(tiny_wav2vec2), f"{tiny_wav2vec2}: cannot load the text model: its config.json "
+                                             "says model_type 'wav2vec2', a speech model"),
+    ]:
+        bad = args[:-4] + ["--modalities", "speech,text", "--device", "cpu", "--text-model", minilm,
+                           "--out", str(tmp_path / "g.h5")]
+        bad[bad.index(flag) + 1] = model
+        res = runner.invoke(app, bad)
+        assert res.exit_code == 1, res.output
+        assert message in " ".join(res.output.split()) and "Traceback" not in res.output
+        assert not (tmp_path / "g.h5").exists()
+
+
+# -- model names ----------------------------------------------------------------------------
+
+def _partial_copy(src: Path, dst: Path, names: tuple[str, ...]) -> str:
+    """``dst`` holding links to the files ``names`` of the model folder ``src``."""
+    dst.mkdir()
+    for n in names:
+        (dst / n).symlink_to(Path(src) / n)
+    return str(dst)
+
+
+def test_model_names_that_are_paths_get_clear_errors(tiny_wav2vec2, minilm, tmp_path):
+    w2v = Path(tiny_wav2vec2)
+    (tmp_path / "a-file").write_text("x")
+    speech_cases = {
+        "/no/such/w2v": "/no/such/w2v: cannot load the speech model: no such folder",
+        "./no-such-w2v": "./no-such-w2v: cannot load the speech model: no such folder",
+        "~/no-such-cmarr-model": "~/no-such-cmarr-model: cannot load the speech model: no such folder",
+        "models/here/w2v": "models/here/w2v: cannot load the speech model: no such folder",
+        str(tmp_path / "a-file"): "cannot load the speech model: it is a file, not a model folder",
+        minilm: f"{minilm}: cannot load the speech model: its config.json says model_type 'bert'",
+        _partial_copy(w2v, tmp_path / "no-pre", ("config.json", "model.safetensors")):
+            "no-pre: cannot load the speech model: no preprocessor_config.json",
+        _partial_copy(w2v, tmp_path / "no-weights", ("config.json", "preprocessor_config.json")):
+            "no-weights: cannot load the speech model: no weight file",
+        _partial_copy(w2v, tmp_path / "no-config", ("preprocessor_config.json", "model.safetensors")):
+            "no-config: cannot load the speech model: no config.json",
+    }
+    for name, message in speech_cases.items():
+        with pytest.raises(ExtractError) as e:
+            SpeechExtractor(SpeechConfig(model=name, device="cpu"))
+        assert message in str(e.value), (name, str(e.value))
+    text_cases = {
+        "/no/such/bert": "/no/such/bert: cannot load the text model: no such folder",
+        str(w2v): f"{w2v}: cannot load the text model: its config.json says model_type 'wav2vec2', a speech model",
+        _partial_copy(Path(minilm), tmp_path / "no-tok", ("config.json", "model.safetensors")):
+            "no-tok: cannot load the tokenizer: no tokenizer files in this folder",
+    }
+    for name, message in text_cases.items():
+        with pytest.raises(ExtractError) as e:
+            TextExtractor(TextConfig(model=name, device="cpu"))
+        assert message in str(e.value), (name, str(e.value))
+    # hub ids go to the hub client as before (offline here: its own error, not "no such folder")
+    with pytest.raises(ExtractError) as e:
+        SpeechExtractor(SpeechConfig(model="facebook/wav2vec2-base", device="cpu"))
+    assert "facebook/wav2vec2-base: cannot load the speech feature-extractor config" in str(e.value)
+    with pytest.raises(ExtractError) as e:
+        TextExtractor(TextConfig(model="bert-base-uncased", device="cpu"))
+    assert "bert-base-uncased: cannot load the tokenizer" in str(e.value) and "no such folder" not in str(e.value)
+
+
+def test_local_folder_given_with_a_tilde_loads_and_is_hashed(tiny_wav2vec2, monkeypatch):
+    monkeypatch.setenv("HOME", str(Path(tiny_wav2vec2).parent))
+    ex = SpeechExtractor(SpeechConfig(model=f"~/{Path(tiny_wav2vec2).name}", device="cpu"))
+    p = ex.provenance()
+    assert p["model"] == f"~/{Path(tiny_wav2vec2).name}" and set(p["weights_sha256"]) == {"model.safetensors"}

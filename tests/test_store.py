@@ -85,7 +85,8 @@ def test_roundtrip_tables_meta_and_missing(tmp_path):
     everything = s.load_all()
     assert set(everything) == {"speech", "video"} and set(everything["video"]) == {"u0", "u2"}
     np.testing.assert_array_equal(everything["speech"]["u1"], s.get("u1", "speech"))
-    assert validate_store(path) == ([], ["video: 1 utterances missing, with reasons recorded"])
+    assert validate_store(path) == ([], [f"video: 1 utterances missing, with reasons recorded "
+                                         f"(`cm-arr-features errors {path}` lists them)"])
 
 
 def test_output_appears_only_when_complete_and_resume_skips_done(tmp_path):
@@ -94,7 +95,7 @@ def test_output_appears_only_when_complete_and_resume_skips_done(tmp_path):
     w = StoreWriter(out, table(ids), {"speech": PROV["speech"]}, chunk_size=2, background=False)
     for i, u in enumerate(ids[:5]):
         w.add(u, "speech", feats(i, 4, 6))
-    del w  # the job dies without finalize: 4 committed in chunks, 1 buffered and lost
+    w.close()  # the job ends without finalize: 4 committed in chunks, 1 buffered and lost
     assert not out.exists()
     w = StoreWriter(out, table(ids), {"speech": PROV["speech"]}, chunk_size=2)
     assert w.done() == {(u, "speech") for u in ids[:4]}
@@ -143,7 +144,7 @@ def test_rerun_tries_recorded_errors_again_and_keeps_the_newest_outcome(tmp_path
     w = StoreWriter(out2, table(["a", "b"]), {"speech": PROV["speech"]}, chunk_size=1)
     w.add_error("a", "speech", "unreadable audio")
     w.flush()  # on disk (chunks are committed in the background)
-    del w
+    w.close()
     w = StoreWriter(out2, table(["a", "b"]), {"speech": PROV["speech"]}, chunk_size=1)
     assert w.done() == set() and w.retried() == {("a", "speech")}
 
@@ -152,6 +153,7 @@ def test_resume_refuses_other_settings(tmp_path):
     out = tmp_path / "f.h5"
     w = StoreWriter(out, table(["a", "b"]), {"speech": PROV["speech"]}, chunk_size=1)
     w.add("a", "speech", feats(0, 4, 6))
+    w.close()
     other = {"speech": {**PROV["speech"], "layer": 6}}
     with pytest.raises(StoreError, match="other settings"):
         StoreWriter(out, table(["a", "b"]), other)
@@ -203,7 +205,7 @@ def test_a_failed_background_commit_is_raised_and_loses_nothing(tmp_path, monkey
     failures = []
 
     def full_disk(tmp, dst):
-        if not failures:
+        if not failures and str(dst).endswith(".h5"):  # the first chunk (not the progress record)
             failures.append(dst)
             raise OSError(28, "No space left on device", str(tmp))
         real(tmp, dst)
@@ -235,7 +237,7 @@ def test_chunks_of_the_earlier_layout_still_resume(tmp_path):
     w = StoreWriter(out, table(ids), prov, background=False)
     w.add("a", "speech", feats(0, 4, 6), frame_rate=50.0)
     w.flush()
-    del w
+    w.close()
     with h5py.File(out.with_name(out.name + ".parts") / "chunk-000001.h5", "w") as f:  # as layout 1 wrote it
         ds = f.create_dataset("features/speech/b", data=feats(1, 5, 6).astype(np.float16))
         ds.attrs["frame_rate"] = 50.0
@@ -540,3 +542,281 @@ def test_validate_requires_provenance_to_name_the_model(tmp_path):
         for i, u in enumerate(ids):
             w.add(u, "speech", feats(i, 3, 6))
     assert any("names no model or checkpoint" in p for p in validate_store(anonymous)[0])
+
+
+# ---------------------------------------------------------------------------------------
+# one writer per output, coverage, leftovers of dead runs
+
+def _parts(out):
+    return out.with_name(out.name + ".parts")
+
+
+def test_a_second_writer_on_the_same_output_is_refused_while_the_first_holds_it(tmp_path):
+    import os
+
+    out = tmp_path / "f.h5"
+    ids = [f"u{i}" for i in range(6)]
+    first = StoreWriter(out, table(ids), {"speech": PROV["speech"]}, chunk_size=2)
+    for i, u in enumerate(ids[:4]):
+        first.add(u, "speech", feats(i, 4, 6))
+    first.flush()
+    with pytest.raises(StoreError, match=rf"f\.h5: is being written by another process \(pid {os.getpid()}\)"):
+        StoreWriter(out, table(ids), {"speech": PROV["speech"]}, chunk_size=2)
+    chunks = sorted(_parts(out).glob("chunk-*.h5"))
+    assert len(chunks) == 2  # the refused writer touched nothing of the first one's
+    for i, u in enumerate(ids[4:], 4):
+        first.add(u, "speech", feats(i, 4, 6))
+    first.finalize()  # releases the lock
+    s = FeatureStore(out)
+    assert s.ids("speech") == set(ids) and validate_store(out)[0] == []
+    with StoreWriter(out, table(ids), {"speech": PROV["speech"]}) as again:  # free again
+        assert again.done() == {(u, "speech") for u in ids}
+
+
+def test_the_lock_of_a_killed_writer_does_not_block_the_rerun(tmp_path):
+    out = tmp_path / "f.h5"
+    script = textwrap.dedent(f"""
+        import numpy as np, pandas as pd, time
+        from cmarr.extract.store import StoreWriter
+        ids = ["a", "b", "c"]
+        t = pd.DataFrame(dict(utterance_id=ids, corpus="c", session=1, speaker="s", label="ang", fold=1, start=0.0, end=1.0))
+        w = StoreWriter({str(out)!r}, t, {{"speech": {{"model": "m", "dim": 6}}}}, chunk_size=1)
+        w.add("a", "speech", np.ones((3, 6), np.float32))
+        w.flush()
+        print("holding", flush=True)
+        time.sleep(120)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        prov = {"speech": {"model": "m", "dim": 6}}
+        t = table(["a", "b", "c"])
+        t["corpus"], t["speaker"], t["label"], t["end"] = "c", "s", "ang", 1.0
+        with pytest.raises(StoreError, match=rf"being written by another process \(pid {proc.pid}\)"):
+            StoreWriter(out, t, prov)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+    with StoreWriter(out, t, prov) as w:  # the kernel dropped the dead process's lock
+        assert w.done() == {("a", "speech")}
+        w.add("b", "speech", np.full((3, 6), 2, np.float32))
+        w.add("c", "speech", np.full((3, 6), 3, np.float32))
+    s = FeatureStore(out)
+    assert [float(s.get(u, "speech")[0, 0]) for u in "abc"] == [1.0, 2.0, 3.0]
+    assert not _parts(out).exists()
+
+
+def test_chunk_numbers_continue_after_the_highest_and_never_replace_a_chunk(tmp_path):
+    out = tmp_path / "f.h5"
+    ids = [f"u{i}" for i in range(6)]
+    w = StoreWriter(out, table(ids), {"speech": PROV["speech"]}, chunk_size=1, background=False)
+    w.add("u0", "speech", feats(0, 4, 6))
+    w.add("u1", "speech", feats(1, 4, 6))
+    w.close()
+    parts = _parts(out)
+    (parts / "chunk-000000.h5").rename(parts / "chunk-000007.h5")  # a gap: counting files would reuse 000001
+    before = {p.name: p.read_bytes() for p in parts.glob("chunk-*.h5")}
+    w = StoreWriter(out, table(ids), {"speech": PROV["speech"]}, chunk_size=1, background=False)
+    for i, u in enumerate(ids[2:], 2):
+        w.add(u, "speech", feats(i, 4, 6))
+    names = sorted(p.name for p in parts.glob("chunk-*.h5"))
+    assert names == ["chunk-000001.h5", "chunk-000007.h5"] + [f"chunk-{n:06d}.h5" for n in range(8, 12)]
+    assert all((parts / n).read_bytes() == b for n, b in before.items())
+    w.finalize()
+    s = FeatureStore(out)
+    for i, u in enumerate(ids):
+        np.testing.assert_array_equal(s.get(u, "speech"), feats(i, 4, 6).astype(np.float16))
+
+
+def test_finalize_refuses_a_store_that_does_not_cover_every_utterance(tmp_path):
+    out = tmp_path / "f.h5"
+    ids = ["a", "b", "c"]
+    prov = {"speech": PROV["speech"], "video": PROV["video"]}
+    w = StoreWriter(out, table(ids), prov, chunk_size=2)
+    w.add("a", "speech", feats(0, 4, 6))
+    w.add("b", "speech", feats(1, 4, 6))
+    w.add_error("a", "video", "no face detected")
+    with pytest.raises(StoreError) as e:
+        w.finalize()
+    message = str(e.value)
+    assert message.startswith(f"{out}: not written: 3 utterance/modality pairs have neither features nor a recorded error")
+    assert "first: c (speech), b (video), c (video)" in message and "run the same command again" in message
+    assert not out.exists() and not list(tmp_path.glob("f.h5.tmp-*"))  # no store, not even a temporary one
+    assert sorted(_parts(out).glob("chunk-*.h5"))  # what was finished is kept ...
+    w = StoreWriter(out, table(ids), prov)  # ... and the lock released: a rerun resumes
+    assert w.done() == {("a", "speech"), ("b", "speech")} and w.retried() == {("a", "video")}
+    w.add("c", "speech", feats(2, 4, 6))
+    for u in ids:
+        w.add_error(u, "video", "no face detected")
+    w.finalize()
+    s = FeatureStore(out)
+    assert s.ids("speech") == set(ids) and len(s.errors) == 3 and validate_store(out)[0] == []
+
+
+def test_a_rerun_removes_the_store_left_by_a_run_killed_while_finalizing(tmp_path):
+    out = tmp_path / "f.h5"
+    ids = ["a", "b"]
+    w = StoreWriter(out, table(ids), {"speech": PROV["speech"]}, chunk_size=1)
+    w.add("a", "speech", feats(0, 4, 6))
+    w.close()
+    # the temporary store of a process that died in finalize (its pid is gone), and one of a live process
+    dead = subprocess.run([sys.executable, "-c", f"import os; open({str(out)!r} + f'.tmp-{{os.getpid()}}', 'wb')"
+                           ".write(b'x' * 4096); print(os.getpid())"], capture_output=True, text=True, check=True)
+    leftover = tmp_path / f"f.h5.tmp-{dead.stdout.strip()}"
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        busy = tmp_path / f"f.h5.tmp-{alive.pid}"
+        busy.write_bytes(b"someone else's")
+        assert leftover.exists()
+        w = StoreWriter(out, table(ids), {"speech": PROV["speech"]})
+        assert not leftover.exists() and busy.exists()
+        w.add("b", "speech", feats(1, 4, 6))
+        w.finalize()
+    finally:
+        alive.kill()
+        alive.wait()
+    assert FeatureStore(out).ids("speech") == set(ids)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5", busy.name]
+
+
+def test_an_unreadable_progress_record_is_a_clear_error(tmp_path):
+    out = tmp_path / "f.h5"
+    ids = ["a", "b"]
+    w = StoreWriter(out, table(ids), {"speech": PROV["speech"]}, chunk_size=1)
+    w.add("a", "speech", feats(0, 4, 6))
+    w.close()
+    state = _parts(out) / "state.json"
+    assert state.exists() and not list(_parts(out).glob("*.tmp"))  # written whole, under a temporary name
+    state.write_text("")  # what a crash in a non-atomic write leaves
+    with pytest.raises(StoreError) as e:
+        StoreWriter(out, table(ids), {"speech": PROV["speech"]})
+    assert str(e.value).startswith(f"{state}: cannot be read (empty or damaged)")
+    assert "remove this file and run it again to resume" in str(e.value)
+    state.unlink()  # what the message says to do
+    with StoreWriter(out, table(ids), {"speech": PROV["speech"]}) as w:
+        assert w.done() == {("a", "speech")}
+        w.add("b", "speech", feats(1, 4, 6))
+    # with nothing committed yet there is nothing to protect: a damaged record is replaced
+    out2 = tmp_path / "g.h5"
+    StoreWriter(out2, table(ids), {"speech": PROV["speech"]}).close()
+    (_parts(out2) / "state.json").write_text("{")
+    with StoreWriter(out2, table(ids), {"speech": PROV["speech"]}) as w:
+        w.add("a", "speech", feats(0, 4, 6))
+        w.add("b", "speech", feats(1, 4, 6))
+    assert FeatureStore(out2).ids("speech") == set(ids)
+
+
+def test_an_output_under_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "notstore.h5").write_text("x")
+    with pytest.raises(StoreError, match=r"notstore\.h5: is a file, not a folder \(--out .*notstore\.h5/f\.h5 needs a folder there\)"):
+        StoreWriter(tmp_path / "notstore.h5" / "f.h5", table(["a"]), {"speech": PROV["speech"]})
+    with pytest.raises(StoreError, match=r"notstore\.h5: is a file, not a folder"):
+        StoreWriter(tmp_path / "notstore.h5" / "deeper" / "f.h5", table(["a"]), {"speech": PROV["speech"]})
+
+
+# ---------------------------------------------------------------------------------------
+# merge order, listing errors, validating a shard
+
+def _write_by_id(path, rows, shard=None, fail=()):
+    """A store of the table ``rows`` whose values depend on the utterance id only (so shards
+    equal the whole)."""
+    with StoreWriter(path, rows, {"speech": PROV["speech"]}, chunk_size=2,
+                     extra_attrs={"shard": shard} if shard else None) as w:
+        for u in rows["utterance_id"]:
+            if u in fail:
+                w.add_error(u, "speech", f"unreadable audio {u}")
+            else:
+                w.add(u, "speech", feats(int(u[1:]), 3 + int(u[1:]) % 4, 6), frame_rate=50.0)
+    return path
+
+
+def test_merged_shards_equal_the_single_process_store_row_for_row(tmp_path):
+    from cmarr.extract.features import select_shard
+
+    ids = [f"u{i:02d}" for i in range(11)]
+    fail = {"u03", "u04", "u09"}
+    manifest = table(ids).sample(frac=1, random_state=0)  # any row order
+    single = _write_by_id(tmp_path / "single.h5", select_shard(manifest, 0, 1), fail=fail)
+    shards = [_write_by_id(tmp_path / f"s{k}.h5", select_shard(manifest, k, 3), shard=f"{k}/3", fail=fail)
+              for k in range(3)]
+    merged = tmp_path / "merged.h5"
+    code, text = cli("merge", shards[2], shards[0], shards[1], "--out", merged)  # in any order
+    assert code == 0, text
+    a, b = FeatureStore(single), FeatureStore(merged)
+    pd.testing.assert_frame_equal(a.utterances, b.utterances)
+    assert list(a.utterances["utterance_id"]) == ids
+    assert a._order == b._order and a.checksums == b.checksums
+    pd.testing.assert_frame_equal(a.errors, b.errors)
+    assert list(b.errors["utterance_id"]) == sorted(fail)
+
+
+def test_merge_names_the_shard_given_twice(tmp_path):
+    a = write_store(tmp_path / "a.h5", ["x"])
+    b = write_store(tmp_path / "b.h5", ["y"])
+    code, text = cli("merge", a, b, b, "--out", tmp_path / "m.h5")
+    assert_clean_error(code, text, f"{b}: the same shard is given twice")
+    assert f"{a}:" not in text
+
+
+def test_errors_command_lists_every_recorded_failure(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")
+    ids = [f"u{i:02d}" for i in range(70)]
+    prov = {"speech": PROV["speech"], "video": PROV["video"]}
+    path = tmp_path / "f.h5"
+    with StoreWriter(path, table(ids), prov, chunk_size=16) as w:
+        for i, u in enumerate(ids):
+            w.add(u, "speech", feats(i, 3, 6))
+            w.add_error(u, "video", f"no face detected in {u}.avi")
+        w.add_error("u05", "speech", "unreadable audio [corrupt header]")  # replaced by the features: dropped
+    code, text = cli("info", path)
+    assert code == 0 and f"70 recorded extraction failures; `cm-arr-features errors {path}` lists them" in text
+    code, text = cli("errors", path)
+    assert code == 0, text
+    assert "70 recorded extraction failures" in text
+    lines = [line for line in text.splitlines() if "no face detected in" in line]
+    assert len(lines) == 70
+    for u, line in zip(ids, lines):
+        assert u in line and "video" in line and f"{u}.avi" in line
+    code, text = cli("errors", path, "--modality", "speech")
+    assert code == 0 and "no recorded speech extraction failures" in text
+    code, text = cli("errors", path, "--modality", "smell")
+    assert_clean_error(code, text, "--modality 'smell'")
+    code, text = cli("errors", tmp_path / "nope.h5")
+    assert_clean_error(code, text, "nope.h5", "no such file")
+    code, text = cli("validate", path)
+    assert code == 0 and f"`cm-arr-features errors {path}` lists them" in text
+
+
+def test_errors_command_shows_reasons_with_brackets_as_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")
+    path = tmp_path / "f.h5"
+    with StoreWriter(path, table(["a", "b"]), {"speech": PROV["speech"]}) as w:
+        w.add("a", "speech", feats(0, 3, 6))
+        w.add_error("b", "speech", "empty transcript after removing [LAUGHTER]")
+    code, text = cli("errors", path)
+    assert code == 0 and "1 recorded extraction failures" in text
+    assert "empty transcript after removing [LAUGHTER]" in text
+
+
+def test_validate_checks_a_shard_against_its_share_of_the_manifest(tmp_path):
+    from cmarr.extract.features import select_shard
+
+    ids = [f"u{i}" for i in range(5)]
+    man = tmp_path / "m.csv"
+    manifest = table(ids)
+    manifest.to_csv(man, index=False)
+    rows = select_shard(manifest, 1, 2)
+    share = list(rows["utterance_id"])
+    p = _write_by_id(tmp_path / "s1.h5", rows, shard="1/2")
+    code, text = cli("validate", p, "--manifest", man)
+    assert code == 0, text
+    assert "shard 1/2 of an extraction: checked against that shard's share of the manifest (2 of 5 utterances)" in text
+    short = _write_by_id(tmp_path / "short.h5", rows.iloc[:1], shard="1/2")  # a shard lacking one of its utterances
+    code, text = cli("validate", short, "--manifest", man)
+    assert_clean_error(code, text, "1 manifest utterances are not in the store", repr(share[1]))
+    plain = _write_by_id(tmp_path / "plain.h5", rows)  # not a shard: the whole manifest counts
+    code, text = cli("validate", plain, "--manifest", man)
+    assert_clean_error(code, text, "3 manifest utterances are not in the store")

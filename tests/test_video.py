@@ -143,8 +143,16 @@ def test_prefetch_passes_items_and_errors():
 # -- the extractor --------------------------------------------------------------------------
 
 def test_extractor_refuses_without_checkpoint(tmp_path):
-    with pytest.raises(ExtractError, match="no Denseface checkpoint"):
+    with pytest.raises(ExtractError, match="no Denseface checkpoint") as e:
         VideoExtractor(VideoConfig())
+    # the hint names the command-line flags that fix it, and they are real flags of the command
+    import typer.main
+
+    from cmarr.extract.cli import app
+
+    flags = {o for p in typer.main.get_command(app).commands["features"].params for o in p.opts}
+    for flag in ("--denseface-checkpoint", "--random-denseface"):
+        assert flag in str(e.value) and flag in flags
     with pytest.raises(ExtractError, match="not found"):
         VideoExtractor(VideoConfig(checkpoint=str(tmp_path / "missing.pt")))
     bad = tmp_path / "bad.pt"
