@@ -77,11 +77,16 @@ def features_command(
     speech_revision: Optional[str] = typer.Option(None, "--speech-revision", help="Hub revision of the speech model."),
     speech_layer: int = typer.Option(-1, "--speech-layer", help="-1: last hidden state; k: output of block k."),
     speech_batching: str = typer.Option("masked", "--speech-batching",
-                                        help="masked, equal-length or none (all exact; see cmarr.extract.speech)."),
+                                        help="masked, equal-length or none: batch-of-one features up to float "
+                                        "rounding; none is the batch of one itself (see cmarr.extract.speech)."),
     speech_batch_size: int = typer.Option(128, "--speech-batch-size", min=1, help="Most utterances per speech batch."),
     speech_batch_seconds: Optional[float] = typer.Option(None, "--speech-batch-seconds",
                                                          help="Most padded audio seconds per speech batch "
                                                          "(default: 400 on CUDA, 60 on the CPU)."),
+    audio_tolerance: Optional[str] = typer.Option(None, "--audio-duration-tolerance", metavar="SECONDS,FRACTION",
+                                                  help="A wav whose decoded duration differs from the manifest's "
+                                                  "end - start (or falls short of its header) by more than "
+                                                  "max(SECONDS, FRACTION x duration) is an error (default 0.05,0.05)."),
     audio_readers: int = typer.Option(4, "--audio-readers", min=1, help="Threads that read and resample audio "
                                       "ahead of the speech model."),
     audio_read_ahead: int = typer.Option(256, "--audio-read-ahead", min=1, help="Most utterances read ahead of "
@@ -128,10 +133,18 @@ def features_command(
 
             video = VideoConfig(checkpoint=None if denseface_checkpoint is None else str(denseface_checkpoint),
                                 allow_random_weights=random_denseface, sample_fps=sample_fps)
+        tolerance = {}
+        if audio_tolerance is not None:
+            try:
+                tol_s, tol_f = (float(x) for x in audio_tolerance.split(","))
+            except ValueError:
+                raise ExtractError(f"--audio-duration-tolerance {audio_tolerance!r}: expected SECONDS,FRACTION, "
+                                   "e.g. 0.05,0.05") from None
+            tolerance = {"duration_tolerance_s": tol_s, "duration_tolerance_fraction": tol_f}
         speech = SpeechConfig(model=speech_model, revision=speech_revision, layer=speech_layer, dtype=dtype,
                               batching=speech_batching, max_batch_size=speech_batch_size,
                               max_batch_seconds=speech_batch_seconds, io_workers=audio_readers,
-                              prefetch=audio_read_ahead)
+                              prefetch=audio_read_ahead, **tolerance)
         text = TextConfig(model=text_model, revision=text_revision, layer=text_layer, dtype=dtype,
                           markers=text_markers)
         run = run_features(dataset, root, manifest, out, modalities=mods, device=device, shard=k_n,

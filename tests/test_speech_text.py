@@ -437,6 +437,17 @@ def test_cli_records_a_truncated_wav_and_names_bad_model_folders(tiny_wav2vec2, 
         assert res.exit_code == 1, res.output
         assert message in " ".join(res.output.split()) and "Traceback" not in res.output
         assert not (tmp_path / "g.h5").exists()
+    # the tolerance is a flag: wide enough, the cut wav is taken as it is (recorded in provenance)
+    wide = tmp_path / "wide.h5"
+    res = runner.invoke(app, [*args[:args.index("--out") + 1], str(wide), *args[args.index("--out") + 2:],
+                              "--audio-duration-tolerance", "10,0"])
+    assert res.exit_code == 0, res.output
+    with FeatureStore(wide) as store:
+        assert store.has(df["utterance_id"].iloc[0], "speech")
+        assert "max(10 s, 0 x expected)" in store.provenance["speech"]["duration_check"]
+    res = runner.invoke(app, [*args[:args.index("--out") + 1], str(tmp_path / "x.h5"),
+                              *args[args.index("--out") + 2:], "--audio-duration-tolerance", "lots"])
+    assert res.exit_code == 1 and "expected SECONDS,FRACTION" in res.output, res.output
 
 
 # -- model names ----------------------------------------------------------------------------
