@@ -57,6 +57,11 @@ from cmarr.extract.store import (MODALITIES, FeatureStore, StoreWriter, errors_h
                                  make_folder, select_shard, utterance_order)
 
 DATASETS = ("iemocap", "msp-improv")
+#: The manifest columns each modality's features are computed from. A rerun with a rebuilt
+#: manifest computes again the pairs whose columns changed (a wav or transcript that was
+#: missing and is now there) and keeps the rest (``StoreWriter``'s ``media``).
+MEDIA_COLUMNS = {"speech": ("wav_path", "start", "end"), "text": ("transcript",),
+                 "video": ("video_path", "video_start", "video_end", "video_half")}
 #: Rows of the error summary printed at the end (all are in the store's error table).
 SUMMARY_ROWS = 50
 
@@ -317,10 +322,11 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
     provenance = {m: {**ex.provenance(), "corpus": dataset, "manifest_sha256": manifest_sha}
                   for m, ex in extractors.items()}
 
-    writer = StoreWriter(target, rows, provenance, chunk_size=chunk_size, dtype=store_dtype,
+    writer = StoreWriter(target, rows, provenance, chunk_size=chunk_size, dtype=store_dtype, media=MEDIA_COLUMNS,
                          extra_attrs={"shard": f"{shard[0]}/{shard[1]}"} if shard and shard[1] > 1 else None)
     done = writer.done()
     retried = writer.retried()
+    changed = writer.changed()
     duration = dict(zip(rows["utterance_id"], (rows["end"] - rows["start"]).clip(lower=0.0).to_numpy()))
     computed: dict[str, int] = {}
     resumed: dict[str, int] = {}
@@ -331,10 +337,12 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
                 todo = rows[todo_mask]
                 resumed[m] = int((~todo_mask).sum())
                 again = sum((u, m) in retried for u in todo["utterance_id"])
-                if resumed[m] or again:
+                moved = sum((u, m) in changed for u in todo["utterance_id"])
+                if resumed[m] or again or moved:
                     console.print(f"{m}: {resumed[m]} of {len(rows)} utterances already in the store "
                                   f"(resumed), {len(todo)} to extract"
-                                  + (f", of which {again} recorded as errors before and tried again" if again else ""),
+                                  + (f", of which {again} recorded as errors before and tried again" if again else "")
+                                  + (f", {moved} whose media in the manifest changed" if moved else ""),
                                   highlight=False)
                 progress.start(m, len(rows), resumed[m])
                 expected = set(todo["utterance_id"])

@@ -60,7 +60,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -729,6 +729,43 @@ class _StoreSource:
         self.store.close()
 
 
+class _Without:
+    """A source with some ``(modality, utterance)`` pairs hidden: features and error records
+    computed from media that have changed since (see ``StoreWriter``'s ``media``)."""
+
+    def __init__(self, src, hidden: set[tuple[str, str]]):
+        self.src, self.hidden = src, hidden
+
+    def keys(self) -> Iterator[tuple[str, str, int, int]]:
+        return ((m, u, n, d) for m, u, n, d in self.src.keys() if (m, u) not in self.hidden)
+
+    def read(self, m: str, u: str):
+        return self.src.read(m, u)
+
+    def errors(self) -> pd.DataFrame | None:
+        err = self.src.errors()
+        if err is None or not len(err):
+            return err
+        keep = [(m, u) not in self.hidden for u, m in zip(err["utterance_id"], err["modality"])]
+        return err[keep]
+
+    def close(self) -> None:
+        self.src.close()
+
+
+def media_fingerprints(table: pd.DataFrame, media: Mapping[str, Sequence[str]]) -> dict[tuple[str, str], str]:
+    """``(modality, utterance) -> sha1`` of the table columns that modality's features are
+    computed from (``media[modality]``; a column the table lacks counts as empty)."""
+    out: dict[tuple[str, str], str] = {}
+    ids = table["utterance_id"].astype(str).tolist()
+    for m, cols in media.items():
+        values = [table[c].tolist() if c in table.columns else [None] * len(ids) for c in cols]
+        for i, u in enumerate(ids):
+            row = [None if (isinstance(v[i], float) and v[i] != v[i]) else v[i] for v in values]  # NaN -> None
+            out[(m, u)] = hashlib.sha1(json.dumps(row, default=str).encode()).hexdigest()
+    return out
+
+
 def _create_store_file(path: Path, dtype: str) -> h5py.File:
     f = h5py.File(str(path), "w", libver="latest")
     f.attrs["format"] = FORMAT
@@ -831,6 +868,18 @@ def _store_cast(arr: np.ndarray, dtype: str) -> np.ndarray:
         return arr.astype(dtype)
 
 
+def _updated_table(base: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """``base``'s utterance table with the rows of ``new`` (same ids) in place of its own, in
+    ``base``'s order."""
+    ids = set(new["utterance_id"])
+    if not ids & set(base["utterance_id"]):
+        return base
+    both = pd.concat([base[~base["utterance_id"].isin(ids)], new], ignore_index=True)
+    rank = {u: i for i, u in enumerate(base["utterance_id"])}
+    return both.iloc[sorted(range(len(both)), key=lambda i: rank.get(both["utterance_id"].iat[i], len(rank)))
+                     ].reset_index(drop=True)
+
+
 class StoreWriter:
     """Writes a store, resumably.
 
@@ -852,11 +901,20 @@ class StoreWriter:
     ``StoreError`` naming the holder's pid. Under the lock a new writer removes what dead runs
     left behind: half-written chunks and the temporary ``<out>.tmp-<pid>`` of a run killed
     while it assembled the store.
+
+    ``media`` (modality -> table columns its features are computed from, e.g. speech:
+    ``wav_path, start, end``) lets a rerun take a rebuilt manifest: the provenance may then
+    name another manifest file (``manifest_sha256``) as long as the utterance ids and every
+    other setting are the same, and the pairs whose media columns changed (a wav that was
+    missing and is now there, a corrected transcript) are computed again, their earlier
+    features or errors (in the existing store or in committed chunks) set aside; the rest is
+    kept. The stored table is the new one. Without ``media`` the manifest must be the same.
     """
 
     def __init__(self, out_path: str | os.PathLike, utterances: pd.DataFrame,
                  provenance: Mapping[str, dict], chunk_size: int = 64, dtype: str = "float16",
-                 extra_attrs: Mapping[str, Any] | None = None, background: bool = True):
+                 extra_attrs: Mapping[str, Any] | None = None, background: bool = True,
+                 media: Mapping[str, Sequence[str]] | None = None):
         self.out = Path(out_path)
         self.parts = self.out.with_name(self.out.name + ".parts")
         self.chunk_size = int(chunk_size)
@@ -882,6 +940,11 @@ class StoreWriter:
         self._base: Path | None = None
         self._meta_keys: dict[str, frozenset[str]] = {}
         self._requested = tuple(self.provenance)  # the modalities this job must cover
+        self._media = {m: tuple(c) for m, c in (media or {}).items() if m in self.provenance}
+        self._fingerprints = media_fingerprints(self.utterances, self._media) if media is not None else None
+        # (modality, utterance) -> the first chunk number whose entries of the pair are current
+        # (earlier chunks, and an existing store, hold results of media that changed since)
+        self._stale: dict[tuple[str, str], int] = {}
         self._next_chunk = 0
         self._pending: Future | None = None
         self._inflight: list[tuple[str, str, np.ndarray | None, dict, str | None]] = []  # what _pending writes
@@ -895,20 +958,42 @@ class StoreWriter:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="cmarr-store") if background else None
 
     # -- resume ----------------------------------------------------------------------
+    def _comparable(self, prov: Mapping[str, Any]) -> dict[str, Any]:
+        """Provenance as compared on resume: with ``media``, the manifest file may differ."""
+        p = comparable_provenance(prov)
+        if self._fingerprints is not None:
+            p.pop("manifest_sha256", None)
+        return p
+
     def _state(self) -> dict:
-        return {"provenance": {m: comparable_provenance(p) for m, p in self.provenance.items()},
+        return {"provenance": {m: self._comparable(p) for m, p in self.provenance.items()},
                 "dtype": self.dtype,
                 "utterance_ids_sha256": hashlib.sha256("\n".join(self.utterances["utterance_id"]).encode()).hexdigest()}
 
+    def _changed_media(self, table: pd.DataFrame, recorded: Mapping[str, str] | None = None) -> set[tuple[str, str]]:
+        """This job's pairs whose media columns differ from ``table``'s (or from ``recorded``
+        fingerprints, keyed ``"modality\tutterance"``)."""
+        if self._fingerprints is None:
+            return set()
+        if recorded is None:
+            if any(c not in table.columns for cols in self._media.values() for c in cols):
+                return {pair for pair in self._fingerprints}  # cannot tell: compute again
+            old = media_fingerprints(table, self._media)
+        else:
+            old = {tuple(k.split("\t", 1)): v for k, v in recorded.items()}
+        return {pair for pair, fp in self._fingerprints.items() if old.get(pair) != fp}
+
     def _resume(self) -> None:
         state = self._state()
+        base_stale: set[tuple[str, str]] = set()
         if self.out.exists():
             store = FeatureStore(self.out)  # raises StoreError for anything unreadable
             for m, p in store.provenance.items():
                 if m in self.provenance:
                     # the finished store records the width it found; a job that did not declare one compares equal
                     mine = {**self.provenance[m], "dim": self.provenance[m].get("dim", p.get("dim"))}
-                    diff = provenance_differences(p, mine)
+                    a, b = self._comparable(p), self._comparable(mine)
+                    diff = [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
                     if diff:
                         raise StoreError(self.out, f"exists with {m} features made differently ({'; '.join(diff[:3])}); "
                                          "write to another --out or remove it")
@@ -918,15 +1003,24 @@ class StoreWriter:
             if extra:
                 raise StoreError(self.out, f"exists with another utterance table ({len(extra)} ids not in it); write to another --out")
             self._base = self.out
+            base_stale = self._changed_media(store.utterances)
             for m in store.modalities:
-                self._done |= {(u, m) for u in store.ids(m)}
+                self._done |= {(u, m) for u in store.ids(m) if (m, u) not in base_stale}
                 self._dims.setdefault(m, store.dims[m])
-            self._retry |= set(zip(store.errors["utterance_id"], store.errors["modality"])) - self._done
+            self._retry |= (set(zip(store.errors["utterance_id"], store.errors["modality"])) - self._done
+                            - {(u, m) for m, u in base_stale})
             for m, p in store.provenance.items():
                 self.provenance.setdefault(m, p)
+            store.close()
+        self._stale = {pair: 0 for pair in base_stale}
         # the parts folder exists (it holds the lock); everything in it is ours or a dead run's
         chunks = sorted(self.parts.glob("chunk-*.h5"))
+        for chunk in chunks:
+            number = chunk.name[len("chunk-"):-len(".h5")]
+            if number.isdigit():
+                self._next_chunk = max(self._next_chunk, int(number) + 1)
         state_file = self.parts / "state.json"
+        recorded = None
         if state_file.exists():
             try:
                 recorded = json.loads(state_file.read_text())
@@ -937,16 +1031,31 @@ class StoreWriter:
                                      f"extraction in {self.parts} are unknown; if it was started by this same "
                                      "command, remove this file and run it again to resume; otherwise remove "
                                      "the folder to start over") from None
-                recorded = state  # nothing committed yet: nothing to keep apart
-            if recorded != state:
+                recorded = None  # nothing committed yet: nothing to keep apart
+            settings = {k: (recorded or {}).get(k) for k in state}
+            if recorded is not None and "media" not in recorded and self._fingerprints is not None:
+                # written without media fingerprints: only the very same manifest can resume
+                settings["provenance"] = {m: {k: v for k, v in p.items() if k != "manifest_sha256"}
+                                          for m, p in (settings["provenance"] or {}).items()}
+                same_manifest = all(p.get("manifest_sha256") == self.provenance.get(m, {}).get("manifest_sha256")
+                                    for m, p in (recorded.get("provenance") or {}).items())
+                if not same_manifest:
+                    settings = None
+            if recorded is not None and settings != state:
                 raise StoreError(self.parts, "holds an unfinished extraction made with other settings or another "
                                  "manifest; remove the folder or write to another --out")
+        if recorded is not None and self._fingerprints is not None and "media" in recorded:
+            for m_u, first in (recorded.get("stale") or {}).items():
+                pair = tuple(m_u.split("\t", 1))
+                self._stale[pair] = max(self._stale.get(pair, 0), int(first))
+            for pair in self._changed_media(self.utterances, recorded["media"]):
+                self._stale[pair] = self._next_chunk  # every chunk so far holds the old media's result
         for tmp in self.parts.glob("*.tmp"):
             tmp.unlink()  # a file that was being written when a run died
         self._remove_dead_leftovers()
         for chunk in chunks:
             try:
-                src = _ChunkSource(chunk)
+                src = self._chunk_source(chunk)
                 self._done |= {(u, m) for m, u, _, _ in src.keys()}
                 errs = src.errors()
                 if errs is not None:
@@ -954,11 +1063,20 @@ class StoreWriter:
                 src.close()
             except (OSError, KeyError) as e:
                 raise StoreError(chunk, f"committed chunk cannot be read ({e}); remove it to recompute its utterances") from None
-            number = chunk.name[len("chunk-"):-len(".h5")]
-            if number.isdigit():
-                self._next_chunk = max(self._next_chunk, int(number) + 1)
         self._retry -= self._done
-        _write_json_atomic(state_file, state)
+        saved = dict(state)
+        if self._fingerprints is not None:
+            saved["media"] = {f"{m}\t{u}": fp for (m, u), fp in self._fingerprints.items()}
+            saved["stale"] = {f"{m}\t{u}": n for (m, u), n in self._stale.items()}
+        _write_json_atomic(state_file, saved)
+
+    def _chunk_source(self, chunk: Path):
+        """A committed chunk as a source, without its pairs whose media changed after it."""
+        src = _ChunkSource(chunk)
+        number = chunk.name[len("chunk-"):-len(".h5")]
+        n = int(number) if number.isdigit() else -1
+        hidden = {pair for pair, first in self._stale.items() if n < first}
+        return _Without(src, hidden) if hidden else src
 
     def _remove_dead_leftovers(self) -> None:
         """Remove ``<out>.tmp-<pid>`` files of runs that died while assembling the store (a
@@ -981,6 +1099,11 @@ class StoreWriter:
         errors by an earlier run are not done: a rerun tries them again (the media may have
         been fixed), and the newest outcome is kept."""
         return set(self._done)
+
+    def changed(self) -> set[tuple[str, str]]:
+        """Pairs whose earlier result was set aside because their media columns changed (see
+        ``media``) and that are not computed again yet."""
+        return {(u, m) for m, u in self._stale} - self._done
 
     def retried(self) -> set[tuple[str, str]]:
         """Pairs an earlier run recorded as errors and this run tries again."""
@@ -1108,9 +1231,13 @@ class StoreWriter:
             try:
                 utterances = self.utterances
                 if self._base is not None:
-                    sources.append(_StoreSource(self._base))
-                    utterances = sources[0].store.utterances  # holds every id (checked in _resume)
-                sources += [_ChunkSource(c) for c in sorted(self.parts.glob("chunk-*.h5"))]
+                    base = _StoreSource(self._base)
+                    sources.append(base)
+                    utterances = _updated_table(base.store.utterances, self.utterances)  # holds every id (checked in _resume)
+                    hidden = {pair for pair, first in self._stale.items() if first >= 0}
+                    if hidden:
+                        sources[0] = _Without(base, hidden)
+                sources += [self._chunk_source(c) for c in sorted(self.parts.glob("chunk-*.h5"))]
                 _assemble(self.out, utterances, provenance, sources, self.dtype, self.extra_attrs,
                           required=required)
             finally:

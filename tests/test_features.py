@@ -471,3 +471,29 @@ def test_summary_points_at_a_command_that_lists_every_error(tmp_path):
     res = CliRunner(env={"COLUMNS": "400"}).invoke(features_app, ["errors", str(out)])
     assert res.exit_code == 0, res.output
     assert all(f"{u}.wav" in res.output for u in ids)
+
+
+def test_fixing_media_and_rebuilding_the_manifest_fills_them_in(job, tmp_path):
+    """What ``make extract`` does on a rerun: the manifest is built again from the corpus.
+    A wav that was missing (so the manifest had no path for it) is put back: the rerun with
+    the rebuilt manifest extracts it and keeps every other finished utterance."""
+    root = tmp_path / "corpus"
+    shutil.copytree(job["root"], root)
+    df = read_manifest(job["manifest"])
+    utt, wav = df["utterance_id"].iloc[2], root / df["wav_path"].iloc[2]
+    saved = tmp_path / "saved.wav"
+    shutil.move(wav, saved)
+    first = write_manifest(prepare_iemocap(root).df, tmp_path / "first.csv")
+    assert read_manifest(first).set_index("utterance_id").loc[utt, "wav_path"] in ("", None) or \
+        pd.isna(read_manifest(first).set_index("utterance_id").loc[utt, "wav_path"])
+    out = tmp_path / "feats.h5"
+    run = run_features("iemocap", root, first, out, modalities=MODS, **_configs(job))
+    assert not run.ok
+    with FeatureStore(out) as s:
+        assert not s.has(utt, "speech") and s.has(utt, "text")
+    shutil.move(saved, wav)
+    rebuilt = write_manifest(prepare_iemocap(root).df, tmp_path / "rebuilt.csv")
+    run = run_features("iemocap", root, rebuilt, out, modalities=MODS, **_configs(job))
+    assert run.ok
+    assert run.computed == {"speech": 1, "text": 0} and run.resumed == {"speech": 7, "text": 8}
+    assert_same_store(out, job["reference"])  # as if the wav had been there all along

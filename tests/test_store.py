@@ -149,6 +149,57 @@ def test_rerun_tries_recorded_errors_again_and_keeps_the_newest_outcome(tmp_path
     assert w.done() == set() and w.retried() == {("a", "speech")}
 
 
+def test_a_rebuilt_manifest_recomputes_only_what_its_media_change(tmp_path):
+    """With ``media``, a rerun may bring a rebuilt manifest: pairs whose media columns changed
+    are set aside (in chunks of a killed run and in a finished store) and computed again; a
+    later rerun still knows the old chunks' entries are stale; the stored table is the new one."""
+    out = tmp_path / "f.h5"
+    media = {"speech": ("wav_path", "start", "end")}
+    prov = {"speech": {**PROV["speech"], "manifest_sha256": "old"}}
+    ids = ["a", "b", "c"]
+    old = table(ids).assign(wav_path=["a.wav", "", "c.wav"])  # b's wav was missing
+    w = StoreWriter(out, old, prov, chunk_size=1, media=media)
+    w.add("a", "speech", feats(0, 4, 6))
+    w.add_error("b", "speech", "no wav file for this utterance in the manifest")
+    w.add("c", "speech", feats(2, 4, 6))
+    w.flush()
+    w.close()  # killed: three chunks
+    new = old.assign(wav_path=["a.wav", "b.wav", "c2.wav"])  # b's wav is back; c now points at another file
+    prov2 = {"speech": {**PROV["speech"], "manifest_sha256": "new"}}
+    w = StoreWriter(out, new, prov2, chunk_size=1, media=media)
+    assert w.done() == {("a", "speech")}
+    assert w.changed() == {("b", "speech"), ("c", "speech")}
+    w.add("c", "speech", feats(20, 4, 6))
+    w.flush()
+    w.close()  # killed again, after c's new features were committed
+    w = StoreWriter(out, new, prov2, chunk_size=1, media=media)
+    assert w.done() == {("a", "speech"), ("c", "speech")} and w.changed() == {("b", "speech")}
+    w.add("b", "speech", feats(10, 4, 6))
+    w.finalize()
+    with FeatureStore(out) as s:
+        np.testing.assert_array_equal(s.get("c", "speech"), feats(20, 4, 6).astype(np.float16))
+        np.testing.assert_array_equal(s.get("b", "speech"), feats(10, 4, 6).astype(np.float16))
+        np.testing.assert_array_equal(s.get("a", "speech"), feats(0, 4, 6).astype(np.float16))
+        assert len(s.errors) == 0 and s.utterances["wav_path"].tolist() == ["a.wav", "b.wav", "c2.wav"]
+        assert s.provenance["speech"]["manifest_sha256"] == "new"
+    # a finished store: one transcript-like change sets aside that pair only
+    newer = new.assign(wav_path=["a2.wav", "b.wav", "c2.wav"])
+    with StoreWriter(out, newer, prov2, media=media) as w:
+        assert w.done() == {("b", "speech"), ("c", "speech")} and w.changed() == {("a", "speech")}
+        w.add("a", "speech", feats(30, 4, 6))
+    with FeatureStore(out) as s:
+        np.testing.assert_array_equal(s.get("a", "speech"), feats(30, 4, 6).astype(np.float16))
+        np.testing.assert_array_equal(s.get("c", "speech"), feats(20, 4, 6).astype(np.float16))
+        assert s.utterances["wav_path"].tolist() == ["a2.wav", "b.wav", "c2.wav"]
+    # without media, another manifest is refused as before
+    w = StoreWriter(tmp_path / "g.h5", old, prov, chunk_size=1)
+    w.add("a", "speech", feats(0, 4, 6))
+    w.flush()
+    w.close()
+    with pytest.raises(StoreError, match="other settings or another manifest"):
+        StoreWriter(tmp_path / "g.h5", new, prov2)
+
+
 def test_resume_refuses_other_settings(tmp_path):
     out = tmp_path / "f.h5"
     w = StoreWriter(out, table(["a", "b"]), {"speech": PROV["speech"]}, chunk_size=1)
