@@ -614,9 +614,11 @@ class FeatureStore:
         return dict(self._meta[modality][self._meta_pos[modality][utterance_id]])
 
     def load_all(self, modalities: Iterable[str] | None = None,
-                 dtype: Any = None) -> dict[str, dict[str, np.ndarray]]:
+                 dtype: Any = None, verify: bool = False) -> dict[str, dict[str, np.ndarray]]:
         """Every matrix in memory: ``{modality: {utterance_id: (T, D) array}}``. The arrays
-        of one modality are views into one block (one read per modality)."""
+        of one modality are views into one block (one read per modality). With ``verify``,
+        each block's sha256 is checked against the one recorded when the store was written
+        (``StoreError`` when they differ: the file was damaged or altered since)."""
         mods = tuple(modalities) if modalities is not None else self.modalities
         out: dict[str, dict[str, np.ndarray]] = {}
         with h5py.File(str(self.path), "r") as f:
@@ -627,6 +629,11 @@ class FeatureStore:
                 block = np.empty(ds.shape, dtype=ds.dtype)
                 if ds.shape[0]:
                     ds.read_direct(block)
+                recorded = self.checksums.get(m)
+                if verify and recorded and hashlib.sha256(memoryview(block).cast("B")).hexdigest() != recorded:
+                    raise StoreError(self.path, f"{m}: the frames do not match the checksum recorded when the "
+                                     "file was written (damaged or altered since); `cm-arr-features validate` "
+                                     "says more")
                 if dtype is not None:
                     block = block.astype(dtype, copy=False)
                 out[m] = {u: block[o:o + n] for u, (o, n) in self._index[m].items()}

@@ -89,7 +89,9 @@ class DataConfig:
     """Reading the store, batching, and the validation split.
 
     load ["memory"]: "memory" reads every matrix into RAM once (IEMOCAP fits, about 3.3 GB
-      fp16 speech); "lazy" opens the HDF5 file per DataLoader worker and reads per batch.
+      fp16 speech) and checks each modality's frames against the sha256 recorded when the
+      store was written (a damaged or altered file is refused); "lazy" opens the HDF5 file
+      per DataLoader worker and reads per batch (no checksum: it never reads everything).
     num_workers [0]: DataLoader workers of the eager pipeline (the lazy path benefits).
     pipeline ["auto"]: "eager" pads raw frame sequences per batch (DataLoader) and lets the
       model pool them; "resident" pools every utterance once to ``seq_len`` steps with

@@ -109,7 +109,12 @@ class StoreData:
         if features is not None:
             self.features = features
         elif load == "memory":
-            self.features = self._store.load_all(MODALITIES)
+            from cmarr.extract.store import StoreError
+
+            try:  # checked against the recorded checksums: training never runs on altered frames
+                self.features = self._store.load_all(MODALITIES, verify=True)
+            except StoreError as e:
+                raise DataError(str(e)) from None
         elif load == "lazy":
             self.features = None
         else:
