@@ -122,6 +122,10 @@ class StoreData:
 
     @staticmethod
     def _check_table(table: pd.DataFrame, where: str) -> pd.DataFrame:
+        dup = table["utterance_id"].astype(str).duplicated()
+        if dup.any():
+            raise DataError(f"{where}: the utterance table lists {int(dup.sum())} ids more than once "
+                            f"(first: {table['utterance_id'].astype(str)[dup].iloc[0]!r})")
         for col, what in (("label", "labels"), ("fold", "folds")):
             if col not in table.columns:
                 raise DataError(f"{where}: the store has no {what} (no '{col}' column in its utterance table); "

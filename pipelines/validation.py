@@ -64,6 +64,9 @@ def split_fold(folds: np.ndarray, labels: np.ndarray, speakers: np.ndarray, fold
         train_mask &= ~val_mask
     elif rule == "speaker":
         spk = sorted(set(speakers[test_mask].tolist()))
+        if spk == [""]:
+            raise SplitError(f"{where}: validation rule 'speaker' needs the speaker of each utterance, and the "
+                             "store's utterance table has no 'speaker' values; use another data.validation")
         if len(spk) < 2:
             raise SplitError(f"{where}: validation rule 'speaker' needs two speakers in fold {fold}, found {spk}")
         val_mask = test_mask & (speakers == spk[0])

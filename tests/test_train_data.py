@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -82,6 +83,7 @@ def test_store_data_loads_in_memory_and_lazily(store):
     (lambda df: df.assign(label=""), "has no labels"),
     (lambda df: df.drop(columns=["fold"]), "has no folds"),
     (lambda df: df.assign(label=["fru"] + list(df["label"][1:])), "outside the four classes.*'fru'"),
+    (lambda df: pd.concat([df, df.iloc[:1]], ignore_index=True), "lists 1 ids more than once"),
 ])
 def test_bad_tables(tmp_path, store, edit, message, rewrite_table):
     import shutil
@@ -116,6 +118,8 @@ def test_splits(store):
     assert len(set(d.speakers[sp.val])) == 1 and not set(d.speakers[sp.val]) & set(d.speakers[sp.test])
     with pytest.raises(SplitError, match="fold 9 has no test utterances"):
         split_fold(d.folds, d.labels, d.speakers, 9)
+    with pytest.raises(SplitError, match="no 'speaker' values"):
+        split_fold(d.folds, d.labels, np.array([""] * len(d.folds)), 1, "speaker")
 
 
 # ---------------------------------------------------------------- conditions
