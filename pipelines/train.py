@@ -616,14 +616,15 @@ def run_training(features_path: str | Path, config: TrainConfig | str | Path | N
     dist = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dev = resolve_device(cfg.device, dist)
     mcfg = model_config_for(cfg, data.dims)
+    if dist.enabled and cfg.optim.stack_folds > 1:
+        raise TrainError("optim.stack_folds > 1 does not run under torchrun (distributed data parallel); use 1")
     store = store_fingerprint(data)
     if dist.main:
         _write_config(run_dir, cfg, mcfg.to_dict(), store)
-    if dist.enabled and cfg.optim.stack_folds > 1:
-        raise TrainError("optim.stack_folds > 1 does not run under torchrun (distributed data parallel); use 1")
     if jobs > 1 and len(wanted) > 1 and not dist.enabled:
         spread = dev.type == "cuda" and cfg.device in ("auto", "cuda")  # not pinned to one GPU
-        _run_jobs(features_path, run_dir, wanted, jobs, log, gpus=torch.cuda.device_count() if spread else 0)
+        _run_jobs(features_path, run_dir, wanted, jobs, log, gpus=torch.cuda.device_count() if spread else 0,
+                  stack=cfg.optim.stack_folds)
     else:
         todo = []
         for k in wanted:
@@ -664,11 +665,13 @@ def job_env(base: Mapping[str, str], gpu: int | None) -> dict[str, str]:
     return env
 
 
-def _run_jobs(features_path, run_dir: Path, folds: Sequence[int], jobs: int, log, gpus: int = 0) -> None:
+def _run_jobs(features_path, run_dir: Path, folds: Sequence[int], jobs: int, log, gpus: int = 0,
+              stack: int = 1) -> None:
     """Run ``cm-arr-train --folds k`` processes, ``jobs`` at a time, into ``run_dir``; with
-    ``gpus > 1``, each on the GPU with the fewest running processes."""
-    pending = list(folds)
-    running: list[tuple[int, subprocess.Popen, int | None]] = []
+    ``gpus > 1``, each on the GPU with the fewest running processes. With ``stack > 1`` a
+    process trains a group of that many folds together (``optim.stack_folds``)."""
+    pending = [",".join(map(str, g)) for g in stack_groups(folds, stack)]
+    running: list[tuple[str, subprocess.Popen, int | None]] = []
     failed = []
     while pending or running:
         while pending and len(running) < jobs:
@@ -679,7 +682,8 @@ def _run_jobs(features_path, run_dir: Path, folds: Sequence[int], jobs: int, log
                 gpu = load.index(min(load))
             cmd = [sys.executable, "-m", "cmarr.pipelines.train_cli", "--features", str(features_path),
                    "--config", str(run_dir / "config.yaml"), "--folds", str(k), "--out", str(run_dir), "--quiet"]
-            log(f"fold {k}: started as a separate process" + (f" on GPU {gpu}" if gpu is not None else ""))
+            what = f"folds {k}" if "," in k else f"fold {k}"
+            log(f"{what}: started as a separate process" + (f" on GPU {gpu}" if gpu is not None else ""))
             running.append((k, subprocess.Popen(cmd, env=job_env(os.environ, gpu)), gpu))
         time.sleep(0.2)
         for k, p, g in list(running):
@@ -687,7 +691,7 @@ def _run_jobs(features_path, run_dir: Path, folds: Sequence[int], jobs: int, log
                 running.remove((k, p, g))
                 if p.returncode != 0:
                     failed.append(k)
-                log(f"fold {k}: process ended ({p.returncode})")
+                log(f"{'folds' if ',' in k else 'fold'} {k}: process ended ({p.returncode})")
     if failed:
         raise TrainError(f"{run_dir}: the processes of folds {failed} failed (see their output above)")
 

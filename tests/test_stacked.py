@@ -226,6 +226,12 @@ def test_stack_folds_on_the_command_line_and_bad_settings(env):
     assert res.exit_code == 0, res.output
     assert "folds 1, 2: trained together" in res.output
     assert "stack_folds: 2" in (root / "cli" / "config.yaml").read_text()
+    # with --jobs, each process trains a stacked group
+    res = runner.invoke(app, ["--features", str(store), "--config", str(cfg), "--epochs", "1", "--jobs", "2",
+                              "--stack-folds", "2", "--out", str(root / "cli-jobs"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "folds 1,2: started as a separate process" in res.output and "fold 3: started" in res.output
+    assert json.loads((root / "cli-jobs" / "metrics.json").read_text())["folds"].keys() == {"1", "2", "3"}
     for args, message in [(["--stack-folds", "0"], "optim.stack_folds must be >= 1"),
                           (["--stack-folds", "2", "--set", "data.pipeline=eager"], "needs data.pipeline resident"),
                           (["--stack-folds", "2", "--set", "optim.compile=on"], "runs without torch.compile")]:

@@ -439,3 +439,6 @@ def test_fold_jobs_are_spread_over_the_visible_gpus(tmp_path, monkeypatch):
     started.clear()
     T._run_jobs("f.h5", tmp_path, [1, 2], jobs=2, log=lambda s: None, gpus=0)  # one GPU or none: untouched
     assert started == [("1", None), ("2", None)]
+    started.clear()
+    T._run_jobs("f.h5", tmp_path, [1, 2, 3, 4, 5], jobs=2, log=lambda s: None, gpus=2, stack=2)  # stacked groups
+    assert started == [("1,2", "0"), ("3,4", "1"), ("5", "0")]
