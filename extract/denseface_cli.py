@@ -28,7 +28,7 @@ def train(
     batch_size: int = typer.Option(64, "--batch-size", min=2),
     lr: float = typer.Option(0.1, "--lr"),
     label_rule: str = typer.Option("majority", "--label-rule", help="majority | distribution"),
-    max_train: Optional[int] = typer.Option(None, "--max-train", help="use only the first N training images"),
+    max_train: Optional[int] = typer.Option(None, "--max-train", min=1, help="use only the first N training images"),
     seed: int = typer.Option(0, "--seed"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)"),
 ) -> None:
@@ -48,7 +48,7 @@ def train(
         raise typer.Exit(2)
     out.print(f"wrote {out_path}  sha256 {rec['checkpoint_sha256']}", highlight=False)
     out.print(f"FER+ test accuracy {rec['test_accuracy']:.4f} ({rec['n_test']} images), "
-              f"validation {rec['val_accuracy']:.4f}, epoch {rec['kept_epoch']}/{rec['epochs']}", highlight=False)
+              f"validation {'none' if rec['val_accuracy'] is None else format(rec['val_accuracy'], '.4f')}, epoch {rec['kept_epoch']}/{rec['epochs']}", highlight=False)
 
 
 @app.command()

@@ -285,7 +285,11 @@ def train_denseface(fer2013: str | Path, ferplus: str | Path, out: str | Path,
                     device: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train on FER+ and write the checkpoint ``out``. Returns the checkpoint's record
     (without the weights) plus ``checkpoint_sha256``."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from cmarr.extract.speech import resolve_device
+
+    dev = torch.device(resolve_device(device or "auto"))  # ExtractError for a bad or absent device
+    out = Path(out)
+    _check_writable(out)  # before hours of training, not after
     data = read_ferplus(fer2013, ferplus, config.label_rule)
     rep = data.report
     log(f"FER+: {rep['rows']} rows, kept {rep['kept']} ({rep['kept_per_split']}), dropped {rep['dropped']}: "
@@ -301,6 +305,10 @@ def train_denseface(fer2013: str | Path, ferplus: str | Path, out: str | Path,
     y_tr = torch.from_numpy(data.targets[idx_tr])
     x_va = _prepare(data.images[data.split == "val"], config.input_size)
     y_va = torch.from_numpy(data.targets[data.split == "val"])
+    select = config.select
+    if len(x_va) == 0 and select != "last":
+        log(f"{ferplus}: no PublicTest (validation) rows: no epoch can be selected on validation, the last one is kept")
+        select = "last"
     x_te = _prepare(data.images[data.split == "test"], config.input_size)
     y_te = torch.from_numpy(data.targets[data.split == "test"])
     mean, std = float(x_tr.mean()), float(x_tr.std())
@@ -340,11 +348,11 @@ def train_denseface(fer2013: str | Path, ferplus: str | Path, out: str | Path,
         history.append({"epoch": epoch, "train_loss": tot / max(n, 1), "val_acc": val, "seconds": time.time() - t0})
         log(f"epoch {epoch}/{config.epochs}: train loss {tot / max(n, 1):.4f}, val acc {val:.4f} ({time.time() - t0:.1f} s)")
         score = val if not math.isnan(val) else -0.5
-        if config.select == "last" or score > best[0]:
+        if select == "last" or score > best[0]:
             best = (score, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, epoch)
     model.load_state_dict(best[1])
     test = evaluate(model, x_te, y_te, mean, std, config.eval_batch_size, dev)
-    log(f"kept epoch {best[2]} ({config.select}); FER+ test accuracy {test:.4f} on {len(x_te)} images")
+    log(f"kept epoch {best[2]} ({select}); FER+ test accuracy {test:.4f} on {len(x_te)} images")
     record = {
         "format": CHECKPOINT_FORMAT,
         "model_config": asdict(model_config),
@@ -355,7 +363,8 @@ def train_denseface(fer2013: str | Path, ferplus: str | Path, out: str | Path,
         "epochs": config.epochs,
         "kept_epoch": best[2],
         "history": history,
-        "val_accuracy": history[best[2] - 1]["val_acc"],
+        "selected_by": select,
+        "val_accuracy": None if math.isnan(history[best[2] - 1]["val_acc"]) else history[best[2] - 1]["val_acc"],
         "test_accuracy": test,
         "n_test": len(x_te),
         "normalisation": {"mean": mean, "std": std, "rule": "(gray/255 - mean) / std, training-split pixel statistics"},
@@ -368,12 +377,32 @@ def train_denseface(fer2013: str | Path, ferplus: str | Path, out: str | Path,
     return {**record, "checkpoint_sha256": file_sha256(out)}
 
 
+def _check_writable(out: Path) -> None:
+    """``ExtractError`` unless a checkpoint can be written at ``out`` (its folder created if needed)."""
+    if out.is_dir():
+        raise ExtractError(f"{out}: is a folder; --out names the checkpoint file")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExtractError(f"{out.parent}: cannot create the folder for the checkpoint ({e.strerror or e})") from None
+    probe = out.with_name(f".{out.name}.probe{os.getpid()}")
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ExtractError(f"{out}: cannot be written ({e.strerror or e})") from None
+
+
 def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], record: dict[str, Any]) -> str:
     """Write atomically (temporary file, then rename); returns the file's sha256."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _check_writable(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save({"record": record, "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}}, tmp)
+    try:
+        torch.save({"record": record, "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}}, tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise ExtractError(f"{path}: cannot write the checkpoint ({e})") from None
     durable_replace(tmp, path)
     return file_sha256(path)
 

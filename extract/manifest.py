@@ -180,6 +180,9 @@ def write_csv_atomic(df: pd.DataFrame, out: str | os.PathLike) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as open() would make it (mkstemp's file is owner-only): manifests are shared
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
             df.to_csv(f, index=False)
         os.replace(tmp, out)

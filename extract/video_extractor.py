@@ -102,11 +102,9 @@ class VideoExtractor(Extractor):
             det_cfg = config.detector_config()
         except ValueError as e:
             raise ExtractError(f"video detector settings: {e}") from None
-        auto = config.device in (None, "auto")
-        try:
-            self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if auto else config.device)
-        except RuntimeError as e:
-            raise ExtractError(f"video: device {config.device!r}: {e}") from None
+        from cmarr.extract.speech import resolve_device
+
+        self.device = torch.device(resolve_device(config.device or "auto"))  # ExtractError: bad or absent device
         if config.checkpoint is None:
             if not config.allow_random_weights:
                 # The message names the command-line flags (how most users get here) and the

@@ -100,6 +100,9 @@ def combine(run_dirs: List[Path] = typer.Argument(..., help="RUN_DIRs written by
     except (CombineError, ConfigError) as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(2)
+    except OSError as e:  # --out cannot be created or written
+        err.print(f"[bold red]error:[/] {e.filename or out_dir}: {e.strerror or e}", highlight=False)
+        raise typer.Exit(2)
     out.print(rich_table(metrics, title=f"{metrics['variant']}: WAR / UAR (%), {len(metrics['folds'])} folds"))
     out.print(f"written: {Path(out_dir) / 'metrics.json'}, {Path(out_dir) / 'results.md'}")
 

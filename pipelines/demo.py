@@ -166,8 +166,11 @@ def prepare_out(out: Path) -> None:
             if p.name == MARKER:
                 continue
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("output folder of `python -m cmarr.pipelines.demo`; rerunning the demo replaces it\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).write_text("output folder of `python -m cmarr.pipelines.demo`; rerunning the demo replaces it\n")
+    except OSError as e:
+        raise DemoError(f"{out}: cannot be created or written ({e.strerror or e})") from None
 
 
 # --------------------------------------------------------------------------------------

@@ -176,3 +176,40 @@ def test_cli_info(trained):
     assert r.exit_code == 0 and file_sha256(ck) in r.output
     r = CliRunner().invoke(app, ["info", str(ck) + ".missing"])
     assert r.exit_code == 2 and "not found" in r.output and "Traceback" not in r.output
+
+
+def test_training_without_validation_rows_keeps_the_last_epoch(tmp_path):
+    """No PublicTest rows: nothing to select on; the last epoch is kept and said to be."""
+    faces = [cv2.resize(f, (48, 48)) for f in _gray_faces()]
+    imgs = np.stack([faces[i % len(faces)] for i in range(8)])
+    p1, p2 = write_ferplus_pair(tmp_path, imgs, np.array([i % 4 for i in range(8)]), ["Training"] * 6 + ["PrivateTest"] * 2)
+    ck = tmp_path / "c.pt"
+    r = CliRunner().invoke(app, ["train", "--fer2013", str(p1), "--ferplus", str(p2), "--out", str(ck),
+                                 "--epochs", "2", "--batch-size", "2", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "no PublicTest (validation) rows" in " ".join(r.output.split()) and "kept epoch 2 (last)" in r.output
+    _, rec = load_checkpoint(ck)
+    assert rec["kept_epoch"] == 2 and rec["selected_by"] == "last" and rec["val_accuracy"] is None
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--device", "gpu"], "--device gpu: not a device torch knows"),
+    (["--out", "/proc/no/c.pt"], "cannot create the folder for the checkpoint"),
+    (["--max-train", "0"], "--max-train"),
+])
+def test_training_setup_errors_come_before_training_without_traceback(tmp_path, args, message):
+    imgs = np.stack([cv2.resize(_gray_faces()[0], (48, 48))] * 4)
+    p1, p2 = write_ferplus_pair(tmp_path, imgs, np.array([0, 1, 2, 3]), ["Training"] * 4)
+    base = ["train", "--fer2013", str(p1), "--ferplus", str(p2), "--out", str(tmp_path / "c.pt"), "--epochs", "1"]
+    for i in range(0, len(args), 2):
+        if args[i] in base:
+            base[base.index(args[i]) + 1] = args[i + 1]
+        else:
+            base += args[i:i + 2]
+    r = CliRunner().invoke(app, base)
+    assert r.exit_code == 2, r.output
+    assert message in " ".join(r.output.split()) and "Traceback" not in r.output
+    if not torch.cuda.is_available():
+        plain = ["train", "--fer2013", str(p1), "--ferplus", str(p2), "--out", str(tmp_path / "c.pt"), "--device", "cuda"]
+        r = CliRunner().invoke(app, plain)
+        assert r.exit_code == 2 and "CUDA is not available" in r.output, r.output

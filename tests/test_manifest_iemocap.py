@@ -320,6 +320,21 @@ def test_command_against_a_matching_canonical_list_and_strict(tree, result, tmp_
     assert (tmp_path / "b.csv").exists()
 
 
+def test_written_manifests_are_readable_by_others(result, tmp_path):
+    """Manifests are shared with a team: the file gets the mode open() would give it."""
+    import os
+    import stat
+
+    from cmarr.extract.manifest import write_manifest
+
+    old = os.umask(0o022)
+    try:
+        path = write_manifest(result.df, tmp_path / "m.csv")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
 @pytest.mark.parametrize("blank", ["", "   "])
 def test_read_manifest_refuses_an_empty_utterance_id(result, tmp_path, blank):
     from cmarr.extract.manifest import write_manifest

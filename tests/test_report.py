@@ -17,6 +17,7 @@ import zlib
 import numpy as np
 import pandas as pd
 import pytest
+from pathlib import Path
 
 from cmarr.pipelines import report
 from cmarr.pipelines.metrics import build_metrics, score
@@ -202,6 +203,8 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     (mine / "runs" / "old.txt").write_text("old")
     prepare_out(mine)  # a previous demo output is emptied
     assert sorted(p.name for p in mine.iterdir()) == [MARKER]
+    with pytest.raises(DemoError, match="cannot be created or written"):
+        prepare_out(Path("/proc/no-demo-here"))
 
 
 def test_random_wav2vec2_loads_through_the_extractor(tmp_path):

@@ -204,6 +204,9 @@ def test_combine_fold_jobs(env):
     (broken / "fold2" / "metrics.json").write_text("{")
     bad = runner.invoke(combine_app, [str(root / "job1"), str(broken), "--out", str(root / "c3")])
     assert bad.exit_code == 2 and "fold2/metrics.json: not a fold's metrics.json" in bad.output, bad.output
+    (root / "a-file").write_text("x")
+    bad = runner.invoke(combine_app, [str(root / "job1"), str(root / "job2"), "--out", str(root / "a-file")])
+    assert bad.exit_code == 2 and "a-file" in bad.output and "Traceback" not in bad.output, bad.output
     (broken / "config.yaml").write_text("- a list\n")
     bad = runner.invoke(combine_app, [str(root / "job1"), str(broken), "--out", str(root / "c3")])
     assert bad.exit_code == 2 and "config.yaml: expected a mapping" in bad.output, bad.output

@@ -159,6 +159,11 @@ def test_extractor_refuses_without_checkpoint(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ExtractError, match="bad.pt"):
         VideoExtractor(VideoConfig(checkpoint=str(bad)))
+    with pytest.raises(ExtractError, match="--device gpu: not a device"):
+        VideoExtractor(VideoConfig(allow_random_weights=True, device="gpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ExtractError, match="CUDA is not available"):
+            VideoExtractor(VideoConfig(allow_random_weights=True, device="cuda"))
 
 
 @pytest.fixture(scope="module")
