@@ -30,7 +30,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/model_step.py
 
-# the whole pipeline on an embedded corpus (about 75 s on 2 cores); DEMO_ARGS="--seed 1", "--quick", "--audio synth"
+# the whole pipeline on an embedded corpus (about 60 s on 2 cores); DEMO_ARGS="--seed 1", "--quick", "--audio synth"
 demo: $(STAMP)
 	$(PY) -m cmarr.pipelines.demo --out demo_out $(DEMO_ARGS)
 

@@ -2,7 +2,7 @@
 
     python -m cmarr.pipelines.demo --out demo_out [--seed N] [--quick] [--audio auto|espeak|synth]
 
-About 75 seconds on a 2-core CPU (``--quick``: about 20 s); the stage times are printed and
+About 60 seconds on a 2-core CPU (``--quick``: about 15 s); the stage times are printed and
 written to the report.
 
 Stages (each timed, wall clock and process CPU seconds):
