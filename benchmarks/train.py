@@ -18,6 +18,8 @@ word pieces x 768 and 45 video frames x 342, means about 10 % higher), takes fol
 - ``stacked``: ``fast`` with ``--stack`` folds (default 5) trained together in one process,
   weights stacked and each step run once for all of them (``optim.stack_folds``,
   ``cmarr.pipelines.stacked``); "train steps/s" counts the steps of all stacked folds.
+  ``stacked-graphs``: the same step compiled in mode "reduce-overhead" (CUDA graphs on CUDA;
+  compilation counted as setup).
 
 Projection of the full protocol: 5 folds x 100 epochs at batch 16 over the real IEMOCAP fold
 sizes (training part = 90 % of the four training sessions), each epoch followed by the
@@ -151,9 +153,10 @@ def measure(data, path: str, device: str, steps: int, warmup: int, out: Path, du
             "checkpoint_s": checkpoint_s, "ready_at": ready_at, "n_utts": len(data)}
 
 
-def measure_stacked(data, device: str, stack: int, steps: int, warmup: int, out: Path) -> dict:
+def measure_stacked(data, device: str, stack: int, steps: int, warmup: int, out: Path, graphs: bool = False) -> dict:
     """Setup, lockstep training steps/s (each advances every stacked fold by one step),
-    evaluation rows/s and checkpoint time per fold of folds 1..``stack`` trained together."""
+    evaluation rows/s and checkpoint time per fold of folds 1..``stack`` trained together;
+    with ``graphs``, the step compiled in mode "reduce-overhead" (compilation counted as setup)."""
     from cmarr.pipelines.config import with_overrides
     from cmarr.pipelines.stacked import StackedFolds
     from cmarr.pipelines.train import FoldRecipe
@@ -162,7 +165,10 @@ def measure_stacked(data, device: str, stack: int, steps: int, warmup: int, out:
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     plain = make_recipe(data, "fast", device, out)
-    cfg, dev = with_overrides(plain.cfg, {"optim.stack_folds": stack}), plain.device
+    over = {"optim.stack_folds": stack}
+    if graphs:
+        over |= {"optim.compile": "on", "optim.compile_mode": "reduce-overhead"}
+    cfg, dev = with_overrides(plain.cfg, over), plain.device
     recipes, res = [], None
     for k in range(1, stack + 1):
         recipes.append(FoldRecipe(cfg, data, k, out, dev).setup(res))
@@ -184,9 +190,12 @@ def measure_stacked(data, device: str, stack: int, steps: int, warmup: int, out:
     def step():
         sf.step({e: next(it) for e, it in its.items()}, gens)
 
-    for _ in range(warmup):
+    t = time.perf_counter()
+    for _ in range(max(warmup, 3) if graphs else warmup):
         step()
     sync(dev)
+    if graphs:
+        setup_s += time.perf_counter() - t  # compilation
     t = time.perf_counter()
     for _ in range(steps):
         step()
@@ -201,7 +210,7 @@ def measure_stacked(data, device: str, stack: int, steps: int, warmup: int, out:
     sync(dev)
     eval_s = time.perf_counter() - t
     r0 = recipes[0]
-    return {"path": f"stacked x{stack}", "stack": stack, "setup_s": setup_s / stack, "steps": steps * stack,
+    return {"path": f"stacked{'-graphs' if graphs else ''} x{stack}", "stack": stack, "setup_s": setup_s / stack, "steps": steps * stack,
             "train_s": train_s, "steps_per_s": steps / train_s, "eval_rows": len(r0.split.val) * 7, "eval_s": eval_s,
             "eval_rows_per_s": len(r0.split.val) * 7 / eval_s, "checkpoint_s": checkpoint_s, "n_utts": len(data)}
 
@@ -281,7 +290,7 @@ def main() -> None:
     ap.add_argument("--json", type=str, default=None, help="write the measurements here")
     ap.add_argument("--tmp", type=str, default="/tmp/cmarr-bench")
     ap.add_argument("--paths", type=str, default="eager,fast,stacked",
-                    help="single-process paths: eager, fast, compile, graphs, stacked")
+                    help="single-process paths: eager, fast, compile, graphs, stacked, stacked-graphs")
     ap.add_argument("--stack", type=int, default=5, help="folds trained together on the stacked path")
     ap.add_argument("--path", type=str, default=None, help="path of the concurrent workers (default: the fastest measured)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -307,9 +316,9 @@ def main() -> None:
     eager_steps = max(3, args.steps // 5) if cuda else args.steps
     for path in args.paths.split(","):
         steps = eager_steps if path == "eager" else args.steps
-        if path == "stacked":
+        if path in ("stacked", "stacked-graphs"):
             m = measure_stacked(data, args.device, args.stack, max(2, steps // 2) if not cuda else steps,
-                                args.warmup, Path(args.tmp))
+                                args.warmup, Path(args.tmp), graphs=path == "stacked-graphs")
             rows.append(m)
             print(f"  {m['path']}: {m['steps_per_s']:.2f} lockstep steps/s, eval {m['eval_rows_per_s']:.0f} rows/s, "
                   f"setup {m['setup_s']:.1f} s per fold", flush=True)

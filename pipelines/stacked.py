@@ -25,8 +25,9 @@ What differs: dropout draws its masks for all members at once (``vmap(randomness
 float rounding, with ``model.dropout: 0``, which a test checks); and the final batches of
 an epoch, where folds have different batch sizes, run as one call per batch size.
 
-Requires the resident pipeline (every member's batch has the same shape), no
-``torch.compile``, no torchrun.
+With ``optim.compile``, the step of all members at full batch size is compiled as one graph
+(vmap traces into it); other steps run eagerly. Requires the resident pipeline (every
+member's batch has the same shape); not under torchrun.
 """
 from __future__ import annotations
 
@@ -202,6 +203,11 @@ class StackedModels:
             buf = {n: v.index_select(0, sel) for n, v in self.buffers.items()}
         return self._loss(p, buf, self.shared, feats, masks, available, present, labels)
 
+    def all_losses(self, feats, masks, available, present, labels) -> dict[str, Tensor]:
+        """``losses`` of every member: the function ``torch.compile`` takes (one graph, forward
+        and backward, for the usual step; the optimizer stays outside)."""
+        return self._loss(self.params.params, self.buffers, self.shared, feats, masks, available, present, labels)
+
     def step(self, total: Tensor, active: Sequence[int]) -> None:
         self.params.zero_grad()
         with warnings.catch_warnings():
@@ -240,6 +246,16 @@ class StackedFolds:
         self.params, self.opt = self.models.params, self.models.opt
         for e, r in enumerate(self.recipes):
             self.opt.import_member(e, r.optimizer)
+        # optim.compile as for one fold: the step of all members at full batch size is one
+        # compiled graph (with compile_mode reduce-overhead, replayed as a CUDA graph); the
+        # other steps (an epoch's last, smaller batches) run eagerly
+        self.compiled = None
+        self.compiled_steps = 0
+        if r0.compiled is not r0.net:
+            if o.compile_backend == "inductor":
+                self.compiled = torch.compile(self.models.all_losses, mode=o.compile_mode, dynamic=False)
+            else:
+                self.compiled = torch.compile(self.models.all_losses, backend=o.compile_backend, dynamic=False)
 
     def _sync_member(self, e: int) -> None:
         """Copy member ``e``'s weights and optimizer state into its recipe's own model."""
@@ -294,8 +310,15 @@ class StackedFolds:
             b = self.recipes[0].res_full.batch(torch.stack([batch[e] for e in group]))  # (E', B, ...)
             avail = torch.stack([sample_conditions(b.present[i], self.recipes[e].mode, gens[e])
                                  for i, e in enumerate(group)])
+            full = len(group) == self.models.E and len(batch[group[0]]) == self.cfg.optim.batch_size
             with self.recipes[0]._autocast():
-                losses = self.models.losses(group, b.feats, b.masks, avail, b.present, b.labels)
+                if full and self.compiled is not None:
+                    if self.cfg.optim.compile_mode == "reduce-overhead":
+                        torch.compiler.cudagraph_mark_step_begin()
+                    losses = self.compiled(b.feats, b.masks, avail, b.present, b.labels)
+                    self.compiled_steps += 1
+                else:
+                    losses = self.models.losses(group, b.feats, b.masks, avail, b.present, b.labels)
             part = losses["total"].sum()
             total = part if total is None else total + part
             if sums is not None:
