@@ -285,3 +285,32 @@ def test_stacked_variants_with_bf16_adamw_and_clipping(env, variant):
     for k in (1, 2, 3):
         ck = torch.load(root / f"var-{variant}" / f"fold{k}" / "last.pt", weights_only=False)
         assert ck["variant"] == variant and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_a_fold_trained_alone_resumes_in_a_stacked_run(env, monkeypatch):
+    """A one-fold run's last.pt (torch.optim.Adam state) is picked up by a stacked run."""
+    root, store, cfg, _ = env
+    real_train = FoldRecipe.train_epoch
+
+    def dies_in_epoch_2(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_train(self, epoch)
+
+    monkeypatch.setattr(FoldRecipe, "train_epoch", dies_in_epoch_2)
+    out = root / "alone-then-stacked"
+    with pytest.raises(KeyboardInterrupt):
+        run_training(store, cfg, out_dir=out, folds=[1], device="cpu", log=None)
+    monkeypatch.undo()
+    alone = torch.load(out / "fold1" / "last.pt", weights_only=False)
+    logs = []
+    run_training(store, cfg, out_dir=out, device="cpu", log=logs.append, overrides={"optim.stack_folds": 3})
+    assert any("fold 1: resumed after epoch 1" in s for s in logs)
+    assert any("folds 1, 2, 3: trained together" in s for s in logs)
+    rows = _log(out / "fold1" / "log.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    after = torch.load(out / "fold1" / "last.pt", weights_only=False)
+    steps = [int(r["steps"]) for r in rows]
+    # Adam's step count went on from the one-fold run's
+    assert {float(v["step"]) for v in alone["optimizer"]["state"].values()} == {float(steps[0])}
+    assert {float(v["step"]) for v in after["optimizer"]["state"].values()} == {float(sum(steps))}
