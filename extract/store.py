@@ -271,7 +271,10 @@ class _OutputLock:
             return
         try:
             if remove_folder:
-                for entry in self.parts.iterdir():
+                # committed chunks first, state.json (what says which chunks are current) last:
+                # a kill in between leaves state.json with fewer chunks, never chunks without it
+                last = {self.NAME: 2, "state.json": 1}
+                for entry in sorted(self.parts.iterdir(), key=lambda e: last.get(e.name, 0)):
                     if entry.name == self.NAME:
                         continue
                     if entry.is_dir() and not entry.is_symlink():
@@ -630,7 +633,8 @@ class FeatureStore:
                 if ds.shape[0]:
                     ds.read_direct(block)
                 recorded = self.checksums.get(m)
-                if verify and recorded and hashlib.sha256(memoryview(block).cast("B")).hexdigest() != recorded:
+                if verify and recorded and hashlib.sha256(block.tobytes() if not block.size
+                                                          else memoryview(block).cast("B")).hexdigest() != recorded:
                     raise StoreError(self.path, f"{m}: the frames do not match the checksum recorded when the "
                                      "file was written (damaged or altered since); `cm-arr-features validate` "
                                      "says more")
@@ -947,7 +951,8 @@ class StoreWriter:
         self._base: Path | None = None
         self._meta_keys: dict[str, frozenset[str]] = {}
         self._requested = tuple(self.provenance)  # the modalities this job must cover
-        self._media = {m: tuple(c) for m, c in (media or {}).items() if m in self.provenance}
+        self._media_all = {m: tuple(c) for m, c in (media or {}).items()}
+        self._media = {m: c for m, c in self._media_all.items() if m in self.provenance}
         self._fingerprints = media_fingerprints(self.utterances, self._media) if media is not None else None
         # (modality, utterance) -> the first chunk number whose entries of the pair are current
         # (earlier chunks, and an existing store, hold results of media that changed since)
@@ -977,6 +982,26 @@ class StoreWriter:
                 "dtype": self.dtype,
                 "utterance_ids_sha256": hashlib.sha256("\n".join(self.utterances["utterance_id"]).encode()).hexdigest()}
 
+    def _check_other_media(self, store: "FeatureStore") -> None:
+        """Refuse a new table that changes the media of a modality the existing store holds
+        and this job does not extract: the stored table would then describe media its
+        features were not made from."""
+        if self._fingerprints is None or not self._media_all:
+            return
+        others = {m: c for m, c in self._media_all.items() if m in store.modalities and m not in self._media}
+        if not others:
+            return
+        new = media_fingerprints(self.utterances, others)
+        if any(c not in store.utterances.columns for cols in others.values() for c in cols):
+            return  # a table without these columns: nothing to compare
+        old = media_fingerprints(store.utterances, others)
+        for m in others:
+            changed = sorted(u for (mm, u), fp in new.items() if mm == m and old.get((mm, u)) != fp)
+            if changed:
+                raise StoreError(self.out, f"the manifest changes the {m} media of {len(changed)} utterances "
+                                 f"(first: {changed[0]!r}), but this job does not extract {m}; add {m} to "
+                                 "--modalities so that they are computed again, or use the earlier manifest")
+
     def _changed_media(self, table: pd.DataFrame, recorded: Mapping[str, str] | None = None) -> set[tuple[str, str]]:
         """This job's pairs whose media columns differ from ``table``'s (or from ``recorded``
         fingerprints, keyed ``"modality\tutterance"``)."""
@@ -993,6 +1018,8 @@ class StoreWriter:
     def _resume(self) -> None:
         state = self._state()
         base_stale: set[tuple[str, str]] = set()
+        base_done: set[tuple[str, str]] = set()
+        base_errors: set[tuple[str, str]] = set()
         if self.out.exists():
             store = FeatureStore(self.out)  # raises StoreError for anything unreadable
             for m, p in store.provenance.items():
@@ -1011,11 +1038,11 @@ class StoreWriter:
                 raise StoreError(self.out, f"exists with another utterance table ({len(extra)} ids not in it); write to another --out")
             self._base = self.out
             base_stale = self._changed_media(store.utterances)
+            self._check_other_media(store)
             for m in store.modalities:
-                self._done |= {(u, m) for u in store.ids(m) if (m, u) not in base_stale}
+                base_done |= {(u, m) for u in store.ids(m)}
                 self._dims.setdefault(m, store.dims[m])
-            self._retry |= (set(zip(store.errors["utterance_id"], store.errors["modality"])) - self._done
-                            - {(u, m) for m, u in base_stale})
+            base_errors = set(zip(store.errors["utterance_id"], store.errors["modality"]))
             for m, p in store.provenance.items():
                 self.provenance.setdefault(m, p)
             store.close()
@@ -1051,12 +1078,18 @@ class StoreWriter:
             if recorded is not None and settings != state:
                 raise StoreError(self.parts, "holds an unfinished extraction made with other settings or another "
                                  "manifest; remove the folder or write to another --out")
-        if recorded is not None and self._fingerprints is not None and "media" in recorded:
-            for m_u, first in (recorded.get("stale") or {}).items():
+        if recorded is not None:
+            for m_u, first in (recorded.get("stale") or {}).items():  # kept by every later run
                 pair = tuple(m_u.split("\t", 1))
                 self._stale[pair] = max(self._stale.get(pair, 0), int(first))
-            for pair in self._changed_media(self.utterances, recorded["media"]):
-                self._stale[pair] = self._next_chunk  # every chunk so far holds the old media's result
+            if self._fingerprints is not None and "media" in recorded:
+                for pair in self._changed_media(self.utterances, recorded["media"]):
+                    self._stale[pair] = self._next_chunk  # every chunk so far holds the old media's result
+        # the existing store's results count, less the pairs set aside (their copy there is
+        # hidden at assembly); the committed chunks below add what is current
+        stale_pairs = {(u, m) for m, u in self._stale}
+        self._done |= base_done - stale_pairs
+        self._retry |= base_errors - base_done - stale_pairs
         for tmp in self.parts.glob("*.tmp"):
             tmp.unlink()  # a file that was being written when a run died
         self._remove_dead_leftovers()
@@ -1074,6 +1107,7 @@ class StoreWriter:
         saved = dict(state)
         if self._fingerprints is not None:
             saved["media"] = {f"{m}\t{u}": fp for (m, u), fp in self._fingerprints.items()}
+        if self._stale:
             saved["stale"] = {f"{m}\t{u}": n for (m, u), n in self._stale.items()}
         _write_json_atomic(state_file, saved)
 

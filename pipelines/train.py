@@ -681,7 +681,8 @@ def _run_jobs(features_path, run_dir: Path, folds: Sequence[int], jobs: int, log
                 load = [sum(g == i for _, _, g in running) for i in range(gpus)]
                 gpu = load.index(min(load))
             cmd = [sys.executable, "-m", "cmarr.pipelines.train_cli", "--features", str(features_path),
-                   "--config", str(run_dir / "config.yaml"), "--folds", str(k), "--out", str(run_dir), "--quiet"]
+                   "--config", str(run_dir / "config.yaml"), "--folds", str(k), "--out", str(run_dir), "--quiet",
+                   "--stack-folds", str(stack)]  # this run's value (config.yaml may hold an earlier run's)
             what = f"folds {k}" if "," in k else f"fold {k}"
             log(f"{what}: started as a separate process" + (f" on GPU {gpu}" if gpu is not None else ""))
             running.append((k, subprocess.Popen(cmd, env=job_env(os.environ, gpu)), gpu))

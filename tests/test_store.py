@@ -200,6 +200,57 @@ def test_a_rebuilt_manifest_recomputes_only_what_its_media_change(tmp_path):
         StoreWriter(tmp_path / "g.h5", new, prov2)
 
 
+def test_media_changes_back_and_forth_and_across_modalities(tmp_path, monkeypatch):
+    """Back to the first manifest after a partial rerun with another: the pair is computed
+    again (not left hidden); a manifest that changes a modality the job does not extract is
+    refused; the parts folder is removed chunks first and state.json (which says which chunks
+    are current) last, so that a kill in between never leaves chunks without it."""
+    from pathlib import Path
+
+    out = tmp_path / "f.h5"
+    media = {"speech": ("wav_path", "start", "end"), "video": ("video_path",)}
+    prov = {"speech": {**PROV["speech"], "manifest_sha256": "m1"}}
+    m1 = table(["a", "b"]).assign(wav_path=["a.wav", "b.wav"], video_path=["a.avi", "b.avi"])
+    with StoreWriter(out, m1, prov, chunk_size=1, media=media) as w:
+        w.add("a", "speech", feats(0, 4, 6))
+        w.add("b", "speech", feats(1, 4, 6))
+    m2 = m1.assign(wav_path=["a.wav", "b2.wav"])
+    w = StoreWriter(out, m2, {"speech": {**prov["speech"], "manifest_sha256": "m2"}}, chunk_size=1, media=media)
+    w.add("b", "speech", feats(20, 4, 6))
+    w.flush()
+    w.close()  # killed
+    w = StoreWriter(out, m1, prov, chunk_size=1, media=media)  # the first manifest again
+    assert w.done() == {("a", "speech")} and w.changed() == {("b", "speech")}
+    w.add("b", "speech", feats(1, 4, 6))
+    removed = []
+    real_unlink = Path.unlink
+
+    def unlink(self, *a, **kw):
+        removed.append(self.name)
+        return real_unlink(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    w.finalize()
+    monkeypatch.undo()
+    chunks = [i for i, n in enumerate(removed) if n.startswith("chunk-")]
+    assert chunks and removed.index("state.json") > max(chunks) and removed.index("lock") > removed.index("state.json")
+    with FeatureStore(out) as s:
+        np.testing.assert_array_equal(s.get("b", "speech"), feats(1, 4, 6).astype(np.float16))
+    # a speech job whose manifest changes the video of a video store
+    both = tmp_path / "g.h5"
+    t = m1.copy()
+    with StoreWriter(both, t, PROV, media=media) as w:
+        for i, u in enumerate(["a", "b"]):
+            w.add(u, "speech", feats(i, 4, 6))
+            w.add(u, "video", feats(i, 2, 3))
+    with StoreWriter(both, t.assign(wav_path=["a.wav", "b3.wav"]), {"speech": PROV["speech"]}, media=media) as w:
+        assert w.changed() == {("b", "speech")}  # its own modality may change
+        w.add("b", "speech", feats(5, 4, 6))
+    t = t.assign(wav_path=["a.wav", "b3.wav"])
+    with pytest.raises(StoreError, match="changes the video media of 1 utterances .* does not extract video"):
+        StoreWriter(both, t.assign(video_path=["a.avi", "y.avi"]), {"speech": PROV["speech"]}, media=media)
+
+
 def test_resume_refuses_other_settings(tmp_path):
     out = tmp_path / "f.h5"
     w = StoreWriter(out, table(["a", "b"]), {"speech": PROV["speech"]}, chunk_size=1)

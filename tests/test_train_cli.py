@@ -424,11 +424,12 @@ def test_fold_jobs_are_spread_over_the_visible_gpus(tmp_path, monkeypatch):
     assert T.job_env({"A": "1"}, None) == {"A": "1"}
     assert T.job_env({}, 1)["CUDA_VISIBLE_DEVICES"] == "1"
     assert T.job_env({"CUDA_VISIBLE_DEVICES": "4, 6"}, 1)["CUDA_VISIBLE_DEVICES"] == "6"
-    started = []
+    started, cmds = [], []
 
     class Done:
         def __init__(self, cmd, env):
             started.append((cmd[cmd.index("--folds") + 1], env.get("CUDA_VISIBLE_DEVICES")))
+            cmds.append(cmd)
             self.returncode = 0
 
         def poll(self):
@@ -445,3 +446,4 @@ def test_fold_jobs_are_spread_over_the_visible_gpus(tmp_path, monkeypatch):
     started.clear()
     T._run_jobs("f.h5", tmp_path, [1, 2, 3, 4, 5], jobs=2, log=lambda s: None, gpus=2, stack=2)  # stacked groups
     assert started == [("1,2", "0"), ("3,4", "1"), ("5", "0")]
+    assert cmds[-1][cmds[-1].index("--stack-folds") + 1] == "2"
