@@ -342,7 +342,10 @@ class StackedFolds:
             for e in members:
                 t1 = time.perf_counter()
                 self._sync_member(e)
-                self.recipes[e].end_epoch(self.recipes[e].epoch + 1, losses[e], seconds_before=train_s, t0=t1)
+                # the log's seconds: this fold's equal share of the shared training time, plus its own
+                # evaluation and checkpoints (so that the folds' seconds add up to the wall time)
+                self.recipes[e].end_epoch(self.recipes[e].epoch + 1, losses[e], seconds_before=train_s / len(members),
+                                          t0=t1)
         return [r.test_best() for r in self.recipes]
 
 
