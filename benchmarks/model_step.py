@@ -46,17 +46,29 @@ VIEWS = {"aten::" + n for n in (
 MAYBE_NOOP = {"aten::to", "aten::contiguous", "aten::type_as"}
 
 
+def batch_inputs(cfg: CMARRConfig, device: str, lead: tuple[int, ...]):
+    """Random pooled inputs of shape ``lead + (seq_len, D_m)``, all modalities present, and
+    labels ``lead``."""
+    feats = {m: torch.randn(*lead, cfg.seq_len, cfg.dims[m], device=device) for m in MODALITIES}
+    masks = {m: torch.ones(*lead, cfg.seq_len, dtype=torch.bool, device=device) for m in MODALITIES}
+    present = torch.ones(*lead, 3, dtype=torch.bool, device=device)
+    labels = torch.randint(0, cfg.num_classes, lead, device=device)
+    return feats, masks, present, labels
+
+
+def generator(device: str, seed: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
 def make_step(cfg: CMARRConfig, device: str, batch: int = 16, compile_mode: str | None = None):
     torch.manual_seed(0)
     model = CMARR(cfg).to(device)
     net = model if compile_mode is None else torch.compile(model, mode=compile_mode, dynamic=False)
-    feats = {m: torch.randn(batch, cfg.seq_len, cfg.dims[m], device=device) for m in MODALITIES}
-    masks = {m: torch.ones(batch, cfg.seq_len, dtype=torch.bool, device=device) for m in MODALITIES}
-    present = torch.ones(batch, 3, dtype=torch.bool, device=device)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(0)
+    feats, masks, present, labels = batch_inputs(cfg, device, (batch,))
+    gen = generator(device, 0)
     amp = torch.device(device).type == "cuda"  # the trainer's optim.amp="auto"
-    labels = torch.randint(0, cfg.num_classes, (batch,), device=device)
     opt = torch.optim.Adam(model.parameters(), 1e-4, fused=True)  # as the trainer
 
     def step():
@@ -81,18 +93,10 @@ def make_stacked_step(cfg: CMARRConfig, device: str, stack: int, batch: int = 16
     models = [CMARR(cfg).to(device) for _ in range(stack)]
     sm = StackedModels(models, lr=1e-4)
     sm.train()
-    E = stack
-    feats = {m: torch.randn(E, batch, cfg.seq_len, cfg.dims[m], device=device) for m in MODALITIES}
-    masks = {m: torch.ones(E, batch, cfg.seq_len, dtype=torch.bool, device=device) for m in MODALITIES}
-    present = torch.ones(E, batch, 3, dtype=torch.bool, device=device)
-    labels = torch.randint(0, cfg.num_classes, (E, batch), device=device)
-    gens = []
-    for e in range(E):
-        g = torch.Generator(device=device)
-        g.manual_seed(e)
-        gens.append(g)
+    feats, masks, present, labels = batch_inputs(cfg, device, (stack, batch))
+    gens = [generator(device, e) for e in range(stack)]
     amp = torch.device(device).type == "cuda"
-    members = list(range(E))
+    members = list(range(stack))
 
     def step():
         available = torch.stack([sample_conditions(present[e], "missing", gens[e]) for e in members])

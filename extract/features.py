@@ -11,8 +11,9 @@
 - **Sharding**: ``shard=(k, N)`` keeps the rows whose position in the id-sorted manifest is
   ``k`` modulo ``N`` (deterministic, balanced, independent of the manifest's row order) and
   writes ``OUT`` with ``.shard-k-of-N`` before its extension (``feats.shard-0-of-2.h5``); join
-  the shards with ``cm-arr-features merge`` (which lists them in the single-process order). Under ``torchrun`` (``WORLD_SIZE > 1``) the shard
-  is taken from ``RANK``/``WORLD_SIZE`` and ``device="auto"`` becomes ``cuda:LOCAL_RANK``.
+  the shards with ``cm-arr-features merge`` (which lists them in the single-process order).
+  Under ``torchrun`` (``WORLD_SIZE > 1``) the shard is taken from ``RANK``/``WORLD_SIZE`` and
+  ``device="auto"`` becomes ``cuda:LOCAL_RANK``.
   An explicit shard wins over the environment.
 - **Resume**: the writer commits finished utterances in chunks beside the output; a rerun
   of the same command skips every (utterance, modality) whose features are already

@@ -252,10 +252,9 @@ class StackedFolds:
         self.compiled = None
         self.compiled_steps = 0
         if r0.compiled is not r0.net:
-            if o.compile_backend == "inductor":
-                self.compiled = torch.compile(self.models.all_losses, mode=o.compile_mode, dynamic=False)
-            else:
-                self.compiled = torch.compile(self.models.all_losses, backend=o.compile_backend, dynamic=False)
+            from .train import compile_with
+
+            self.compiled = compile_with(self.models.all_losses, o)
 
     def _sync_member(self, e: int) -> None:
         """Copy member ``e``'s weights and optimizer state into its recipe's own model."""

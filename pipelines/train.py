@@ -175,6 +175,14 @@ def check_model_format(ck: Mapping[str, Any], path: str | Path) -> None:
                          f"{CMARR.STATE_FORMAT}; retrain, or use the version that wrote it")
 
 
+def compile_with(fn, o):
+    """``torch.compile(fn)`` as the optim config ``o`` says (its mode is inductor's; other
+    backends take none), with static shapes."""
+    if o.compile_backend == "inductor":
+        return torch.compile(fn, mode=o.compile_mode, dynamic=False)
+    return torch.compile(fn, backend=o.compile_backend, dynamic=False)
+
+
 class FoldRecipe:
     """Trains and evaluates one fold. Stages: setup, train_epoch, evaluate, save_checkpoint, resume."""
 
@@ -242,9 +250,7 @@ class FoldRecipe:
             o = self.cfg.optim
             # static shapes: a fold has at most two batch sizes (full, last), each its own graph,
             # rather than one dynamic-shape graph serving every step after the first remainder
-            if o.compile_backend == "inductor":
-                return torch.compile(self.net, mode=o.compile_mode, dynamic=False)
-            return torch.compile(self.net, backend=o.compile_backend, dynamic=False)  # modes are inductor's
+            return compile_with(self.net, o)
         return self.net
 
     def _autocast(self):
