@@ -101,8 +101,10 @@ def features_command(
     random_denseface: bool = typer.Option(False, "--random-denseface", help="Video features from seeded random "
                                           "Denseface weights (tests and demos only; recorded in provenance)."),
     sample_fps: float = typer.Option(10.0, "--sample-fps", help="Video frames sampled per second."),
-    chunk_size: int = typer.Option(64, "--chunk-size", min=1, help="Utterances per committed chunk "
-                                   "(a kill loses at most one chunk)."),
+    chunk_size: int = typer.Option(1024, "--chunk-size", min=1, help="Most utterances per committed chunk "
+                                   "(a chunk is also committed at 64 MiB of features)."),
+    commit_every: float = typer.Option(30.0, "--commit-every", min=0.001, help="Seconds after which the next "
+                                       "finished utterance commits the chunk (bounds what a kill loses)."),
     log_every: float = typer.Option(10.0, "--log-every", help="Seconds between progress lines when the "
                                     "output is not a terminal."),
 ) -> None:
@@ -149,7 +151,7 @@ def features_command(
                           markers=text_markers)
         run = run_features(dataset, root, manifest, out, modalities=mods, device=device, shard=k_n,
                            allow_missing=allow_missing, speech=speech, text=text, video=video,
-                           chunk_size=chunk_size, console=console, log_every=log_every)
+                           chunk_size=chunk_size, commit_seconds=commit_every, console=console, log_every=log_every)
     except (ExtractError, StoreError) as e:
         _fail(str(e))
     except OSError as e:  # e.g. no space left, no permission to write --out

@@ -54,7 +54,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cmarr.extract.base import Extractor, ExtractError, run_ahead
-from cmarr.extract.store import (MODALITIES, FeatureStore, StoreWriter, errors_hint, file_sha256,
+from cmarr.extract.store import (CHUNK_SIZE, COMMIT_SECONDS, MODALITIES, FeatureStore, StoreWriter, errors_hint, file_sha256,
                                  make_folder, select_shard, utterance_order)
 
 DATASETS = ("iemocap", "msp-improv")
@@ -268,7 +268,8 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
                  out: str | os.PathLike, modalities: Sequence[str] = MODALITIES,
                  device: str = "auto", shard: tuple[int, int] | None = None,
                  allow_missing: bool = False, speech=None, text=None, video=None,
-                 chunk_size: int = 64, store_dtype: str = "float16",
+                 chunk_size: int = CHUNK_SIZE, store_dtype: str = "float16",
+                 commit_seconds: float | None = COMMIT_SECONDS,
                  console: Console | None = None, log_every: float = 10.0,
                  env: Mapping[str, str] | None = None, overlap: bool | None = None) -> FeaturesRun:
     """Extract ``modalities`` for the utterances of ``manifest`` into the store ``out``
@@ -297,6 +298,8 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
         raise ExtractError(f"{root}: corpus root is not a folder")
     if chunk_size < 1:
         raise ExtractError(f"chunk size {chunk_size}: must be >= 1")
+    if commit_seconds is not None and not commit_seconds > 0:
+        raise ExtractError(f"commit interval {commit_seconds} s: must be > 0")
     shard = shard if shard is not None else shard_from_env(env)
     if device == "auto" and "LOCAL_RANK" in env:
         import torch
@@ -323,7 +326,8 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
     provenance = {m: {**ex.provenance(), "corpus": dataset, "manifest_sha256": manifest_sha}
                   for m, ex in extractors.items()}
 
-    writer = StoreWriter(target, rows, provenance, chunk_size=chunk_size, dtype=store_dtype, media=MEDIA_COLUMNS,
+    writer = StoreWriter(target, rows, provenance, chunk_size=chunk_size, commit_seconds=commit_seconds,
+                         dtype=store_dtype, media=MEDIA_COLUMNS,
                          extra_attrs={"shard": f"{shard[0]}/{shard[1]}"} if shard and shard[1] > 1 else None)
     done = writer.done()
     retried = writer.retried()

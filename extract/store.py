@@ -51,6 +51,7 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -80,6 +81,16 @@ ERROR_COLUMNS = ("utterance_id", "modality", "reason")
 VOLATILE_PROVENANCE_KEYS = frozenset({"created", "host"})
 #: Bytes of consecutive frames gathered before one write when a store is assembled.
 WRITE_BLOCK_BYTES = 8 << 20
+#: When a modality's frames in committed chunks total at most this many bytes, assembling
+#: the store reads each chunk's block of that modality once, whole, instead of once per
+#: utterance (text: a read per utterance cost more than copying its rows).
+WHOLE_BLOCK_READ_BYTES = 1 << 30
+#: Defaults of ``StoreWriter``'s commit policy: a chunk is committed when it holds
+#: ``chunk_size`` utterances, ``chunk_bytes`` of features, or when its first utterance has
+#: waited ``commit_seconds`` (what a kill can lose), whichever comes first.
+CHUNK_SIZE = 1024
+CHUNK_BYTES = 64 << 20
+COMMIT_SECONDS = 30.0
 #: Meta keys stored as arrays and the dtype they are read back with.
 _ARRAY_META = {"frame_times": np.float32, "face_mask": bool}
 
@@ -663,6 +674,8 @@ class _ChunkSource:
         self._index: dict[str, dict[str, tuple[int, int, int]]] = {}  # m -> utt -> (row, offset, frames)
         self._data: dict[str, tuple[int | None, int, np.dtype]] = {}  # m -> (file offset of data, dim, dtype)
         self._metas: dict[str, list[dict[str, Any]]] = {}
+        self._rows: dict[str, int] = {}  # m -> frames in the chunk
+        self._held: dict[str, np.ndarray | None] = {}  # m -> the whole block, read on first use (see hold)
         self._errors: pd.DataFrame | None = None
         if self.layout == 1:
             return
@@ -677,6 +690,7 @@ class _ChunkSource:
                 data = g["data"]
                 plain = data.chunks is None and data.compression is None and data.shape[0] > 0
                 self._data[m] = (data.id.get_offset() if plain else None, int(data.shape[1]), data.dtype)
+                self._rows[m] = int(data.shape[0])
                 self._metas[m] = _read_ragged_meta(g["meta"], len(ids))
             self._errors = _read_table(self.f["errors"]) if "errors" in self.f else None
         finally:
@@ -694,13 +708,33 @@ class _ChunkSource:
             for u, (_, _, n) in index.items():
                 yield m, u, n, dim
 
+    def hold(self, m: str) -> None:
+        """Read modality ``m``'s block whole on its first ``read`` and keep it until ``release``."""
+        if self.layout == 2 and m in self._data and self._data[m][0] is not None:
+            self._held.setdefault(m, None)
+
+    def release(self, m: str) -> None:
+        self._held.pop(m, None)
+
+    def block_bytes(self, m: str) -> int:
+        """Bytes ``hold(m)`` would keep in memory."""
+        if self.layout != 2 or m not in self._data or self._data[m][0] is None:
+            return 0
+        return self._rows[m] * self._data[m][1] * self._data[m][2].itemsize
+
     def read(self, m: str, u: str):
         if self.layout == 1:
             ds = self.f["features"][m][u]
             return ds[()], _read_meta(ds)
         i, off, n = self._index[m][u]
         start, dim, dtype = self._data[m]
-        if start is None:  # a layout h5py does not store as one plain block
+        if m in self._held:
+            block = self._held[m]
+            if block is None:
+                block = np.fromfile(self.path, dtype=dtype, count=self._rows[m] * dim, offset=start)
+                block = self._held[m] = block.reshape(self._rows[m], dim)
+            arr = block[off:off + n]
+        elif start is None:  # a layout h5py does not store as one plain block
             with h5py.File(str(self.path), "r") as f:
                 arr = f["features"][m]["data"][off:off + n]
         else:
@@ -733,6 +767,15 @@ class _StoreSource:
     def read(self, m: str, u: str):
         return self.store.get(u, m), self.store.meta(u, m)
 
+    def hold(self, m: str) -> None:
+        pass  # a store's frames are read from its contiguous block already
+
+    def release(self, m: str) -> None:
+        pass
+
+    def block_bytes(self, m: str) -> int:
+        return 0
+
     def errors(self) -> pd.DataFrame | None:
         return self.store.errors
 
@@ -752,6 +795,15 @@ class _Without:
 
     def read(self, m: str, u: str):
         return self.src.read(m, u)
+
+    def hold(self, m: str) -> None:
+        self.src.hold(m)
+
+    def release(self, m: str) -> None:
+        self.src.release(m)
+
+    def block_bytes(self, m: str) -> int:
+        return self.src.block_bytes(m)
 
     def errors(self) -> pd.DataFrame | None:
         err = self.src.errors()
@@ -844,8 +896,17 @@ def _assemble(out: Path, utterances: pd.DataFrame, provenance: Mapping[str, dict
                 if dims - {dim}:
                     raise StoreError(out, f"{m} matrices of widths {sorted(dims)}; provenance says {dim}")
                 src_of = {u: i for u, _, _, i in keys}
-                _write_modality(f, m, dim, dtype, [(u, n) for u, n, _, _ in keys],
-                                lambda u, m=m: sources[src_of[u]].read(m, u))
+                # small modalities (text): each source's block read once, whole (bounded memory)
+                held = sum(src.block_bytes(m) for src in sources) <= WHOLE_BLOCK_READ_BYTES
+                try:
+                    if held:
+                        for src in sources:
+                            src.hold(m)
+                    _write_modality(f, m, dim, dtype, [(u, n) for u, n, _, _ in keys],
+                                    lambda u, m=m: sources[src_of[u]].read(m, u))
+                finally:
+                    for src in sources:
+                        src.release(m)
             _write_table(f.create_group("errors"), err)
             f.attrs["complete"] = True
         durable_replace(tmp, out)
@@ -858,14 +919,37 @@ def _assemble(out: Path, utterances: pd.DataFrame, provenance: Mapping[str, dict
 # writing
 
 
-def _overflows(arr: np.ndarray, dtype: str) -> bool:
-    """Whether some value of the finite ``arr`` becomes infinite in ``dtype``: rounding to
-    nearest even sends ``|x| >= max + spacing(max) / 2`` to infinity (65520 for float16)."""
+@functools.lru_cache(maxsize=None)
+def _cast_limit(src: np.dtype, dtype: str) -> float:
+    """The smallest magnitude of ``src`` that becomes infinite in ``dtype``: rounding to
+    nearest even sends ``|x| >= max + spacing(max) / 2`` there (65520 for float16); ``inf``
+    when every finite ``src`` value fits."""
     target = np.finfo(dtype)
-    if arr.size == 0 or (arr.dtype.kind == "f" and np.finfo(arr.dtype).max <= target.max):
+    if src.kind == "f" and np.finfo(src).max <= target.max:
+        return float("inf")
+    return float(target.max) + 2.0 ** (target.maxexp - target.nmant - 2)  # max + half its spacing
+
+
+def _overflows(arr: np.ndarray, dtype: str) -> bool:
+    """Whether some value of the finite ``arr`` becomes infinite in ``dtype``."""
+    if arr.size == 0:
         return False
-    limit = float(target.max) + 2.0 ** (target.maxexp - target.nmant - 2)  # max + half its spacing
-    return max(-float(arr.min()), float(arr.max())) >= limit
+    return max(-float(arr.min()), float(arr.max())) >= _cast_limit(arr.dtype, dtype)
+
+
+def _unstorable(arr: np.ndarray, dtype: str) -> str | None:
+    """Why ``arr`` cannot be stored in ``dtype`` (NaN/Inf, or values that the cast would
+    make infinite), or None. Two passes over ``arr`` (its min and max, which NaN
+    propagates into) in the usual case; the reason is worked out only when one fails."""
+    if arr.size == 0:
+        return None
+    limit = _cast_limit(arr.dtype, dtype)
+    lo, hi = float(arr.min()), float(arr.max())
+    if -limit < lo and hi < limit:
+        return None
+    if not np.isfinite(arr).all():
+        return "extractor produced NaN or Inf values"
+    return f"values exceed the {dtype} range"
 
 
 def _store_cast(arr: np.ndarray, dtype: str) -> np.ndarray:
@@ -894,9 +978,12 @@ def _updated_table(base: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
 class StoreWriter:
     """Writes a store, resumably.
 
-    Finished ``(utterance, modality)`` pairs are buffered and committed every
-    ``chunk_size`` additions into ``<out>.parts/chunk-NNNNNN.h5`` (temporary name, fsync,
-    then rename). With ``background`` (the default) a full buffer is committed by one
+    Finished ``(utterance, modality)`` pairs are buffered and committed into
+    ``<out>.parts/chunk-NNNNNN.h5`` (temporary name, fsync, then rename) when the buffer holds
+    ``chunk_size`` additions or ``chunk_bytes`` of features, or at the first addition after
+    its oldest one has waited ``commit_seconds`` (``None``: no time limit), whichever comes
+    first: a kill loses about that much work, and fast extractors (text) write few, large
+    chunks. With ``background`` (the default) a full buffer is committed by one
     worker thread while the caller goes on computing, at most one chunk at a time; a
     failed commit is raised by the next ``add``/``flush``/``finalize`` and its utterances go
     back into the buffer; ``flush`` returns only when everything added is on disk. A rerun
@@ -923,12 +1010,18 @@ class StoreWriter:
     """
 
     def __init__(self, out_path: str | os.PathLike, utterances: pd.DataFrame,
-                 provenance: Mapping[str, dict], chunk_size: int = 64, dtype: str = "float16",
+                 provenance: Mapping[str, dict], chunk_size: int = CHUNK_SIZE, dtype: str = "float16",
                  extra_attrs: Mapping[str, Any] | None = None, background: bool = True,
-                 media: Mapping[str, Sequence[str]] | None = None):
+                 media: Mapping[str, Sequence[str]] | None = None, chunk_bytes: int = CHUNK_BYTES,
+                 commit_seconds: float | None = COMMIT_SECONDS):
         self.out = Path(out_path)
         self.parts = self.out.with_name(self.out.name + ".parts")
         self.chunk_size = int(chunk_size)
+        self.chunk_bytes = int(chunk_bytes)
+        self.commit_seconds = None if commit_seconds is None else float(commit_seconds)
+        if self.chunk_size < 1 or self.chunk_bytes < 1 or (self.commit_seconds is not None and not self.commit_seconds > 0):
+            raise StoreError(self.out, f"commit policy chunk_size {chunk_size}, chunk_bytes {chunk_bytes}, "
+                             f"commit_seconds {commit_seconds}: each must be positive")
         self.dtype = np.dtype(dtype).name
         self.extra_attrs = dict(extra_attrs or {})
         missing = [c for c in REQUIRED_COLUMNS if c not in utterances.columns]
@@ -945,6 +1038,8 @@ class StoreWriter:
             if m not in MODALITIES:
                 raise StoreError(self.out, f"unknown modality {m!r} (expected one of {MODALITIES})")
         self._buffer: list[tuple[str, str, np.ndarray | None, dict, str | None]] = []
+        self._buffer_bytes = 0
+        self._buffer_since = 0.0  # time.monotonic() of the buffer's oldest addition
         self._done: set[tuple[str, str]] = set()
         self._retry: set[tuple[str, str]] = set()  # recorded errors of earlier runs: tried again
         self._dims: dict[str, int] = {m: int(p["dim"]) for m, p in self.provenance.items() if "dim" in p}
@@ -1166,22 +1261,27 @@ class StoreWriter:
         if frozenset(meta) != keys:
             raise ValueError(f"{utterance_id} ({modality}): meta keys {sorted(meta)}, other {modality} utterances "
                              f"have {sorted(keys)}")
-        if not np.isfinite(arr).all():
-            self.add_error(utterance_id, modality, "extractor produced NaN or Inf values")
-            return False
-        if _overflows(arr, self.dtype):
-            self.add_error(utterance_id, modality, f"values exceed the {self.dtype} range")
+        reason = _unstorable(arr, self.dtype)
+        if reason is not None:
+            self.add_error(utterance_id, modality, reason)
             return False
         cast = _store_cast(arr, self.dtype)
-        self._buffer.append((utterance_id, modality, cast, dict(meta), None))
+        self._append((utterance_id, modality, cast, dict(meta), None), cast.nbytes)
         self._done.add((utterance_id, modality))
-        if len(self._buffer) >= self.chunk_size:
-            self._commit_buffer()
         return True
 
     def add_error(self, utterance_id: str, modality: str, reason: str) -> None:
-        self._buffer.append((utterance_id, modality, None, {}, str(reason)))
-        if len(self._buffer) >= self.chunk_size:
+        self._append((utterance_id, modality, None, {}, str(reason)), 0)
+
+    def _append(self, item: tuple[str, str, np.ndarray | None, dict, str | None], nbytes: int) -> None:
+        """Buffer ``item`` and commit the buffer when the commit policy says so."""
+        now = time.monotonic()
+        if not self._buffer:
+            self._buffer_since = now
+        self._buffer.append(item)
+        self._buffer_bytes += nbytes
+        if (len(self._buffer) >= self.chunk_size or self._buffer_bytes >= self.chunk_bytes
+                or (self.commit_seconds is not None and now - self._buffer_since >= self.commit_seconds)):
             self._commit_buffer()
 
     def flush(self) -> None:
@@ -1198,21 +1298,29 @@ class StoreWriter:
         try:
             pending.result()
         except BaseException:
-            self._buffer[:0] = self._inflight
+            self._restore(self._inflight)
             raise
         finally:
             self._inflight = []
+
+    def _restore(self, items: list[tuple[str, str, np.ndarray | None, dict, str | None]]) -> None:
+        """Put the items of a failed commit back in front of the buffer."""
+        if not self._buffer:
+            self._buffer_since = time.monotonic()
+        self._buffer[:0] = items
+        self._buffer_bytes = sum(a.nbytes for _, _, a, _, _ in self._buffer if a is not None)
 
     def _commit_buffer(self) -> None:
         if not self._buffer:
             return
         self._wait()  # one chunk in flight at most
         buffer, self._buffer = self._buffer, []
+        self._buffer_bytes = 0
         if self._pool is None:
             try:
                 self._write_chunk(buffer)
             except BaseException:
-                self._buffer[:0] = buffer  # not on disk: kept for the next flush
+                self._restore(buffer)  # not on disk: kept for the next flush
                 raise
         else:
             self._inflight = buffer

@@ -417,7 +417,7 @@ def test_writer_records_nan_and_overflow_instead_of_storing(tmp_path):
 def test_store_cast_and_overflow_check_agree_with_numpy(src, dtype):
     """The writer's fast cast gives numpy's bits, and its overflow test says "overflow"
     exactly for the values numpy's cast turns into infinities (the rounding edge included)."""
-    from cmarr.extract.store import _overflows, _store_cast
+    from cmarr.extract.store import _overflows, _store_cast, _unstorable
 
     rng = np.random.default_rng(0)
     edge = [65503.9, 65504.0, 65519.99, 65520.0, 65536.0, 6.1e-5, 5.96e-8, 2.98e-8, 2.99e-8, 1e-12, 3.4e38]
@@ -430,6 +430,11 @@ def test_store_cast_and_overflow_check_agree_with_numpy(src, dtype):
     np.testing.assert_array_equal(got.view(f"u{got.itemsize}"), expect.view(f"u{expect.itemsize}"))
     for v, e in zip(values, expect):
         assert _overflows(np.array([[v]], src), dtype) == (not np.isfinite(e)), (v, e)
+        assert _unstorable(np.array([[0.5, v]], src), dtype) == (None if np.isfinite(e) else
+                                                                 f"values exceed the {dtype} range"), (v, e)
+    for bad in (np.nan, np.inf, -np.inf):
+        for arr in (np.array([[bad, 1.0]], src), np.array([[1e30, bad]], src)):  # NaN/Inf named, beside an overflow too
+            assert _unstorable(arr, dtype) == "extractor produced NaN or Inf values"
 
 
 class _Reads(torch.utils.data.Dataset):
@@ -922,3 +927,80 @@ def test_validate_checks_a_shard_against_its_share_of_the_manifest(tmp_path):
     plain = _write_by_id(tmp_path / "plain.h5", rows)  # not a shard: the whole manifest counts
     code, text = cli("validate", plain, "--manifest", man)
     assert_clean_error(code, text, "3 manifest utterances are not in the store")
+
+
+def test_commit_policy_counts_bytes_and_time(tmp_path, monkeypatch):
+    """A chunk is committed at chunk_size additions, at chunk_bytes of features, or at the
+    first addition after the oldest buffered one waited commit_seconds; nothing else commits."""
+    import cmarr.extract.store as store_mod
+
+    clock = [100.0]
+    monkeypatch.setattr(store_mod.time, "monotonic", lambda: clock[0])
+    ids = [f"u{i}" for i in range(9)]
+    prov = {"speech": PROV["speech"]}
+    one = feats(0, 4, 6).astype(np.float16).nbytes  # bytes of one stored (4, 6) matrix
+
+    def chunks(out):
+        return sorted(p.name for p in _parts(out).glob("chunk-*.h5"))
+
+    out = tmp_path / "bytes.h5"
+    w = StoreWriter(out, table(ids), prov, chunk_size=100, chunk_bytes=3 * one, commit_seconds=None, background=False)
+    for i in range(5):
+        w.add(ids[i], "speech", feats(i, 4, 6))
+    assert chunks(out) == ["chunk-000000.h5"]  # the third matrix reached 3 * one; two wait in the buffer
+    w.add_error(ids[5], "speech", "unreadable")  # an error record has no bytes
+    assert chunks(out) == ["chunk-000000.h5"]
+    w.close()
+    with h5py.File(_parts(out) / "chunk-000000.h5", "r") as f:
+        assert list(f["features/speech/ids"].asstr()[()]) == ids[:3]
+
+    out = tmp_path / "time.h5"
+    w = StoreWriter(out, table(ids), prov, chunk_size=100, commit_seconds=30.0, background=False)
+    w.add(ids[0], "speech", feats(0, 4, 6))
+    clock[0] += 29.0
+    w.add(ids[1], "speech", feats(1, 4, 6))
+    assert chunks(out) == []
+    clock[0] += 1.0  # the oldest has now waited 30 s: the next addition commits both
+    w.add(ids[2], "speech", feats(2, 4, 6))
+    assert chunks(out) == ["chunk-000000.h5"]
+    clock[0] += 100.0  # the buffer is empty: time alone commits nothing ...
+    w.add(ids[3], "speech", feats(3, 4, 6))
+    assert chunks(out) == ["chunk-000000.h5"]  # ... and a new buffer's clock starts at its first addition
+    w.close()
+    assert StoreWriter(out, table(ids), prov).done() == {(u, "speech") for u in ids[:3]}
+
+    for bad in ({"chunk_size": 0}, {"chunk_bytes": 0}, {"commit_seconds": 0.0}):
+        with pytest.raises(StoreError, match="each must be positive"):
+            StoreWriter(tmp_path / "bad.h5", table(ids), prov, **bad)
+
+
+@pytest.mark.parametrize("whole_blocks", [True, False])
+def test_assembled_store_is_the_same_read_whole_or_per_utterance(tmp_path, monkeypatch, whole_blocks):
+    """Assembling reads a chunk's block whole (small modalities) or per utterance (large
+    ones, WHOLE_BLOCK_READ_BYTES); both give the same store, also when chunks hold the
+    utterances out of table order and a later chunk replaces an earlier result."""
+    import cmarr.extract.store as store_mod
+
+    monkeypatch.setattr(store_mod, "WHOLE_BLOCK_READ_BYTES", (1 << 30) if whole_blocks else 0)
+    reads = []
+    real = np.fromfile
+    monkeypatch.setattr(store_mod.np, "fromfile", lambda *a, **k: reads.append(k.get("count")) or real(*a, **k))
+    ids = [f"u{i}" for i in range(8)]
+    prov = {"speech": PROV["speech"]}
+    out = tmp_path / "f.h5"
+    order = [5, 2, 7, 0, 3, 6, 1, 4]  # as a length-sorted extractor finishes them
+    w = StoreWriter(out, table(ids), prov, chunk_size=3, background=False)
+    for i in order:
+        w.add(ids[i], "speech", feats(1000 + i, 2 + i, 6))  # superseded below for u2 and u6
+    w.flush()
+    w.add(ids[2], "speech", feats(2, 4, 6))
+    w.add(ids[6], "speech", feats(6, 8, 6))
+    w.finalize()
+    s = FeatureStore(out)
+    assert list(s._index["speech"]) == ids  # table order
+    for i, u in enumerate(ids):
+        want = feats(i, 4 if i == 2 else 8, 6) if i in (2, 6) else feats(1000 + i, 2 + i, 6)
+        np.testing.assert_array_equal(s.get(u, "speech"), want.astype(np.float16))
+    assert validate_store(out) == ([], [])
+    # whole: one read per chunk (4 chunks); per utterance: one read per stored matrix (8)
+    assert len(reads) == (4 if whole_blocks else 8)
