@@ -22,7 +22,9 @@ joining the chunks into the store; the time includes ``finalize``) in the ways o
 (``cm-arr-extract features`` commits chunks in the background, and on CUDA also runs the
 extractor in a worker thread ahead of the writing), for the default architectures and for
 host-side-only models (a 1-layer, 32-wide wav2vec2 over ``--n-host`` utterances; the
-1-layer BERT): the ceiling of what one process writes into a store on this machine.
+1-layer BERT): the ceiling of what one process writes into a store on this machine; for text
+also the whole ``cm-arr-extract features`` job (``run_features``: manifest, model loading,
+store, summary) with the 1-layer BERT.
 Precision: the largest absolute difference of float16 / bfloat16 autocast features (and
 with ``--tf32`` of emulated TF32, ``EmulatedTF32``) from float32, next to the error the
 store's own float16 rounding makes, and the share of the values the store would hold that
@@ -158,6 +160,40 @@ def into_store(ex, modality: str, table, root: Path, tmp: Path, how: str, device
     t_end = time.perf_counter()
     out.unlink()
     return t_end - t, t_end - t_fin
+
+
+def whole_command_text(texts: list[str], durations: np.ndarray, model: str, tmp: Path, device: str) -> float:
+    """Seconds of ``run_features`` (what ``cm-arr-extract features`` runs) extracting the text
+    of an IEMOCAP-shaped manifest of ``texts`` into a new store, from reading the manifest
+    to the printed summary."""
+    import io
+
+    from rich.console import Console
+
+    from cmarr.extract.features import run_features
+    from cmarr.extract.manifest import make_manifest, write_manifest
+    from cmarr.extract.text import TextConfig
+
+    labels = ("ang", "hap", "neu", "sad")
+    rows = []
+    for i, (text, d) in enumerate(zip(texts, durations)):
+        k = 1 + i % 5
+        rows.append(dict(utterance_id=f"Ses0{k}F_impro01_F{i:05d}", corpus="iemocap", session=k, speaker=f"Ses0{k}F",
+                         gender="F", label=labels[i % 4], consensus=labels[i % 4], start=0.0, end=float(d), fold=k,
+                         wav_path="", transcript=text, video_path="", video_start=0.0, video_end=0.0,
+                         video_half="left"))
+    manifest = write_manifest(make_manifest(rows), tmp / "bench-manifest.csv")
+    root = tmp / "bench-root"
+    root.mkdir(exist_ok=True)
+    out = tmp / "bench-command.h5"
+    t = time.perf_counter()
+    run = run_features("iemocap", root, manifest, out, modalities=("text",), device=device,
+                       text=TextConfig(model=model), console=Console(file=io.StringIO()))
+    dt = time.perf_counter() - t
+    if not run.ok:
+        raise RuntimeError(f"the text job recorded errors: {run.errors.head()}")
+    out.unlink()
+    return dt
 
 
 def sync(device: str) -> None:
@@ -398,6 +434,9 @@ def main() -> None:
                 dt, fin = into_store(ex, "text", ttable, tmp, tmp, how, device)
                 rows.append(("text", f"host side only: into a store, {HOW[how]} (finalize {fin:.2f} s)",
                              n_text / dt, float(tdur.sum()) / dt))
+            dt = whole_command_text(texts, tdur, str(tiny), tmp, device)
+            rows.append(("text", "host side only: the whole `cm-arr-extract features --modalities text` job "
+                         "(manifest, model loading, store, summary)", n_text / dt, float(tdur.sum()) / dt))
             ex = TextExtractor(TextConfig(model=tm, device=device, dtype=dtypes[0]))
             dt, fin = into_store(ex, "text", ttable, tmp, tmp, "ahead" if gpu else "bg", device)
             rows.append(("text", f"{dtypes[0]}: into a store, as cm-arr-extract (finalize {fin:.2f} s)",

@@ -54,8 +54,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from cmarr.extract.base import Extractor, ExtractError, run_ahead
-from cmarr.extract.store import (CHUNK_SIZE, COMMIT_SECONDS, MODALITIES, FeatureStore, StoreWriter, errors_hint, file_sha256,
-                                 make_folder, select_shard, utterance_order)
+from cmarr.extract.store import (CHUNK_SIZE, COMMIT_SECONDS, MODALITIES, FeatureStore, StoreWriter, errors_hint,
+                                 file_sha256, lock_output, make_folder, select_shard, utterance_order)
 
 DATASETS = ("iemocap", "msp-improv")
 #: The manifest columns each modality's features are computed from. A rerun with a rebuilt
@@ -315,20 +315,26 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
     where = f" (shard {shard[0]} of {shard[1]}: {len(rows)} of {len(table)} utterances)" if shard else ""
     console.print(f"{dataset}: {len(rows)} utterances from {manifest}{where} -> {target}", highlight=False)
 
-    if device != "auto":
-        from cmarr.extract.speech import SpeechConfig
-        from cmarr.extract.text import TextConfig
+    # the output is locked before the models load: a second run on it is refused at once
+    lock = lock_output(target)
+    try:
+        if device != "auto":
+            from cmarr.extract.speech import SpeechConfig
+            from cmarr.extract.text import TextConfig
 
-        speech = speech or (SpeechConfig() if "speech" in modalities else None)
-        text = text or (TextConfig() if "text" in modalities else None)
-    extractors = build_extractors(modalities, speech=_with_device(speech, device),
-                                  text=_with_device(text, device), video=_with_device(video, device))
-    provenance = {m: {**ex.provenance(), "corpus": dataset, "manifest_sha256": manifest_sha}
-                  for m, ex in extractors.items()}
+            speech = speech or (SpeechConfig() if "speech" in modalities else None)
+            text = text or (TextConfig() if "text" in modalities else None)
+        extractors = build_extractors(modalities, speech=_with_device(speech, device),
+                                      text=_with_device(text, device), video=_with_device(video, device))
+        provenance = {m: {**ex.provenance(), "corpus": dataset, "manifest_sha256": manifest_sha}
+                      for m, ex in extractors.items()}
 
-    writer = StoreWriter(target, rows, provenance, chunk_size=chunk_size, commit_seconds=commit_seconds,
-                         dtype=store_dtype, media=MEDIA_COLUMNS,
-                         extra_attrs={"shard": f"{shard[0]}/{shard[1]}"} if shard and shard[1] > 1 else None)
+        writer = StoreWriter(target, rows, provenance, chunk_size=chunk_size, commit_seconds=commit_seconds,
+                             dtype=store_dtype, media=MEDIA_COLUMNS, lock=lock,
+                             extra_attrs={"shard": f"{shard[0]}/{shard[1]}"} if shard and shard[1] > 1 else None)
+    except BaseException:
+        lock.release(remove_folder=lock.created)  # a folder made just now holds nothing
+        raise
     done = writer.done()
     retried = writer.retried()
     changed = writer.changed()

@@ -216,6 +216,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def lock_output(out: str | os.PathLike) -> "_OutputLock":
+    """Take the exclusive right to write the store ``out`` now (``StoreError`` if another
+    process holds it), before slow set-up work; hand it to ``StoreWriter(lock=...)``."""
+    out = Path(out)
+    return _OutputLock(out, out.with_name(out.name + ".parts"))
+
+
 class _OutputLock:
     """Exclusive right to write ``out``: ``flock`` on ``<out>.parts/lock``, held until
     ``release``. The holder's pid is written into the file (for the message another writer
@@ -994,8 +1001,8 @@ class StoreWriter:
     complete store atomically and removes the parts folder. Nothing exists at ``out`` that is
     not complete.
 
-    A writer holds an exclusive lock on ``out`` (``<out>.parts/lock``) from its creation to
-    ``finalize`` or ``close``; a second writer on the same output is refused with
+    A writer holds an exclusive lock on ``out`` (``<out>.parts/lock``; taken at its creation,
+    or earlier with ``lock_output`` and passed as ``lock``) until ``finalize`` or ``close``; a second writer on the same output is refused with
     ``StoreError`` naming the holder's pid. Under the lock a new writer removes what dead runs
     left behind: half-written chunks and the temporary ``<out>.tmp-<pid>`` of a run killed
     while it assembled the store.
@@ -1013,7 +1020,7 @@ class StoreWriter:
                  provenance: Mapping[str, dict], chunk_size: int = CHUNK_SIZE, dtype: str = "float16",
                  extra_attrs: Mapping[str, Any] | None = None, background: bool = True,
                  media: Mapping[str, Sequence[str]] | None = None, chunk_bytes: int = CHUNK_BYTES,
-                 commit_seconds: float | None = COMMIT_SECONDS):
+                 commit_seconds: float | None = COMMIT_SECONDS, lock: "_OutputLock | None" = None):
         self.out = Path(out_path)
         self.parts = self.out.with_name(self.out.name + ".parts")
         self.chunk_size = int(chunk_size)
@@ -1056,7 +1063,9 @@ class StoreWriter:
         self._pending: Future | None = None
         self._inflight: list[tuple[str, str, np.ndarray | None, dict, str | None]] = []  # what _pending writes
         self._pool: ThreadPoolExecutor | None = None
-        self._lock = _OutputLock(self.out, self.parts)
+        if lock is not None and not (lock.held and lock.parts == self.parts):
+            raise StoreError(self.out, "the lock given is not a held lock on this output")
+        self._lock = lock if lock is not None else _OutputLock(self.out, self.parts)
         try:
             self._resume()
         except BaseException:

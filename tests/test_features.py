@@ -410,11 +410,18 @@ def test_setup_errors_are_clear(job, tmp_path, change, message):
     assert not (tmp_path / "f.h5").exists()
 
 
-def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(job, tmp_path):
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(job, tmp_path, monkeypatch):
     """The writer of the first run holds the output's lock (here an in-process writer, as a
     run that is still extracting would): the command refuses, names the holder, exits 1,
-    and neither writes the store nor disturbs the first run's chunks."""
+    and neither writes the store nor disturbs the first run's chunks. It refuses before it
+    loads any model."""
+    import cmarr.extract.features as features_mod
     from cmarr.extract.store import StoreWriter
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("models were loaded before the output's lock was checked")
+
+    monkeypatch.setattr(features_mod, "build_extractors", no_models)
 
     out = tmp_path / "f.h5"
     rows = read_manifest(job["manifest"])
@@ -497,3 +504,20 @@ def test_fixing_media_and_rebuilding_the_manifest_fills_them_in(job, tmp_path):
     assert run.ok
     assert run.computed == {"speech": 1, "text": 0} and run.resumed == {"speech": 7, "text": 8}
     assert_same_store(out, job["reference"])  # as if the wav had been there all along
+
+
+def test_a_run_that_fails_to_load_its_models_leaves_the_output_unlocked_and_clean(job, tmp_path):
+    """The output is locked before the models load; a model that cannot be loaded ends the
+    run with a clear error, releases the lock and removes the parts folder it made, so the
+    next run starts normally."""
+    out = tmp_path / "f.h5"
+    args = _cli_args(job, out)
+    bad = args[:]
+    bad[bad.index("--text-model") + 1] = str(tmp_path / "no-such-model")
+    res = CliRunner().invoke(app, bad)
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "no-such-model" in res.output
+    assert not out.with_name(out.name + ".parts").exists() and not out.exists()
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert out.exists()
