@@ -1,0 +1,372 @@
+"""``cm-arr-predict``: apply trained CM-ARR checkpoints to a feature store.
+
+    cm-arr-predict --checkpoint RUN_DIR/fold1/best.pt [--checkpoint ...] --features FEATS.h5
+                   --out predictions.csv [--conditions present|all|t,st,...]
+                   [--device auto] [--batch-size 256] [--metrics metrics.json]
+
+The store may be another corpus, or new media extracted with ``cm-arr-extract features``
+the way the training store was (the checkpoint holds that store's provenance). It may lack
+a modality for some utterances or altogether: that is what the model is for.
+
+- **Features made the same way.** For every modality of the store, its provenance must
+  match the training store's on every setting that defines the features (model and
+  revision or checkpoint sha256, layer, rates, tokenizer, marker rule, batching, compute
+  dtype, ...). What legitimately differs between two corpora is not compared
+  (``NOT_FEATURE_DEFINING``: corpus, manifest, time, host, library and project versions,
+  device and batch sizes). A mismatch is refused, naming the settings, unless
+  ``allow_feature_mismatch`` (the differences are then reported).
+- **Conditions.** ``present`` (default): each utterance with every modality the store has
+  for it. ``all``: the paper's seven conditions (Table 2 layout when the store is
+  labelled). Or a list of condition names (``t s v vt sv st svt``). Under a condition, the
+  inputs of unavailable modalities are filled with NaN as in evaluation (a leak would give
+  non-finite logits, which is an error). An utterance with no input under a condition gets
+  a row with an empty prediction (never dropped).
+- **Several checkpoints** (e.g. the five folds of a run) must share one model config and one
+  training store; their class probabilities are averaged.
+- **Output**: one CSV row per (utterance, condition): ``utterance_id, condition,
+  available`` (the modalities used, e.g. ``s,t``), ``label`` (the store's, "" if not one of
+  the four classes), ``prediction``, ``p_ang, p_hap, p_neu, p_sad``, and
+  ``seen_in_training`` (whether some checkpoint trained or selected its epoch on an
+  utterance of this id: scores on such rows are not test scores; corpus ids name one
+  recording, so on another corpus no row is). Written atomically; an existing
+  file is not replaced unless ``overwrite``. With labels, WAR/UAR per condition over the
+  unseen labelled rows are printed (and written to ``--metrics``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, List, Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .data import CONDITION_MASKS, CONDITION_NAMES, LABELS, MODALITIES, eager_loader, hide_unavailable
+from .metrics import ROW_NAMES, TABLE_ROWS, score, with_average
+
+#: Provenance keys that may differ between the training store and a store to predict on.
+NOT_FEATURE_DEFINING = frozenset({"created", "host", "corpus", "manifest_sha256", "library_versions",
+                                  "cm_arr_version", "device", "batch_size", "face_batch_size"})
+LETTER = {"speech": "s", "text": "t", "video": "v"}
+
+
+class PredictError(Exception):
+    """Inputs that cannot be predicted on; ``str(e)`` names the file and the problem."""
+
+
+def parse_conditions(text: str) -> list[str]:
+    """``present``, ``all`` or comma-separated condition names (letters in any order)."""
+    text = text.strip().lower()
+    if text in ("present", "all"):
+        return ["present"] if text == "present" else list(CONDITION_NAMES)
+    canon = {frozenset(c): c for c in CONDITION_NAMES}
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        c = canon.get(frozenset(part)) if part and len(set(part)) == len(part) else None
+        if c is None:
+            raise PredictError(f"condition {part!r}: expected present, all, or some of {', '.join(CONDITION_NAMES)} "
+                               "(the letters of the available modalities: s speech, t text, v video)")
+        if c in out:
+            raise PredictError(f"condition {part!r} is given twice")
+        out.append(c)
+    return out
+
+
+#: Where a model or checkpoint was loaded from does not matter when its weights are the same
+#: (a hub id on one machine, a local copy on another): weights sha256 key -> location keys.
+_LOCATION_KEYS = {"weights_sha256": ("model", "revision", "commit_hash"),
+                  "denseface_checkpoint_sha256": ("denseface_checkpoint",)}
+
+
+def _feature_settings(prov: Mapping[str, Any], same_weights: set[str]) -> dict[str, Any]:
+    out = {k: v for k, v in prov.items() if k not in NOT_FEATURE_DEFINING}
+    for sha in same_weights:
+        for k in _LOCATION_KEYS[sha]:
+            out.pop(k, None)
+        if sha == "weights_sha256" and isinstance(out.get("tokenizer"), dict):
+            out["tokenizer"] = {k: v for k, v in out["tokenizer"].items() if k != "name_or_path"}
+    return out
+
+
+def feature_differences(trained: Mapping[str, Any], store: Mapping[str, Any]) -> list[str]:
+    """The feature-defining provenance settings in which ``store`` differs from ``trained``
+    (``NOT_FEATURE_DEFINING`` keys aside; with equal weights sha256, where the model was
+    loaded from aside too)."""
+    same = {k for k in _LOCATION_KEYS if trained.get(k) and trained.get(k) == store.get(k)}
+    a, b = _feature_settings(trained, same), _feature_settings(store, same)
+    return [f"{k}: trained on {a.get(k)!r}, store has {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def load_checkpoints(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Read ``paths`` and check that they can be used together."""
+    from .train import TrainError, check_model_format
+
+    if not paths:
+        raise PredictError("no checkpoint given (--checkpoint RUN_DIR/fold1/best.pt)")
+    cks = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise PredictError(f"{p}: no such checkpoint")
+        try:
+            ck = torch.load(p, map_location="cpu", weights_only=False)
+        except Exception as e:  # a truncated or foreign file
+            raise PredictError(f"{p}: not a readable cm-arr-train checkpoint ({type(e).__name__}: {e})") from None
+        if not isinstance(ck, dict) or not {"model", "model_config", "provenance"} <= set(ck):
+            raise PredictError(f"{p}: not a cm-arr-train checkpoint (no model, model_config or provenance)")
+        try:
+            check_model_format(ck, p)
+        except TrainError as e:
+            raise PredictError(str(e)) from None
+        if list(ck.get("labels", LABELS)) != list(LABELS) or list(ck.get("modalities", MODALITIES)) != list(MODALITIES):
+            raise PredictError(f"{p}: predicts classes {ck.get('labels')} over {ck.get('modalities')}; this version "
+                               f"reads {list(LABELS)} over {list(MODALITIES)}")
+        ck["path"] = str(p)
+        cks.append(ck)
+    first = cks[0]
+    for ck in cks[1:]:
+        if ck["model_config"] != first["model_config"]:
+            raise PredictError(f"{ck['path']}: its model config differs from {first['path']}'s; checkpoints averaged "
+                               "together must be of one run")
+        diffs = [d for m in MODALITIES for d in feature_differences(first["provenance"].get(m, {}),
+                                                                     ck["provenance"].get(m, {}))]
+        if diffs:
+            raise PredictError(f"{ck['path']}: was trained on features made differently from {first['path']}'s "
+                               f"({'; '.join(diffs[:3])})")
+    return cks
+
+
+class _StoreView:
+    """What the batching code reads (``get``, ``labels``, ``present``, ``dims``) from a store
+    that may lack a modality altogether and may hold labels outside the four classes."""
+
+    def __init__(self, store, dims: Mapping[str, int]):
+        self.store = store
+        self.ids = store.utterances["utterance_id"].astype(str).tolist()
+        raw = store.utterances["label"].astype(str) if "label" in store.utterances else pd.Series([""] * len(self.ids))
+        self.label_names = [x if x in LABELS else "" for x in raw]
+        self.labels = np.array([LABELS.index(x) if x else -1 for x in self.label_names], dtype=np.int64)
+        have = {m: store.ids(m) if m in store.modalities else set() for m in MODALITIES}
+        self.present = np.array([[u in have[m] for m in MODALITIES] for u in self.ids], dtype=bool)  # (N, 3)
+        self.dims = dict(dims)
+
+    def get(self, i: int, m: str) -> np.ndarray | None:
+        if not self.present[i, MODALITIES.index(m)]:
+            return None
+        return self.store.get(self.ids[i], m)
+
+
+def predict_store(checkpoints: Sequence[str | Path], features: str | Path, conditions: Sequence[str] = ("present",),
+                  device: str = "auto", batch_size: int = 256,
+                  allow_feature_mismatch: bool = False) -> tuple[pd.DataFrame, list[str]]:
+    """Predictions of ``checkpoints`` (averaged) on the store ``features``.
+
+    Returns the table described in the module docstring and the list of accepted feature
+    differences (empty unless ``allow_feature_mismatch``)."""
+    from cmarr.extract.store import FeatureStore, StoreError
+    from cmarr.model import CMARR, CMARRConfig
+
+    from .train import TrainError, resolve_device
+
+    if batch_size < 1:
+        raise PredictError(f"batch size {batch_size}: must be >= 1")
+    for c in conditions:
+        if c != "present" and c not in CONDITION_NAMES:
+            raise PredictError(f"unknown condition {c!r}")
+    cks = load_checkpoints(checkpoints)
+    try:
+        dev = resolve_device(device)
+    except TrainError as e:
+        raise PredictError(str(e)) from None
+    try:
+        store = FeatureStore(features)
+    except StoreError as e:
+        raise PredictError(str(e)) from None
+    try:
+        if store.attrs.get("shard"):
+            raise PredictError(f"{features}: is shard {store.attrs['shard']} of an extraction; join the shards first "
+                               "(cm-arr-features merge) or predict on each shard")
+        mcfg = dict(cks[0]["model_config"])
+        dims = {m: int(d) for m, d in mcfg["dims"].items()}
+        accepted: list[str] = []
+        usable = [m for m in MODALITIES if m in store.modalities and store.ids(m)]
+        if not usable:
+            raise PredictError(f"{features}: holds no features of any modality")
+        for m in usable:
+            if int(store.dims[m]) != dims[m]:
+                raise PredictError(f"{features}: its {m} features are {store.dims[m]}-d, the model takes {dims[m]}-d")
+            diffs = feature_differences(cks[0]["provenance"].get(m, {}), store.provenance.get(m, {}))
+            if diffs and not allow_feature_mismatch:
+                raise PredictError(f"{features}: its {m} features were made differently from the training store's "
+                                   f"({'; '.join(diffs[:4])}{'; ...' if len(diffs) > 4 else ''}); extract them the "
+                                   "same way, or accept the difference with --allow-feature-mismatch")
+            accepted += [f"{m}: {d}" for d in diffs]
+        view = _StoreView(store, dims)
+        models = []
+        for ck in cks:
+            model = CMARR(CMARRConfig(**mcfg)).to(dev)
+            model.load_state_dict(ck["model"])
+            model.eval()
+            models.append(model)
+        seen = set()
+        for ck in cks:
+            split = ck.get("split", {})
+            seen.update(split.get("train", []))
+            seen.update(split.get("val", []))
+        masks = {c: torch.as_tensor(CONDITION_MASKS[CONDITION_NAMES.index(c)], device=dev)
+                 for c in conditions if c != "present"}
+        probs: dict[str, np.ndarray] = {c: np.full((len(view.ids), len(LABELS)), np.nan) for c in conditions}
+        used: dict[str, np.ndarray] = {c: np.zeros((len(view.ids), len(MODALITIES)), dtype=bool) for c in conditions}
+        nan = float("nan")
+        with torch.no_grad():
+            for b in eager_loader(view, np.arange(len(view.ids)), batch_size, shuffle=False, seed=0, fill=nan):
+                b = b.to(dev)
+                avail = [b.present if c == "present" else b.present & masks[c].unsqueeze(0) for c in conditions]
+                ok = [a.any(dim=1) for a in avail]
+                avail_all = torch.cat([a[k] for a, k in zip(avail, ok)])  # (B', 3)
+                idx = b.index.cpu().numpy()
+                for c, a in zip(conditions, avail):
+                    used[c][idx] = a.cpu().numpy()
+                if len(avail_all) == 0:
+                    continue
+                feats = {m: torch.cat([b.feats[m][k] for k in ok]) for m in MODALITIES}
+                fmasks = {m: torch.cat([b.masks[m][k] for k in ok]) for m in MODALITIES}
+                feats = hide_unavailable(feats, avail_all, nan)  # NaN: a leak would show
+                p = 0.0
+                for model in models:
+                    logits = model(feats, fmasks, avail_all, present=avail_all).logits.float()
+                    if not torch.isfinite(logits).all():
+                        raise PredictError(f"{features}: non-finite logits (a missing input leaked into the model, "
+                                           "or the features hold values the model cannot take)")
+                    p = p + torch.softmax(logits, dim=1)
+                p = (p / len(models)).cpu().numpy()
+                s = 0
+                for c, k in zip(conditions, ok):
+                    rows = idx[k.cpu().numpy()]
+                    probs[c][rows] = p[s:s + len(rows)]
+                    s += len(rows)
+    finally:
+        store.close()
+    frames = []
+    for c in conditions:
+        has = ~np.isnan(probs[c]).any(axis=1)
+        pred = np.where(has, np.array(LABELS, dtype=object)[np.nan_to_num(probs[c], nan=-1).argmax(axis=1)], "")
+        df = pd.DataFrame({
+            "utterance_id": view.ids, "condition": c,
+            "available": [",".join(LETTER[m] for m, on in zip(MODALITIES, row) if on) for row in used[c]],
+            "label": view.label_names, "prediction": pred})
+        for j, name in enumerate(LABELS):
+            df[f"p_{name}"] = probs[c][:, j]
+        df["seen_in_training"] = [u in seen for u in view.ids]
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True), accepted
+
+
+def prediction_metrics(table: pd.DataFrame) -> dict[str, Any]:
+    """WAR/UAR per condition over the labelled rows that have a prediction and were not seen
+    in training (``n_no_input``: labelled unseen rows without any input)."""
+    out: dict[str, Any] = {}
+    for c, rows in table.groupby("condition", sort=False):
+        rows = rows[(rows["label"] != "") & ~rows["seen_in_training"]]
+        scored = rows[rows["prediction"] != ""]
+        if len(scored) == 0:
+            continue
+        y = np.array([LABELS.index(x) for x in scored["label"]])
+        p = np.array([LABELS.index(x) for x in scored["prediction"]])
+        out[c] = score(y, p, len(LABELS), n_no_input=len(rows) - len(scored))
+    return with_average(out)
+
+
+def metrics_table(metrics: Mapping[str, Any], title: str):
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for col in ("Avail.", "WAR", "UAR", "n"):
+        t.add_column(col, justify="left" if col == "Avail." else "right")
+    order = [c for c in ("present",) + TABLE_ROWS if c in metrics]
+    for c in order:
+        e = metrics[c]
+        t.add_row("present" if c == "present" else ROW_NAMES[c], f"{100 * e['war']:.2f}", f"{100 * e['uar']:.2f}",
+                  str(e.get("n", "")))
+    return t
+
+
+# ----------------------------------------------------------------------------------------
+# command line
+
+def _app():
+    import typer
+    from rich.console import Console
+
+    app = typer.Typer(add_completion=False, help="Apply trained CM-ARR checkpoints to a feature store.")
+    err = Console(stderr=True, soft_wrap=True)
+    out = Console(soft_wrap=True)
+
+    @app.command()
+    def predict(
+        checkpoint: List[Path] = typer.Option(..., "--checkpoint", help="best.pt of a cm-arr-train run; give several "
+                                              "(e.g. every fold) to average their probabilities."),
+        features: Path = typer.Option(..., "--features", help="Feature store made by cm-arr-extract features."),
+        out_path: Path = typer.Option(..., "--out", help="Predictions CSV (one row per utterance and condition)."),
+        conditions: str = typer.Option("present", "--conditions", help="present (each utterance with what the "
+                                       "store has), all (the seven conditions), or names: t,s,v,vt,sv,st,svt."),
+        device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+        batch_size: int = typer.Option(256, "--batch-size", min=1),
+        metrics_path: Optional[Path] = typer.Option(None, "--metrics", help="Also write WAR/UAR per condition "
+                                                    "(labelled utterances not seen in training) as JSON."),
+        allow_feature_mismatch: bool = typer.Option(False, "--allow-feature-mismatch", help="Predict on features made "
+                                                    "differently from the training store's (the differences are printed)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out / --metrics file."),
+    ) -> None:
+        """Predict the emotion of every utterance of a store under missing-modality conditions."""
+        from cmarr.extract.manifest import write_csv_atomic
+
+        try:
+            conds = parse_conditions(conditions)
+            for p in (out_path, metrics_path):
+                if p is not None and p.exists() and not overwrite:
+                    raise PredictError(f"{p}: already exists; choose another path or pass --overwrite")
+                if p is not None and p.parent.exists() and not p.parent.is_dir():
+                    raise PredictError(f"{p.parent}: is a file, not a folder")
+            table, accepted = predict_store(checkpoint, features, conds, device=device, batch_size=batch_size,
+                                            allow_feature_mismatch=allow_feature_mismatch)
+            for d in accepted:
+                err.print(f"[yellow]feature mismatch accepted:[/] {d}", highlight=False)
+            write_csv_atomic(table, out_path)
+            metrics = prediction_metrics(table)
+            if metrics_path is not None:
+                tmp = metrics_path.with_name(f".{metrics_path.name}.tmp-{os.getpid()}")
+                metrics_path.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_text(json.dumps({"checkpoints": [str(c) for c in checkpoint], "features": str(features),
+                                           "labels": list(LABELS), "conditions": metrics}, indent=1))
+                tmp.replace(metrics_path)
+        except PredictError as e:
+            err.print(f"[red]error:[/] {e}", highlight=False)
+            raise typer.Exit(1)
+        except OSError as e:
+            err.print(f"[red]error:[/] {e.filename or out_path}: {e.strerror or e}", highlight=False)
+            raise typer.Exit(1)
+        n_utts = table["utterance_id"].nunique()
+        empty = int((table["prediction"] == "").sum())
+        seen = int(table.drop_duplicates("utterance_id")["seen_in_training"].sum())
+        out.print(f"{len(table)} predictions ({n_utts} utterances x {len(conds)} condition"
+                  f"{'s' if len(conds) > 1 else ''}) -> {out_path}"
+                  + (f"; {empty} without any input under their condition (empty prediction)" if empty else "")
+                  + (f"; {seen} utterances were seen in training (seen_in_training, not scored)" if seen else ""),
+                  highlight=False)
+        if metrics:
+            out.print(metrics_table(metrics, "WAR / UAR in %, labelled utterances not seen in training"))
+        elif (table["label"] != "").any():
+            out.print("no labelled utterance outside the checkpoints' training data: no scores", highlight=False)
+
+    return app
+
+
+def main() -> None:
+    _app()()
+
+
+if __name__ == "__main__":
+    main()

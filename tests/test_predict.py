@@ -1,0 +1,164 @@
+"""cm-arr-predict: trained checkpoints applied to a store (the same, another, one lacking a
+modality), averaging several checkpoints, the feature-provenance check, and bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cmarr.pipelines.predict import (PredictError, _app, feature_differences, parse_conditions, prediction_metrics,
+                                     predict_store)
+from cmarr.pipelines.synthetic import make_synthetic_store
+from cmarr.pipelines.train import run_training
+
+torch.set_num_threads(1)
+runner = CliRunner()
+SEVEN = ["t", "s", "v", "vt", "sv", "st", "svt"]
+
+TINY = """\
+model: {d_model: 16, seq_len: 8, flow_hidden: 16, flow_steps: 1, umc_heads: 2, fusion_heads: 2, rcan_blocks: 1}
+optim: {lr: 1.0e-3, batch_size: 8, epochs: 1, eval_batch_size: 64}
+data: {val_fraction: 0.2}
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    store = make_synthetic_store(root / "s.h5", n_per_class=4, sessions=3, seed=5)
+    cfg = root / "tiny.yaml"
+    cfg.write_text(TINY)
+    run_training(store, cfg, out_dir=root / "run", folds=[1, 2], device="cpu", seed=0, log=None)
+    return root, store, root / "run"
+
+
+def test_predictions_on_the_training_store_reproduce_the_folds_test_evaluation(run):
+    """The test part of fold 1 is the only part its checkpoint never saw: scored alone, the
+    predictions give exactly the fold's own test metrics (same confusion matrices)."""
+    root, store, rd = run
+    table, accepted = predict_store([rd / "fold1" / "best.pt"], store, SEVEN, device="cpu")
+    assert accepted == []
+    ck = torch.load(rd / "fold1" / "best.pt", map_location="cpu", weights_only=False)
+    seen = set(ck["split"]["train"]) | set(ck["split"]["val"])
+    assert set(table.loc[~table["seen_in_training"], "utterance_id"]) == set(ck["split"]["test"])
+    assert set(table.loc[table["seen_in_training"], "utterance_id"]) == seen
+    got = prediction_metrics(table)
+    want = json.loads((rd / "fold1" / "metrics.json").read_text())["conditions"]
+    for c in SEVEN:
+        assert got[c]["confusion"] == want[c]["confusion"], c
+        assert got[c]["n_no_input"] == want[c]["n_no_input"], c
+    assert got["avg"]["uar"] == pytest.approx(want["avg"]["uar"])
+    probs = table[[f"p_{k}" for k in ("ang", "hap", "neu", "sad")]].to_numpy()
+    scored = table["prediction"] != ""
+    np.testing.assert_allclose(probs[scored.to_numpy()].sum(axis=1), 1.0, atol=1e-5)
+    assert (table.loc[scored, "prediction"].to_numpy()
+            == np.array(["ang", "hap", "neu", "sad"])[probs[scored.to_numpy()].argmax(axis=1)]).all()
+    assert len(table) == 7 * table["utterance_id"].nunique()
+
+
+def test_several_checkpoints_average_their_probabilities(run):
+    root, store, rd = run
+    cols = [f"p_{k}" for k in ("ang", "hap", "neu", "sad")]
+    one = predict_store([rd / "fold1" / "best.pt"], store, ["st"], device="cpu")[0]
+    two = predict_store([rd / "fold2" / "best.pt"], store, ["st"], device="cpu")[0]
+    both = predict_store([rd / "fold1" / "best.pt", rd / "fold2" / "best.pt"], store, ["st"], device="cpu")[0]
+    np.testing.assert_allclose(both[cols].to_numpy(), (one[cols].to_numpy() + two[cols].to_numpy()) / 2, atol=1e-6)
+    assert (both["seen_in_training"] == (one["seen_in_training"] | two["seen_in_training"])).all()
+
+
+def test_a_store_that_lacks_video_altogether(run):
+    """New media without video: "present" predicts every utterance from speech and text;
+    under {v} no utterance has input, and each still gets a row (empty prediction)."""
+    root, store, rd = run
+    novideo = make_synthetic_store(root / "novideo.h5", n_per_class=2, sessions=2, seed=5, modalities=("speech", "text"))
+    table, _ = predict_store([rd / "fold1" / "best.pt"], novideo, ["present", "v", "sv"], device="cpu")
+    n = table["utterance_id"].nunique()
+    present = table[table["condition"] == "present"]
+    assert len(present) == n and (present["available"] == "s,t").all() and (present["prediction"] != "").all()
+    v = table[table["condition"] == "v"]
+    assert len(v) == n and (v["available"] == "").all() and (v["prediction"] == "").all()
+    assert v[["p_ang", "p_hap", "p_neu", "p_sad"]].isna().all().all()
+    sv = table[table["condition"] == "sv"]
+    assert (sv["available"] == "s").all() and (sv["prediction"] != "").all()
+    # under {s, v} only speech is there: the same input as {s}, so the same probabilities
+    s_only = predict_store([rd / "fold1" / "best.pt"], novideo, ["s"], device="cpu")[0]
+    np.testing.assert_allclose(sv[["p_ang", "p_sad"]].to_numpy(), s_only[["p_ang", "p_sad"]].to_numpy(), atol=1e-6)
+    m = prediction_metrics(table)
+    assert set(m) <= {"present", "sv"} and "v" not in m
+
+
+def test_features_made_differently_are_refused_unless_accepted(run):
+    root, store, rd = run
+    other = make_synthetic_store(root / "seed6.h5", n_per_class=2, sessions=2, seed=6)  # another generator seed
+    with pytest.raises(PredictError, match=r"speech features were made differently.*seed: trained on 5, store has 6"):
+        predict_store([rd / "fold1" / "best.pt"], other, ["present"], device="cpu")
+    table, accepted = predict_store([rd / "fold1" / "best.pt"], other, ["present"], device="cpu",
+                                    allow_feature_mismatch=True)
+    assert {a.split(":")[0] for a in accepted} == {"speech", "text", "video"} and len(table)
+    same_way = make_synthetic_store(root / "more.h5", n_per_class=3, sessions=2, seed=5)  # other data, same recipe
+    assert predict_store([rd / "fold1" / "best.pt"], same_way, ["present"], device="cpu")[1] == []
+
+
+def test_feature_differences_rules():
+    hub = {"model": "facebook/wav2vec2-base", "revision": None, "layer": -1, "weights_sha256": {"m": "aa"},
+           "tokenizer": {"class": "BertTokenizer", "name_or_path": "bert-base-uncased"},
+           "created": "2026-01-01", "host": "a", "corpus": "iemocap", "manifest_sha256": "x"}
+    local = {**hub, "model": "/models/w2v", "tokenizer": {"class": "BertTokenizer", "name_or_path": "/models/w2v"},
+             "created": "2026-02-02", "host": "b", "corpus": "msp-improv", "manifest_sha256": "y"}
+    assert feature_differences(hub, local) == []  # same weights, other location, other corpus
+    other = {**local, "weights_sha256": {"m": "bb"}}
+    diffs = feature_differences(hub, other)
+    assert any(d.startswith("model:") for d in diffs) and any(d.startswith("weights_sha256:") for d in diffs)
+    assert feature_differences(hub, {**hub, "layer": 6}) == ["layer: trained on -1, store has 6"]
+
+
+def test_condition_names():
+    assert parse_conditions("present") == ["present"]
+    assert parse_conditions("all") == SEVEN
+    assert parse_conditions("ts, vs,t") == ["st", "sv", "t"]
+    for bad in ("x", "tt", "s,s", ""):
+        with pytest.raises(PredictError):
+            parse_conditions(bad)
+
+
+def test_cli_writes_predictions_and_metrics_and_refuses_bad_input(run, tmp_path):
+    root, store, rd = run
+    app = _app()
+    out = tmp_path / "p.csv"
+    args = ["--checkpoint", str(rd / "fold1" / "best.pt"), "--features", str(store), "--out", str(out),
+            "--conditions", "all", "--device", "cpu"]
+    res = runner.invoke(app, args + ["--metrics", str(tmp_path / "m.json")])
+    assert res.exit_code == 0, res.output
+    assert "{s, v, t}" in res.output and "Avg." in res.output
+    table = pd.read_csv(out, keep_default_na=False)
+    assert list(table.columns) == ["utterance_id", "condition", "available", "label", "prediction", "p_ang", "p_hap",
+                                   "p_neu", "p_sad", "seen_in_training"]
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert set(m["conditions"]) == set(SEVEN) | {"avg"}
+    before = out.read_bytes()
+    for extra, message in (
+            ([], f"{out}: already exists"),
+            (["--conditions", "x"], "condition 'x'"),
+            (["--checkpoint", str(tmp_path / "none.pt")], "none.pt: no such checkpoint"),
+    ):
+        a = args[:]
+        if extra[:1] == ["--conditions"]:
+            a[a.index("--conditions") + 1] = extra[1]
+        elif extra:
+            a[1] = extra[1]
+        res = runner.invoke(app, a + (["--overwrite"] if extra else []))
+        assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+        assert message in " ".join(res.output.split()), res.output
+    assert out.read_bytes() == before  # nothing replaced
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    a = args[:]
+    a[1] = str(tmp_path / "junk.pt")
+    res = runner.invoke(app, a + ["--overwrite"])
+    assert res.exit_code == 1 and "junk.pt: not a readable cm-arr-train checkpoint" in " ".join(res.output.split())
+    res = runner.invoke(app, args + ["--overwrite", "--conditions", "present"])
+    assert res.exit_code == 0, res.output
+    assert pd.read_csv(out, keep_default_na=False)["condition"].eq("present").all()
