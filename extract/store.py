@@ -1275,8 +1275,8 @@ class StoreWriter:
             self.add_error(utterance_id, modality, reason)
             return False
         cast = _store_cast(arr, self.dtype)
+        self._done.add((utterance_id, modality))  # buffered: kept even if the commit below fails
         self._append((utterance_id, modality, cast, dict(meta), None), cast.nbytes)
-        self._done.add((utterance_id, modality))
         return True
 
     def add_error(self, utterance_id: str, modality: str, reason: str) -> None:

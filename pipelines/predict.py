@@ -22,7 +22,9 @@ a modality for some utterances or altogether: that is what the model is for.
   non-finite logits, which is an error). An utterance with no input under a condition gets
   a row with an empty prediction (never dropped).
 - **Several checkpoints** (e.g. the five folds of a run) must share one model config and one
-  training store; their class probabilities are averaged.
+  training store; their class probabilities are averaged. A checkpoint is a pickle (it holds
+  configs and provenance besides weights): load only checkpoints from a source you trust.
+- **Shards** of an extraction can be predicted on one by one (rows are per utterance).
 - **Output**: one CSV row per (utterance, condition): ``utterance_id, condition,
   available`` (the modalities used, e.g. ``s,t``), ``label`` (the store's, "" if not one of
   the four classes), ``prediction``, ``p_ang, p_hap, p_neu, p_sad``, and
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence
 
@@ -46,9 +49,11 @@ import torch
 from .data import CONDITION_MASKS, CONDITION_NAMES, LABELS, MODALITIES, eager_loader, hide_unavailable
 from .metrics import ROW_NAMES, TABLE_ROWS, score, with_average
 
-#: Provenance keys that may differ between the training store and a store to predict on.
+#: Provenance keys that may differ between the training store and a store to predict on:
+#: where and when a store was made, and settings that decide which media become errors
+#: (``duration_check``) or how work is batched, not the values of the features.
 NOT_FEATURE_DEFINING = frozenset({"created", "host", "corpus", "manifest_sha256", "library_versions",
-                                  "cm_arr_version", "device", "batch_size", "face_batch_size"})
+                                  "cm_arr_version", "device", "batch_size", "face_batch_size", "duration_check"})
 LETTER = {"speech": "s", "text": "t", "video": "v"}
 
 
@@ -75,7 +80,9 @@ def parse_conditions(text: str) -> list[str]:
 
 
 #: Where a model or checkpoint was loaded from does not matter when its weights are the same
-#: (a hub id on one machine, a local copy on another): weights sha256 key -> location keys.
+#: (copies in different folders): weights sha256 key -> location keys. The sha256 is recorded
+#: for models loaded from a folder and for Denseface checkpoints; a hub id is compared as
+#: such (with its revision and commit), so hub-id and local-folder stores count as different.
 _LOCATION_KEYS = {"weights_sha256": ("model", "revision", "commit_hash"),
                   "denseface_checkpoint_sha256": ("denseface_checkpoint",)}
 
@@ -172,6 +179,8 @@ def predict_store(checkpoints: Sequence[str | Path], features: str | Path, condi
 
     if batch_size < 1:
         raise PredictError(f"batch size {batch_size}: must be >= 1")
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is None:
+        raise PredictError(f"device {device!r}: expected auto, cpu, cuda or cuda:N")
     for c in conditions:
         if c != "present" and c not in CONDITION_NAMES:
             raise PredictError(f"unknown condition {c!r}")
@@ -185,9 +194,6 @@ def predict_store(checkpoints: Sequence[str | Path], features: str | Path, condi
     except StoreError as e:
         raise PredictError(str(e)) from None
     try:
-        if store.attrs.get("shard"):
-            raise PredictError(f"{features}: is shard {store.attrs['shard']} of an extraction; join the shards first "
-                               "(cm-arr-features merge) or predict on each shard")
         mcfg = dict(cks[0]["model_config"])
         dims = {m: int(d) for m, d in mcfg["dims"].items()}
         accepted: list[str] = []
@@ -325,10 +331,18 @@ def _app():
 
         try:
             conds = parse_conditions(conditions)
+            if metrics_path is not None and metrics_path.resolve() == out_path.resolve():
+                raise PredictError(f"{metrics_path}: --metrics and --out name the same file")
             for p in (out_path, metrics_path):
-                if p is not None and p.exists() and not overwrite:
+                if p is None:
+                    continue
+                if p.resolve() == features.resolve() or any(p.resolve() == c.resolve() for c in checkpoint):
+                    raise PredictError(f"{p}: is an input (--features / --checkpoint); choose another output path")
+                if p.is_dir():
+                    raise PredictError(f"{p}: is a folder; give a file path")
+                if p.exists() and not overwrite:
                     raise PredictError(f"{p}: already exists; choose another path or pass --overwrite")
-                if p is not None and p.parent.exists() and not p.parent.is_dir():
+                if p.parent.exists() and not p.parent.is_dir():
                     raise PredictError(f"{p.parent}: is a file, not a folder")
             table, accepted = predict_store(checkpoint, features, conds, device=device, batch_size=batch_size,
                                             allow_feature_mismatch=allow_feature_mismatch)

@@ -91,6 +91,21 @@ def test_a_store_that_lacks_video_altogether(run):
     assert set(m) <= {"present", "sv"} and "v" not in m
 
 
+def test_a_shard_of_an_extraction_is_predicted_on_like_a_store(run, tmp_path):
+    import shutil
+
+    import h5py
+
+    root, store, rd = run
+    shard = tmp_path / "shard.h5"
+    shutil.copy(store, shard)
+    with h5py.File(shard, "r+") as f:
+        f.attrs["shard"] = "0/2"
+    a = predict_store([rd / "fold1" / "best.pt"], shard, ["vt"], device="cpu")[0]
+    b = predict_store([rd / "fold1" / "best.pt"], store, ["vt"], device="cpu")[0]
+    pd.testing.assert_frame_equal(a, b)
+
+
 def test_features_made_differently_are_refused_unless_accepted(run):
     root, store, rd = run
     other = make_synthetic_store(root / "seed6.h5", n_per_class=2, sessions=2, seed=6)  # another generator seed
@@ -104,16 +119,25 @@ def test_features_made_differently_are_refused_unless_accepted(run):
 
 
 def test_feature_differences_rules():
-    hub = {"model": "facebook/wav2vec2-base", "revision": None, "layer": -1, "weights_sha256": {"m": "aa"},
-           "tokenizer": {"class": "BertTokenizer", "name_or_path": "bert-base-uncased"},
-           "created": "2026-01-01", "host": "a", "corpus": "iemocap", "manifest_sha256": "x"}
-    local = {**hub, "model": "/models/w2v", "tokenizer": {"class": "BertTokenizer", "name_or_path": "/models/w2v"},
-             "created": "2026-02-02", "host": "b", "corpus": "msp-improv", "manifest_sha256": "y"}
-    assert feature_differences(hub, local) == []  # same weights, other location, other corpus
-    other = {**local, "weights_sha256": {"m": "bb"}}
-    diffs = feature_differences(hub, other)
+    """Copies of one model in two folders (weights sha256 equal) make the same features; where,
+    when and for which corpus a store was made, and the duration check, do not matter."""
+    one = {"model": "/a/models/bert", "revision": None, "commit_hash": None, "layer": -1,
+           "weights_sha256": {"model.safetensors": "aa"},
+           "tokenizer": {"class": "BertTokenizer", "name_or_path": "/a/models/bert", "vocab_size": 30522},
+           "created": "2026-01-01", "host": "a", "corpus": "iemocap", "manifest_sha256": "x",
+           "duration_check": "max(0.05 s, 0.05 x expected)"}
+    copy = {**one, "model": "/b/bert-copy", "tokenizer": {**one["tokenizer"], "name_or_path": "/b/bert-copy"},
+            "created": "2026-02-02", "host": "b", "corpus": "msp-improv", "manifest_sha256": "y",
+            "duration_check": "max(0.2 s, 0.1 x expected)"}
+    assert feature_differences(one, copy) == []
+    other = {**copy, "weights_sha256": {"model.safetensors": "bb"}}
+    diffs = feature_differences(one, other)
     assert any(d.startswith("model:") for d in diffs) and any(d.startswith("weights_sha256:") for d in diffs)
-    assert feature_differences(hub, {**hub, "layer": 6}) == ["layer: trained on -1, store has 6"]
+    assert any(d.startswith("tokenizer:") for d in diffs)  # its path counts again once the weights differ
+    assert feature_differences(one, {**one, "layer": 6}) == ["layer: trained on -1, store has 6"]
+    hub = {k: v for k, v in one.items() if k != "weights_sha256"} | {"model": "bert-base-uncased", "commit_hash": "c1"}
+    assert feature_differences(hub, {**hub, "host": "c"}) == []
+    assert [d.split(":")[0] for d in feature_differences(hub, {**hub, "commit_hash": "c2"})] == ["commit_hash"]
 
 
 def test_condition_names():
@@ -154,6 +178,19 @@ def test_cli_writes_predictions_and_metrics_and_refuses_bad_input(run, tmp_path)
         assert res.exit_code == 1 and "Traceback" not in res.output, res.output
         assert message in " ".join(res.output.split()), res.output
     assert out.read_bytes() == before  # nothing replaced
+    for flag, path, message in (("--metrics", out, "--metrics and --out name the same file"),
+                                ("--out", store, "is an input (--features / --checkpoint)"),
+                                ("--out", tmp_path, "is a folder; give a file path")):
+        a = args + ["--overwrite"]
+        if flag == "--out":
+            a[a.index("--out") + 1] = str(path)
+        else:
+            a += [flag, str(path)]
+        res = runner.invoke(app, a)
+        assert res.exit_code == 1 and message in " ".join(res.output.split()), res.output
+    res = runner.invoke(app, args + ["--overwrite", "--device", "gpu"])
+    assert res.exit_code == 1 and "device 'gpu': expected auto, cpu, cuda or cuda:N" in res.output, res.output
+    assert out.read_bytes() == before and store.stat().st_size > 0
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     a = args[:]
     a[1] = str(tmp_path / "junk.pt")
