@@ -229,6 +229,7 @@ class BatchedMTCNN:
 
         d = asdict(self.config)
         d["thresholds"] = list(d["thresholds"])
+        d["half"] = self.dtype == torch.float16  # what runs: float16 only on CUDA
         return {"detector": "MTCNN (facenet-pytorch bundled P/R/O-net weights), batched pipeline",
                 "facenet_pytorch_version": getattr(facenet_pytorch, "__version__", _dist_version("facenet-pytorch")),
                 **d}

@@ -157,7 +157,7 @@ class VideoExtractor(Extractor):
             "detector": self.detector.provenance(),
             "batch_size": c.batch_size,
             "face_batch_size": c.face_batch_size,
-            "half": c.half,
+            "half": self.dtype == torch.float16,  # what ran: float16 only on CUDA, whatever was asked
             "device": self.device.type,
         }
         if c.checkpoint is None:

@@ -279,3 +279,12 @@ def test_a_span_past_the_end_of_its_video_is_stored_and_reported(iemocap_fixture
         assert meta["frames_missing"] == 2 and len(meta["face_mask"]) == 2
     assert run.short_videos == {uid: 2}
     assert "1 utterances' spans run past the end of their video" in capsys.readouterr().out
+
+
+def test_provenance_records_the_precision_that_ran():
+    """float16 runs on CUDA only: on the CPU a request for it computes, and records, float32."""
+    from cmarr.extract.video_extractor import VideoConfig, VideoExtractor
+
+    ex = VideoExtractor(VideoConfig(allow_random_weights=True, device="cpu", half=True))
+    p = ex.provenance()
+    assert ex.dtype == torch.float32 and p["half"] is False and p["detector"]["half"] is False
