@@ -25,6 +25,8 @@ a modality for some utterances or altogether: that is what the model is for.
   training store; their class probabilities are averaged. A checkpoint is a pickle (it holds
   configs and provenance besides weights): load only checkpoints from a source you trust.
 - **Shards** of an extraction can be predicted on one by one (rows are per utterance).
+- The store is read into memory and its frames checked against the checksums recorded when
+  it was written (as training does): a damaged or altered file is refused.
 - **Output**: one CSV row per (utterance, condition): ``utterance_id, condition,
   available`` (the modalities used, e.g. ``s,t``), ``label`` (the store's, "" if not one of
   the four classes), ``prediction``, ``p_ang, p_hap, p_neu, p_sad``, and
@@ -149,8 +151,9 @@ class _StoreView:
     """What the batching code reads (``get``, ``labels``, ``present``, ``dims``) from a store
     that may lack a modality altogether and may hold labels outside the four classes."""
 
-    def __init__(self, store, dims: Mapping[str, int]):
+    def __init__(self, store, dims: Mapping[str, int], features: Mapping[str, Mapping[str, np.ndarray]]):
         self.store = store
+        self.features = features
         self.ids = store.utterances["utterance_id"].astype(str).tolist()
         raw = store.utterances["label"].astype(str) if "label" in store.utterances else pd.Series([""] * len(self.ids))
         self.label_names = [x if x in LABELS else "" for x in raw]
@@ -162,7 +165,7 @@ class _StoreView:
     def get(self, i: int, m: str) -> np.ndarray | None:
         if not self.present[i, MODALITIES.index(m)]:
             return None
-        return self.store.get(self.ids[i], m)
+        return self.features[m][self.ids[i]]
 
 
 def predict_store(checkpoints: Sequence[str | Path], features: str | Path, conditions: Sequence[str] = ("present",),
@@ -209,7 +212,11 @@ def predict_store(checkpoints: Sequence[str | Path], features: str | Path, condi
                                    f"({'; '.join(diffs[:4])}{'; ...' if len(diffs) > 4 else ''}); extract them the "
                                    "same way, or accept the difference with --allow-feature-mismatch")
             accepted += [f"{m}: {d}" for d in diffs]
-        view = _StoreView(store, dims)
+        try:  # checked against the recorded checksums, as training does: no prediction from altered frames
+            loaded = store.load_all(usable, verify=True)
+        except StoreError as e:
+            raise PredictError(str(e)) from None
+        view = _StoreView(store, dims, loaded)
         models = []
         for ck in cks:
             model = CMARR(CMARRConfig(**mcfg)).to(dev)

@@ -106,6 +106,20 @@ def test_a_shard_of_an_extraction_is_predicted_on_like_a_store(run, tmp_path):
     pd.testing.assert_frame_equal(a, b)
 
 
+def test_a_damaged_store_is_refused(run, tmp_path):
+    import shutil
+
+    import h5py
+
+    root, store, rd = run
+    bad = tmp_path / "bad.h5"
+    shutil.copy(store, bad)
+    with h5py.File(bad, "r+") as f:
+        f["features/text/data"][0, 0] += 1.0
+    with pytest.raises(PredictError, match=r"text: the frames do not match the checksum"):
+        predict_store([rd / "fold1" / "best.pt"], bad, ["present"], device="cpu")
+
+
 def test_features_made_differently_are_refused_unless_accepted(run):
     root, store, rd = run
     other = make_synthetic_store(root / "seed6.h5", n_per_class=2, sessions=2, seed=6)  # another generator seed
