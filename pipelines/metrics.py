@@ -9,6 +9,12 @@ order of ``LABELS``), the number of utterances scored and the number with no inp
 condition (an utterance that lacks every modality of a condition cannot be scored; it is
 counted, never silently dropped). "Avg" is the plain mean over the six missing conditions
 (Table 2); mean and std are over folds (std with ``ddof=1``, 0 for a single fold).
+
+A run on the paper's 4-class set of IEMOCAP or MSP-IMPROV (the store's corpus and its
+per-class counts equal Table 1's) carries the paper's reported numbers for its variant
+(``PAPER_RESULTS``: Table 2 for CM-ARR, Table 3 for the ablations on IEMOCAP) in
+``metrics.json`` ("paper"), and ``results.md`` and the printed table show them beside the
+run's own.
 """
 from __future__ import annotations
 
@@ -25,6 +31,46 @@ FULL_CONDITION = "svt"
 TABLE_ROWS = MISSING_CONDITIONS + ("avg", FULL_CONDITION)
 ROW_NAMES = {"t": "{t}", "s": "{s}", "v": "{v}", "vt": "{v, t}", "sv": "{s, v}", "st": "{s, t}",
              "avg": "Avg.", "svt": "{s, v, t}"}
+
+
+def _rows(*pairs: tuple[float, float]) -> dict[str, tuple[float, float]]:
+    names = ("t", "s", "v", "vt", "sv", "st", "avg", "svt")
+    return dict(zip(names, pairs))
+
+
+#: WAR / UAR (%) the paper reports, by (corpus, variant): Table 2 ("Ours") and Table 3
+#: (ablations, IEMOCAP only; no full-modality row there).
+PAPER_RESULTS: dict[tuple[str, str], dict[str, tuple[float, float]]] = {
+    ("iemocap", "cm-arr"): _rows((69.74, 70.92), (74.15, 75.38), (54.06, 52.42), (73.04, 74.09), (75.51, 76.38),
+                                 (78.95, 79.70), (70.90, 71.48), (79.86, 81.06)),
+    ("msp-improv", "cm-arr"): _rows((63.57, 61.49), (55.55, 50.87), (62.04, 51.01), (68.47, 65.88), (63.84, 54.25),
+                                    (69.49, 66.85), (63.82, 58.39), (72.37, 69.69)),
+    ("iemocap", "baseline"): _rows((66.63, 67.15), (55.57, 57.75), (42.91, 37.54), (68.71, 68.94), (61.10, 62.84),
+                                   (75.34, 76.61), (61.71, 61.80)),
+    ("iemocap", "no-udcl"): _rows((69.44, 70.20), (71.90, 72.67), (50.24, 48.35), (71.59, 72.90), (72.06, 72.96),
+                                  (76.51, 78.04), (68.62, 69.18)),
+    ("iemocap", "no-spcl"): _rows((69.49, 70.45), (71.89, 72.99), (51.14, 48.56), (72.55, 73.33), (73.37, 73.86),
+                                  (77.80, 78.83), (69.37, 69.67)),
+    ("iemocap", "no-attention"): _rows((68.71, 69.75), (71.68, 72.72), (50.00, 47.76), (70.72, 71.53), (72.10, 73.47),
+                                       (76.77, 77.91), (68.33, 68.85)),
+    ("iemocap", "point"): _rows((66.71, 67.96), (70.48, 71.74), (50.35, 48.99), (71.06, 72.19), (72.65, 73.26),
+                                (75.53, 76.67), (67.79, 68.46)),
+}
+
+
+def paper_reference(corpus: str | None, label_counts: Mapping[str, int] | None, variant: str) -> dict[str, Any] | None:
+    """The paper's numbers for a run of ``variant`` on a store of ``corpus`` with these
+    per-class counts, when that store is the paper's 4-class set (Table 1's counts) and the
+    paper reports the variant there; else None."""
+    from cmarr.extract.manifest import PAPER_COUNTS
+
+    rows = PAPER_RESULTS.get((str(corpus), str(variant)))
+    if rows is None or not label_counts or dict(label_counts) != PAPER_COUNTS.get(str(corpus)):
+        return None
+    table = "Table 2" if variant == "cm-arr" else "Table 3"
+    return {"source": f"CM-ARR paper, {table} ({'IEMOCAP' if corpus == 'iemocap' else 'MSP-IMPROV'}, "
+                      f"{'Ours' if variant == 'cm-arr' else variant})",
+            "rows": {r: {"war": w / 100, "uar": u / 100} for r, (w, u) in rows.items()}}
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -107,15 +153,23 @@ def results_markdown(metrics: Mapping[str, Any], title: str | None = None) -> st
         lines += [f"# {title}", ""]
     lines.append(f"WAR / UAR in %, mean ± std over {n_folds} fold{'s' if n_folds != 1 else ''} "
                  f"({', '.join(metrics['folds'])}).")
+    paper = (metrics.get("paper") or {}).get("rows")
     lines.append("")
-    lines.append("| Avail. | WAR | UAR |")
-    lines.append("|---|---:|---:|")
+    lines.append("| Avail. | WAR | UAR |" + (" paper WAR | paper UAR |" if paper else ""))
+    lines.append("|---|---:|---:|" + ("---:|---:|" if paper else ""))
     for r in TABLE_ROWS:
         if r not in summary:
             continue
         e = summary[r]
-        lines.append(f"| {ROW_NAMES[r]} | {100 * e['war_mean']:.2f} ± {100 * e['war_std']:.2f} "
-                     f"| {100 * e['uar_mean']:.2f} ± {100 * e['uar_std']:.2f} |")
+        line = (f"| {ROW_NAMES[r]} | {100 * e['war_mean']:.2f} ± {100 * e['war_std']:.2f} "
+                f"| {100 * e['uar_mean']:.2f} ± {100 * e['uar_std']:.2f} |")
+        if paper:
+            ref = paper.get(r)
+            line += f" {100 * ref['war']:.2f} | {100 * ref['uar']:.2f} |" if ref else " - | - |"
+        lines.append(line)
+    if paper:
+        lines.append("")
+        lines.append(f"paper: {metrics['paper']['source']}, as reported (mean over its folds).")
     for key, what in (("n_no_input", "Utterances without any input in a condition (not scored there)"),
                       ("n_reduced", "Utterances scored with fewer modalities than the condition names "
                                     "(the store lacks one)")):
@@ -144,14 +198,22 @@ def rich_table(metrics: Mapping[str, Any], title: str = "Results"):
     """The same table as ``results.md`` for printing with rich."""
     from rich.table import Table
 
-    t = Table(title=title)
+    paper = (metrics.get("paper") or {}).get("rows")
+    t = Table(title=title, caption=f"paper: {metrics['paper']['source']}" if paper else None)
     t.add_column("Avail.")
     t.add_column("WAR %", justify="right")
     t.add_column("UAR %", justify="right")
+    if paper:
+        t.add_column("paper WAR", justify="right")
+        t.add_column("paper UAR", justify="right")
     for r in TABLE_ROWS:
         if r not in metrics["summary"]:
             continue
         e = metrics["summary"][r]
-        t.add_row(ROW_NAMES[r], f"{100 * e['war_mean']:.2f} ± {100 * e['war_std']:.2f}",
-                  f"{100 * e['uar_mean']:.2f} ± {100 * e['uar_std']:.2f}")
+        cells = [ROW_NAMES[r], f"{100 * e['war_mean']:.2f} ± {100 * e['war_std']:.2f}",
+                 f"{100 * e['uar_mean']:.2f} ± {100 * e['uar_std']:.2f}"]
+        if paper:
+            ref = paper.get(r)
+            cells += [f"{100 * ref['war']:.2f}", f"{100 * ref['uar']:.2f}"] if ref else ["-", "-"]
+        t.add_row(*cells)
     return t

@@ -53,7 +53,7 @@ from .data import (CONDITION_MASKS, CONDITION_NAMES, LABELS, MODALITIES, Batch, 
                    condition_available, eager_loader, fill_value, hide_unavailable,
                    resolve_train_conditions, sample_conditions)
 from .stacked import StackedFolds, stack_groups
-from .metrics import MISSING_CONDITIONS, build_metrics, score, with_average, write_results
+from .metrics import MISSING_CONDITIONS, build_metrics, paper_reference, score, with_average, write_results
 from .validation import FoldSplit, SplitError, split_fold
 
 
@@ -132,9 +132,12 @@ def store_fingerprint(data: StoreData) -> dict[str, Any]:
     folds, speakers) and the sha256 of each modality's frames (as the store records them)."""
     ids = "\n".join(data.ids).encode()
     table = "\n".join(f"{u}\t{y}\t{k}\t{s}" for u, y, k, s in zip(data.ids, data.labels, data.folds, data.speakers))
+    corpora = sorted(set(data.table["corpus"].astype(str))) if "corpus" in data.table else []
+    counts = {lab: int((data.labels == i).sum()) for i, lab in enumerate(LABELS)}
     return {"path": str(data.path), "n_utterances": len(data), "utterance_ids_sha256": hashlib.sha256(ids).hexdigest(),
             "table_sha256": hashlib.sha256(table.encode()).hexdigest(),
-            "dims": dict(data.dims), "frames_sha256": dict(data.checksums)}
+            "dims": dict(data.dims), "frames_sha256": dict(data.checksums),
+            "corpus": corpora[0] if len(corpora) == 1 else None, "label_counts": counts}
 
 
 def store_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
@@ -561,6 +564,9 @@ def summary_document(cfg: TrainConfig, fold_results: Mapping[int, Mapping[str, A
     extra = {"variant": cfg.variant, "best_epochs": {str(k): r["best_epoch"] for k, r in fold_results.items()},
              "sizes": {str(k): {s: r[f"n_{s}"] for s in ("train", "val", "test")} for k, r in fold_results.items()},
              "store": dict(store), "config": cfg.to_dict(), "model_config": dict(model_config)}
+    paper = paper_reference(store.get("corpus"), store.get("label_counts"), cfg.variant)
+    if paper is not None:
+        extra["paper"] = paper
     return build_metrics(per_fold, LABELS, extra)
 
 
