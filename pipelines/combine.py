@@ -58,13 +58,15 @@ def combine_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
         side = _read_yaml_mapping(side_path)
         if first_cfg is None:
             first_cfg, first_dir = cfg_doc, d
-            store, model_cfg = side.get("store", {}), side.get("model", {})
+            store, model_cfg = dict(side.get("store", {})), side.get("model", {})
         else:
             if _comparable(cfg_doc) != _comparable(first_cfg):
                 raise CombineError(f"{d}: its config differs from {first_dir}'s (only folds and device may differ)")
             diff = store_difference(store, side.get("store", {}))
             if diff:
                 raise CombineError(f"{d}: was trained on another store than {first_dir} ({diff})")
+            for k, v in side.get("store", {}).items():  # fields an earlier version did not write
+                store.setdefault(k, v)
         found = sorted(d.glob("fold*/metrics.json"))
         if not found:
             raise CombineError(f"{d}: has no finished fold (no fold*/metrics.json)")

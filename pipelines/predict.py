@@ -25,8 +25,9 @@ a modality for some utterances or altogether: that is what the model is for.
   training store; their class probabilities are averaged. A checkpoint is a pickle (it holds
   configs and provenance besides weights): load only checkpoints from a source you trust.
 - **Shards** of an extraction can be predicted on one by one (rows are per utterance).
-- The store is read into memory and its frames checked against the checksums recorded when
-  it was written (as training does): a damaged or altered file is refused.
+- The modalities the requested conditions use are read into memory and their frames checked
+  against the checksums recorded when the store was written (as training does): a damaged or
+  altered file is refused.
 - **Output**: one CSV row per (utterance, condition): ``utterance_id, condition,
   available`` (the modalities used, e.g. ``s,t``), ``label`` (the store's, "" if not one of
   the four classes), ``prediction``, ``p_ang, p_hap, p_neu, p_sad``, and
@@ -163,8 +164,8 @@ class _StoreView:
         self.dims = dict(dims)
 
     def get(self, i: int, m: str) -> np.ndarray | None:
-        if not self.present[i, MODALITIES.index(m)]:
-            return None
+        if not self.present[i, MODALITIES.index(m)] or m not in self.features:
+            return None  # absent, or not read because no requested condition uses it
         return self.features[m][self.ids[i]]
 
 
@@ -212,8 +213,9 @@ def predict_store(checkpoints: Sequence[str | Path], features: str | Path, condi
                                    f"({'; '.join(diffs[:4])}{'; ...' if len(diffs) > 4 else ''}); extract them the "
                                    "same way, or accept the difference with --allow-feature-mismatch")
             accepted += [f"{m}: {d}" for d in diffs]
+        wanted = [m for m in usable if any(c == "present" or LETTER[m] in c for c in conditions)]
         try:  # checked against the recorded checksums, as training does: no prediction from altered frames
-            loaded = store.load_all(usable, verify=True)
+            loaded = store.load_all(wanted, verify=True)
         except StoreError as e:
             raise PredictError(str(e)) from None
         view = _StoreView(store, dims, loaded)

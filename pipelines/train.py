@@ -581,19 +581,26 @@ def _write_config(run_dir: Path, cfg: TrainConfig, model_cfg: Mapping[str, Any],
         if _comparable(old) != _comparable(cfg.to_dict()):
             raise TrainError(f"{run_dir}: holds a run with another config (see its config.yaml); use another --out")
         if side.exists():
-            old_store = (yaml.safe_load(side.read_text()) or {}).get("store", {})
+            old_side = yaml.safe_load(side.read_text()) or {}
+            old_store = old_side.get("store", {})
             diff = store_difference(old_store, store)
             if diff:
                 raise TrainError(f"{run_dir}: holds a run on another store than {store['path']} ({diff}); "
                                  "use another --out")
+            if set(store) - set(old_store):  # written by an earlier version: add the fields it lacks
+                _write_atomic(side, yaml.safe_dump({**old_side, "store": {**store, **old_store}}, sort_keys=False))
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     for p, text in ((side, yaml.safe_dump({"model": dict(model_cfg), "store": dict(store)}, sort_keys=False)),
                     (path, "# resolved configuration of this run: cm-arr-train --config THIS_FILE reruns it\n"
                            + cfg.to_yaml())):
-        tmp = p.with_name(f"{p.name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, p)
+        _write_atomic(p, text)
+
+
+def _write_atomic(p: Path, text: str) -> None:
+    tmp = p.with_name(f"{p.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, p)
 
 
 def run_training(features_path: str | Path, config: TrainConfig | str | Path | None = None,

@@ -213,3 +213,18 @@ def test_cli_writes_predictions_and_metrics_and_refuses_bad_input(run, tmp_path)
     res = runner.invoke(app, args + ["--overwrite", "--conditions", "present"])
     assert res.exit_code == 0, res.output
     assert pd.read_csv(out, keep_default_na=False)["condition"].eq("present").all()
+
+
+def test_only_the_modalities_the_conditions_use_are_read(run, monkeypatch):
+    from cmarr.extract.store import FeatureStore
+
+    root, store, rd = run
+    read = []
+    real = FeatureStore.load_all
+    monkeypatch.setattr(FeatureStore, "load_all", lambda self, mods=None, **kw: read.append(tuple(mods)) or real(self, mods, **kw))
+    t_only = predict_store([rd / "fold1" / "best.pt"], store, ["t"], device="cpu")[0]
+    assert read[-1] == ("text",)
+    everything = predict_store([rd / "fold1" / "best.pt"], store, ["present", "t"], device="cpu")[0]
+    assert read[-1] == ("speech", "text", "video")
+    pd.testing.assert_frame_equal(t_only.reset_index(drop=True),
+                                  everything[everything["condition"] == "t"].reset_index(drop=True))
