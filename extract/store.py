@@ -57,7 +57,9 @@ import json
 import os
 import platform
 import shutil
+import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
@@ -982,6 +984,17 @@ def _updated_table(base: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
                      ].reset_index(drop=True)
 
 
+def _commit_timer(ref: "weakref.ref[StoreWriter]", stop: threading.Event, interval: float) -> None:
+    """A writer's commit timer. It holds the writer weakly: a writer dropped without
+    ``close`` is collected (releasing its lock), and the timer ends."""
+    while not stop.wait(interval):
+        writer = ref()
+        if writer is None:
+            return
+        writer._commit_if_overdue()
+        del writer
+
+
 class StoreWriter:
     """Writes a store, resumably.
 
@@ -989,8 +1002,11 @@ class StoreWriter:
     ``<out>.parts/chunk-NNNNNN.h5`` (temporary name, fsync, then rename) when the buffer holds
     ``chunk_size`` additions or ``chunk_bytes`` of features, or at the first addition after
     its oldest one has waited ``commit_seconds`` (``None``: no time limit), whichever comes
-    first: a kill loses about that much work, and fast extractors (text) write few, large
-    chunks. With ``background`` (the default) a full buffer is committed by one
+    first; with ``commit_timer`` (the default) a thread also commits a buffer whose oldest
+    addition is overdue when no new result arrives (slow, bursty extractors). A finished
+    utterance is thus on disk about ``commit_seconds`` after it was added, and fast
+    extractors (text) write few, large chunks. A failed timer commit keeps its utterances
+    in the buffer and is raised by the next ``add``/``flush``/``finalize``. With ``background`` (the default) a full buffer is committed by one
     worker thread while the caller goes on computing, at most one chunk at a time; a
     failed commit is raised by the next ``add``/``flush``/``finalize`` and its utterances go
     back into the buffer; ``flush`` returns only when everything added is on disk. A rerun
@@ -1020,7 +1036,8 @@ class StoreWriter:
                  provenance: Mapping[str, dict], chunk_size: int = CHUNK_SIZE, dtype: str = "float16",
                  extra_attrs: Mapping[str, Any] | None = None, background: bool = True,
                  media: Mapping[str, Sequence[str]] | None = None, chunk_bytes: int = CHUNK_BYTES,
-                 commit_seconds: float | None = COMMIT_SECONDS, lock: "_OutputLock | None" = None):
+                 commit_seconds: float | None = COMMIT_SECONDS, lock: "_OutputLock | None" = None,
+                 commit_timer: bool = True):
         self.out = Path(out_path)
         self.parts = self.out.with_name(self.out.name + ".parts")
         self.chunk_size = int(chunk_size)
@@ -1044,6 +1061,8 @@ class StoreWriter:
         for m in self.provenance:
             if m not in MODALITIES:
                 raise StoreError(self.out, f"unknown modality {m!r} (expected one of {MODALITIES})")
+        self._mutex = threading.RLock()  # the buffer is shared with the commit timer
+        self._late_error: BaseException | None = None  # a failed timer commit, raised at the next call
         self._buffer: list[tuple[str, str, np.ndarray | None, dict, str | None]] = []
         self._buffer_bytes = 0
         self._buffer_since = 0.0  # time.monotonic() of the buffer's oldest addition
@@ -1072,6 +1091,12 @@ class StoreWriter:
             self._lock.release(remove_folder=self._lock.created)  # a folder made just now holds nothing
             raise
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="cmarr-store") if background else None
+        self._stop_timer = threading.Event()
+        self._timer: threading.Thread | None = None
+        if commit_timer and self.commit_seconds is not None:
+            self._timer = threading.Thread(target=_commit_timer, name="cmarr-store-timer", daemon=True,
+                                           args=(weakref.ref(self), self._stop_timer, min(self.commit_seconds, 1.0)))
+            self._timer.start()
 
     # -- resume ----------------------------------------------------------------------
     def _comparable(self, prov: Mapping[str, Any]) -> dict[str, Any]:
@@ -1258,6 +1283,11 @@ class StoreWriter:
         """Queue one utterance's ``(T, D)`` matrix. Returns False (and records an error
         for the utterance) when the matrix is not storable: non-finite values, or values
         that overflow the store dtype."""
+        with self._mutex:
+            self._raise_late_error()
+            return self._add(utterance_id, modality, matrix, meta)
+
+    def _add(self, utterance_id: str, modality: str, matrix: np.ndarray, meta: dict[str, Any]) -> bool:
         if modality not in self.provenance:
             raise StoreError(self.out, f"no provenance was given for modality {modality!r}")
         arr = np.asarray(matrix)
@@ -1272,7 +1302,7 @@ class StoreWriter:
                              f"have {sorted(keys)}")
         reason = _unstorable(arr, self.dtype)
         if reason is not None:
-            self.add_error(utterance_id, modality, reason)
+            self._append((utterance_id, modality, None, {}, reason), 0)
             return False
         cast = _store_cast(arr, self.dtype)
         self._done.add((utterance_id, modality))  # buffered: kept even if the commit below fails
@@ -1280,7 +1310,30 @@ class StoreWriter:
         return True
 
     def add_error(self, utterance_id: str, modality: str, reason: str) -> None:
-        self._append((utterance_id, modality, None, {}, str(reason)), 0)
+        with self._mutex:
+            self._raise_late_error()
+            self._append((utterance_id, modality, None, {}, str(reason)), 0)
+
+    def _raise_late_error(self) -> None:
+        """Raise a failed timer commit, or a failed background commit that has finished
+        (its utterances go back into the buffer first)."""
+        err, self._late_error = self._late_error, None
+        if err is not None:
+            raise err
+        if self._pending is not None and self._pending.done() and self._pending.exception() is not None:
+            self._wait()
+
+    def _commit_if_overdue(self) -> None:
+        """The commit timer's work: commit the buffer once its oldest addition has waited
+        ``commit_seconds``."""
+        with self._mutex:
+            if (self._late_error is not None or not self._buffer or not self._lock.held
+                    or time.monotonic() - self._buffer_since < self.commit_seconds):
+                return
+            try:
+                self._commit_buffer()
+            except BaseException as e:  # its utterances are back in the buffer; the next call raises it
+                self._late_error = e
 
     def _append(self, item: tuple[str, str, np.ndarray | None, dict, str | None], nbytes: int) -> None:
         """Buffer ``item`` and commit the buffer when the commit policy says so."""
@@ -1295,8 +1348,10 @@ class StoreWriter:
 
     def flush(self) -> None:
         """Commit everything added so far; returns when it is on disk."""
-        self._commit_buffer()
-        self._wait()
+        with self._mutex:
+            self._raise_late_error()
+            self._commit_buffer()
+            self._wait()
 
     def _wait(self) -> None:
         """Wait for the chunk being committed in the background and raise its error; what it
@@ -1408,9 +1463,13 @@ class StoreWriter:
         return self.out
 
     def _stop(self) -> None:
-        """Wait for a background commit and stop the worker thread."""
+        """Stop the commit timer, wait for a background commit and stop the worker thread."""
+        self._stop_timer.set()
+        if self._timer is not None and self._timer is not threading.current_thread():
+            self._timer.join()
         try:
-            self._wait()
+            with self._mutex:
+                self._wait()
         finally:
             if self._pool is not None:
                 self._pool.shutdown()

@@ -955,7 +955,7 @@ def test_commit_policy_counts_bytes_and_time(tmp_path, monkeypatch):
         assert list(f["features/speech/ids"].asstr()[()]) == ids[:3]
 
     out = tmp_path / "time.h5"
-    w = StoreWriter(out, table(ids), prov, chunk_size=100, commit_seconds=30.0, background=False)
+    w = StoreWriter(out, table(ids), prov, chunk_size=100, commit_seconds=30.0, background=False, commit_timer=False)
     w.add(ids[0], "speech", feats(0, 4, 6))
     clock[0] += 29.0
     w.add(ids[1], "speech", feats(1, 4, 6))
@@ -966,8 +966,14 @@ def test_commit_policy_counts_bytes_and_time(tmp_path, monkeypatch):
     clock[0] += 100.0  # the buffer is empty: time alone commits nothing ...
     w.add(ids[3], "speech", feats(3, 4, 6))
     assert chunks(out) == ["chunk-000000.h5"]  # ... and a new buffer's clock starts at its first addition
+    clock[0] += 29.0
+    w._commit_if_overdue()  # what the commit timer does: nothing before the deadline ...
+    assert chunks(out) == ["chunk-000000.h5"]
+    clock[0] += 1.0
+    w._commit_if_overdue()  # ... and the overdue buffer at it, with no new addition
+    assert chunks(out) == ["chunk-000000.h5", "chunk-000001.h5"]
     w.close()
-    assert StoreWriter(out, table(ids), prov).done() == {(u, "speech") for u in ids[:3]}
+    assert StoreWriter(out, table(ids), prov).done() == {(u, "speech") for u in ids[:4]}
 
     for bad in ({"chunk_size": 0}, {"chunk_bytes": 0}, {"commit_seconds": 0.0}):
         with pytest.raises(StoreError, match="each must be positive"):
@@ -1004,3 +1010,54 @@ def test_assembled_store_is_the_same_read_whole_or_per_utterance(tmp_path, monke
     assert validate_store(out) == ([], [])
     # whole: one read per chunk (4 chunks); per utterance: one read per stored matrix (8)
     assert len(reads) == (4 if whole_blocks else 8)
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_the_commit_timer_commits_a_waiting_utterance_without_a_new_one(tmp_path, background):
+    """A slow extractor's last result does not wait in memory for the next one: the timer
+    thread commits it once it is overdue; a failed timer commit loses nothing and is raised
+    by the next call; a writer dropped without close releases its lock."""
+    import gc
+    import time as _time
+
+    ids = ["a", "b", "c"]
+    out = tmp_path / "f.h5"
+    w = StoreWriter(out, table(ids), {"speech": PROV["speech"]}, chunk_size=100, commit_seconds=0.2,
+                    background=background)
+    w.add("a", "speech", feats(0, 4, 6))
+    deadline = _time.monotonic() + 20
+    while not list(_parts(out).glob("chunk-*.h5")) and _time.monotonic() < deadline:
+        _time.sleep(0.05)
+    assert [p.name for p in _parts(out).glob("chunk-*.h5")] == ["chunk-000000.h5"]
+    original = w._write_chunk
+
+    def full_disk(buffer):
+        raise OSError(28, "No space left on device")
+
+    w._write_chunk = full_disk
+    w.add("b", "speech", feats(1, 4, 6))
+    def failed():  # the timer's commit failed: in its thread (foreground) or in the worker (background)
+        p = w._pending
+        return w._late_error is not None or (p is not None and p.done() and p.exception() is not None)
+
+    deadline = _time.monotonic() + 20
+    while not failed() and _time.monotonic() < deadline:
+        _time.sleep(0.05)
+    assert failed()
+    w._write_chunk = original
+    with pytest.raises(OSError, match="No space left"):
+        w.add("c", "speech", feats(2, 4, 6))
+    w.add("c", "speech", feats(2, 4, 6))  # the error was raised once; "b" is still buffered
+    w.finalize()
+    s = FeatureStore(out)
+    assert s.ids("speech") == set(ids)
+    np.testing.assert_array_equal(s.get("b", "speech"), feats(1, 4, 6).astype(np.float16))
+
+    out2 = tmp_path / "g.h5"
+    dropped = StoreWriter(out2, table(ids), {"speech": PROV["speech"]}, commit_seconds=0.2)
+    timer = dropped._timer
+    del dropped
+    gc.collect()
+    StoreWriter(out2, table(ids), {"speech": PROV["speech"]}).close()  # the dropped writer's lock is free
+    timer.join(timeout=20)
+    assert not timer.is_alive()
