@@ -103,8 +103,8 @@ def features_command(
     sample_fps: float = typer.Option(10.0, "--sample-fps", help="Video frames sampled per second."),
     chunk_size: int = typer.Option(1024, "--chunk-size", min=1, help="Most utterances per committed chunk "
                                    "(a chunk is also committed at 64 MiB of features)."),
-    commit_every: float = typer.Option(30.0, "--commit-every", min=0.001, help="Seconds a finished utterance "
-                                       "waits, at most about, before it is committed (what a kill can lose)."),
+    commit_every: float = typer.Option(30.0, "--commit-every", min=0.001, help="Seconds after which finished "
+                                       "utterances are committed, even if no other follows (what a kill can lose)."),
     log_every: float = typer.Option(10.0, "--log-every", help="Seconds between progress lines when the "
                                     "output is not a terminal."),
 ) -> None:
