@@ -386,7 +386,11 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
         finally:
             writer.close()
         raise
-    writer.finalize()  # raises, writing nothing, unless every (utterance, modality) is covered
+    try:
+        writer.finalize()  # raises, writing nothing, unless every (utterance, modality) is covered
+    except BaseException:
+        writer._abandon()  # e.g. a failed last commit: what is committed stays for the rerun
+        raise
 
     store = FeatureStore(target)
     errors = store.errors.copy()

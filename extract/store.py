@@ -59,6 +59,7 @@ import platform
 import shutil
 import threading
 import time
+import traceback
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
@@ -986,13 +987,35 @@ def _updated_table(base: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
 
 def _commit_timer(ref: "weakref.ref[StoreWriter]", stop: threading.Event, interval: float) -> None:
     """A writer's commit timer. It holds the writer weakly: a writer dropped without
-    ``close`` is collected (releasing its lock), and the timer ends."""
+    ``close`` is collected (releasing its lock), and the timer ends. A failed commit is
+    kept for the writer's next call, its traceback's frames cleared so that it holds no
+    reference back to the writer."""
     while not stop.wait(interval):
         writer = ref()
         if writer is None:
             return
-        writer._commit_if_overdue()
+        try:
+            writer._commit_if_overdue()
+        except BaseException as e:
+            traceback.clear_frames(e.__traceback__)
+            with writer._mutex:
+                writer._late_error = e
         del writer
+
+
+def _chunk_job(ref: "weakref.ref[StoreWriter]", buffer: list) -> None:
+    """A background commit: ``_write_chunk`` of the writer, which the job holds strongly only
+    while it runs; a failure's traceback frames are cleared (no reference cycle through the
+    pending future keeps a dropped writer, and its lock, alive)."""
+    writer = ref()
+    if writer is None:
+        raise StoreError(Path("?"), "the writer was dropped before its chunk was committed")
+    try:
+        writer._write_chunk(buffer)
+    except BaseException as e:
+        del writer
+        traceback.clear_frames(e.__traceback__)
+        raise
 
 
 class StoreWriter:
@@ -1005,8 +1028,10 @@ class StoreWriter:
     first; with ``commit_timer`` (the default) a thread also commits a buffer whose oldest
     addition is overdue when no new result arrives (slow, bursty extractors). A finished
     utterance is thus on disk about ``commit_seconds`` after it was added, and fast
-    extractors (text) write few, large chunks. A failed timer commit keeps its utterances
-    in the buffer and is raised by the next ``add``/``flush``/``finalize``. With ``background`` (the default) a full buffer is committed by one
+    extractors (text) write few, large chunks. A failed timer or background commit keeps
+    its utterances in the buffer; the next ``add``/``flush``/``finalize`` retries it and
+    raises if it fails again. A failed ``finalize`` in a ``with`` block closes the writer,
+    keeping what it could commit. With ``background`` (the default) a full buffer is committed by one
     worker thread while the caller goes on computing, at most one chunk at a time; a
     failed commit is raised by the next ``add``/``flush``/``finalize`` and its utterances go
     back into the buffer; ``flush`` returns only when everything added is on disk. A rerun
@@ -1282,7 +1307,8 @@ class StoreWriter:
     def add(self, utterance_id: str, modality: str, matrix: np.ndarray, **meta: Any) -> bool:
         """Queue one utterance's ``(T, D)`` matrix. Returns False (and records an error
         for the utterance) when the matrix is not storable: non-finite values, or values
-        that overflow the store dtype."""
+        that overflow the store dtype. A call that raises (e.g. a failed commit, retried
+        here) has not queued its matrix."""
         with self._mutex:
             self._raise_late_error()
             return self._add(utterance_id, modality, matrix, meta)
@@ -1315,25 +1341,30 @@ class StoreWriter:
             self._append((utterance_id, modality, None, {}, str(reason)), 0)
 
     def _raise_late_error(self) -> None:
-        """Raise a failed timer commit, or a failed background commit that has finished
-        (its utterances go back into the buffer first)."""
-        err, self._late_error = self._late_error, None
-        if err is not None:
-            raise err
-        if self._pending is not None and self._pending.done() and self._pending.exception() is not None:
-            self._wait()
+        """After a failed timer commit, or a failed background commit that has finished (its
+        utterances are back in the buffer), commit the buffer again now; raise if that fails
+        too (the utterances stay buffered). A transient failure thus costs nothing."""
+        pending = self._pending
+        failed = pending is not None and pending.done() and pending.exception() is not None
+        if self._late_error is None and not failed:
+            return
+        self._late_error = None
+        if failed:
+            try:
+                self._wait()  # puts the chunk's utterances back into the buffer
+            except Exception:
+                pass  # retried just below
+        self._commit_buffer()
+        self._wait()
 
     def _commit_if_overdue(self) -> None:
         """The commit timer's work: commit the buffer once its oldest addition has waited
-        ``commit_seconds``."""
+        ``commit_seconds``. Raises what the commit raised (its utterances back in the buffer)."""
         with self._mutex:
             if (self._late_error is not None or not self._buffer or not self._lock.held
                     or time.monotonic() - self._buffer_since < self.commit_seconds):
                 return
-            try:
-                self._commit_buffer()
-            except BaseException as e:  # its utterances are back in the buffer; the next call raises it
-                self._late_error = e
+            self._commit_buffer()
 
     def _append(self, item: tuple[str, str, np.ndarray | None, dict, str | None], nbytes: int) -> None:
         """Buffer ``item`` and commit the buffer when the commit policy says so."""
@@ -1387,8 +1418,12 @@ class StoreWriter:
                 self._restore(buffer)  # not on disk: kept for the next flush
                 raise
         else:
-            self._inflight = buffer
-            self._pending = self._pool.submit(self._write_chunk, buffer)
+            try:
+                pending = self._pool.submit(_chunk_job, weakref.ref(self), buffer)
+            except BaseException:  # e.g. the pool was shut down: nothing is in flight
+                self._restore(buffer)
+                raise
+            self._inflight, self._pending = buffer, pending
 
     def _write_chunk(self, buffer: list[tuple[str, str, np.ndarray | None, dict, str | None]]) -> None:
         """One chunk file (layout 2: each modality's frames concatenated, as in a store),
@@ -1462,12 +1497,22 @@ class StoreWriter:
         self._lock.release(remove_folder=True)
         return self.out
 
+    def _abandon(self) -> None:
+        """After a failed ``finalize``: keep what can be kept, then close (a rerun resumes)."""
+        try:
+            if self._lock.held:
+                self.flush()
+        except Exception:
+            pass  # finalize's own error is the one to report
+        finally:
+            self.close()
+
     def _stop(self) -> None:
         """Stop the commit timer, wait for a background commit and stop the worker thread."""
         self._stop_timer.set()
-        if self._timer is not None and self._timer is not threading.current_thread():
-            self._timer.join()
         try:
+            if self._timer is not None and self._timer is not threading.current_thread():
+                self._timer.join()
             with self._mutex:
                 self._wait()
         finally:
@@ -1480,14 +1525,19 @@ class StoreWriter:
         try:
             self._stop()
         finally:
-            self._lock.release()
+            with self._mutex:  # a timer commit under way finishes first; later ones see the lock gone
+                self._lock.release()
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, *rest):
         if exc_type is None:
-            self.finalize()
+            try:
+                self.finalize()
+            except BaseException:
+                self._abandon()
+                raise
         else:
             try:
                 if self._lock.held:

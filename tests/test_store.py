@@ -1044,10 +1044,11 @@ def test_the_commit_timer_commits_a_waiting_utterance_without_a_new_one(tmp_path
     while not failed() and _time.monotonic() < deadline:
         _time.sleep(0.05)
     assert failed()
-    w._write_chunk = original
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left"):  # the next call retries the commit, which fails again
         w.add("c", "speech", feats(2, 4, 6))
-    w.add("c", "speech", feats(2, 4, 6))  # the error was raised once; "b" is still buffered
+    w._write_chunk = original  # the disk has room again
+    w.add("c", "speech", feats(2, 4, 6))  # the retry commits "b"; "c" (not added by the call that raised) now is
+    assert w.done() >= {("b", "speech"), ("c", "speech")}
     w.finalize()
     s = FeatureStore(out)
     assert s.ids("speech") == set(ids)
@@ -1061,3 +1062,57 @@ def test_the_commit_timer_commits_a_waiting_utterance_without_a_new_one(tmp_path
     StoreWriter(out2, table(ids), {"speech": PROV["speech"]}).close()  # the dropped writer's lock is free
     timer.join(timeout=20)
     assert not timer.is_alive()
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_dropped_writer_whose_commit_failed_releases_its_lock_without_gc(tmp_path, background, monkeypatch):
+    """A failed commit's traceback (kept for the writer's next call) holds no reference
+    cycle back to the writer, so dropping it releases its lock at once."""
+    import gc
+    import time as _time
+
+    import cmarr.extract.store as store_mod
+
+    out = tmp_path / "f.h5"
+    w = StoreWriter(out, table(["a", "b"]), {"speech": PROV["speech"]}, chunk_size=100, commit_seconds=0.05,
+                    background=background)
+
+    def full_disk(tmp, final):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_mod, "durable_replace", full_disk)  # fails inside the writer's own _write_chunk
+    w.add("a", "speech", feats(0, 4, 6))
+    deadline = _time.monotonic() + 20
+    while _time.monotonic() < deadline:
+        p = w._pending
+        if w._late_error is not None or (p is not None and p.done() and p.exception() is not None):
+            break
+        _time.sleep(0.02)
+    monkeypatch.undo()  # the disk has room again
+    gc.disable()
+    try:
+        del w
+        StoreWriter(out, table(["a", "b"]), {"speech": PROV["speech"]}).close()  # not refused: the lock is free
+    finally:
+        gc.enable()
+
+
+def test_a_failed_finalize_in_a_with_block_closes_the_writer(tmp_path):
+    out = tmp_path / "f.h5"
+    with pytest.raises(OSError, match="No space left"):
+        with StoreWriter(out, table(["a", "b"]), {"speech": PROV["speech"]}, background=False) as w:
+            w.add("a", "speech", feats(0, 4, 6))
+            w._write_chunk = lambda buffer: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+    assert not w._lock.held and not w._timer.is_alive()
+    StoreWriter(out, table(["a", "b"]), {"speech": PROV["speech"]}).close()  # a rerun is not refused
+
+
+def test_a_commit_that_cannot_be_scheduled_keeps_its_utterances(tmp_path):
+    out = tmp_path / "f.h5"
+    w = StoreWriter(out, table(["a", "b"]), {"speech": PROV["speech"]}, chunk_size=100)
+    w.add("a", "speech", feats(0, 4, 6))
+    w._pool.shutdown()
+    with pytest.raises(RuntimeError, match="shutdown"):
+        w.flush()
+    assert [u for u, *_ in w._buffer] == ["a"] and w._pending is None
+    w.close()
