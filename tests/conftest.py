@@ -31,3 +31,23 @@ def rewrite_table():
             del f["utterances"]
             _write_table(f.create_group("utterances"), table)
     return rewrite
+
+
+#: The small CM-ARR used by the end-to-end training tests (seconds per run on the CPU).
+TINY_MODEL = {"d_model": 16, "seq_len": 8, "flow_hidden": 16, "flow_steps": 1, "umc_heads": 2, "fusion_heads": 2,
+              "rcan_blocks": 1}
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """``tiny_config(path, batch_size=8, epochs=2, **model)`` writes a cm-arr-train config of
+    the small model (``model`` overrides its fields) and returns ``path``."""
+    import yaml
+
+    def write(path, batch_size=8, epochs=2, **model):
+        doc = {"model": {**TINY_MODEL, **model},
+               "optim": {"lr": 1.0e-3, "batch_size": batch_size, "epochs": epochs, "eval_batch_size": 64},
+               "data": {"val_fraction": 0.2}}
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return path
+    return write

@@ -67,7 +67,7 @@ def test_store_fingerprint_names_the_corpus_and_class_counts(tmp_path):
     assert fp["corpus"] == "synthetic" and fp["label_counts"] == {"ang": 6, "hap": 6, "neu": 6, "sad": 6}
 
 
-def test_run_dirs_of_an_earlier_version_gain_the_new_store_fields(tmp_path):
+def test_run_dirs_of_an_earlier_version_gain_the_new_store_fields(tmp_path, tiny_config):
     """A RUN_DIR whose model_config.yaml lacks the store's corpus and class counts (written
     by an earlier version) gets them when the run is continued, and cm-arr-results fills
     them from any RUN_DIR that has them, whatever the order."""
@@ -78,10 +78,7 @@ def test_run_dirs_of_an_earlier_version_gain_the_new_store_fields(tmp_path):
     from cmarr.pipelines.train import run_training
 
     store = make_synthetic_store(tmp_path / "s.h5", n_per_class=3, sessions=3, seed=0)
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text("model: {d_model: 8, seq_len: 4, flow_hidden: 8, flow_steps: 1, umc_heads: 2, fusion_heads: 2, "
-                   "rcan_blocks: 1}\noptim: {lr: 1.0e-3, batch_size: 8, epochs: 1, eval_batch_size: 64}\n"
-                   "data: {val_fraction: 0.2}\n")
+    cfg = tiny_config(tmp_path / "tiny.yaml", epochs=1)
 
     def strip(run_dir):
         side = run_dir / "model_config.yaml"

@@ -19,19 +19,12 @@ torch.set_num_threads(1)
 runner = CliRunner()
 SEVEN = ["t", "s", "v", "vt", "sv", "st", "svt"]
 
-TINY = """\
-model: {d_model: 16, seq_len: 8, flow_hidden: 16, flow_steps: 1, umc_heads: 2, fusion_heads: 2, rcan_blocks: 1}
-optim: {lr: 1.0e-3, batch_size: 8, epochs: 1, eval_batch_size: 64}
-data: {val_fraction: 0.2}
-"""
-
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, tiny_config):
     root = tmp_path_factory.mktemp("predict")
     store = make_synthetic_store(root / "s.h5", n_per_class=4, sessions=3, seed=5)
-    cfg = root / "tiny.yaml"
-    cfg.write_text(TINY)
+    cfg = tiny_config(root / "tiny.yaml", epochs=1)
     run_training(store, cfg, out_dir=root / "run", folds=[1, 2], device="cpu", seed=0, log=None)
     return root, store, root / "run"
 

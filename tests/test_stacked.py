@@ -17,15 +17,9 @@ from cmarr.pipelines.train_cli import app
 
 torch.set_num_threads(1)
 
-TINY = """\
-model: {d_model: 16, seq_len: 8, flow_hidden: 16, flow_steps: 1, umc_heads: 2, fusion_heads: 2, rcan_blocks: 1}
-optim: {lr: 1.0e-3, batch_size: 4, epochs: 3, eval_batch_size: 64}
-data: {val_fraction: 0.2}
-"""
-
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tiny_config):
     """A 3-session store whose folds differ in size (3 utterances of session 1 moved to fold 2),
     so that the folds' epochs have different numbers of steps and final batch sizes."""
     import h5py
@@ -38,10 +32,8 @@ def env(tmp_path_factory):
         table.loc[moved, "fold"] = 2
         del f["utterances"]
         _write_table(f.create_group("utterances"), table)
-    cfg = root / "tiny.yaml"
-    cfg.write_text(TINY)
-    no_dropout = root / "tiny-nodrop.yaml"
-    no_dropout.write_text(TINY.replace("rcan_blocks: 1}", "rcan_blocks: 1, dropout: 0.0}"))
+    cfg = tiny_config(root / "tiny.yaml", batch_size=4, epochs=3)
+    no_dropout = tiny_config(root / "tiny-nodrop.yaml", batch_size=4, epochs=3, dropout=0.0)
     return root, store, cfg, no_dropout
 
 

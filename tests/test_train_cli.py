@@ -24,19 +24,12 @@ from cmarr.pipelines.train_cli import app
 torch.set_num_threads(1)
 runner = CliRunner()
 
-TINY = """\
-model: {d_model: 16, seq_len: 8, flow_hidden: 16, flow_steps: 1, umc_heads: 2, fusion_heads: 2, rcan_blocks: 1}
-optim: {lr: 1.0e-3, batch_size: 8, epochs: 2, eval_batch_size: 64}
-data: {val_fraction: 0.2}
-"""
-
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tiny_config):
     root = tmp_path_factory.mktemp("train")
     store = make_synthetic_store(root / "s.h5", n_per_class=4, sessions=3, seed=5)
-    cfg = root / "tiny.yaml"
-    cfg.write_text(TINY)
+    cfg = tiny_config(root / "tiny.yaml")
     return root, store, cfg
 
 
