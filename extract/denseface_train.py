@@ -481,16 +481,3 @@ def demo_ferplus_pair(out_dir: str | Path, faces: list[np.ndarray], n: int = 240
         r = rng.random()
         usage.append("Training" if r < 0.8 else "PublicTest" if r < 0.9 else "PrivateTest")
     return write_ferplus_pair(out_dir, np.stack(imgs), np.array(labels), usage)
-
-
-def train_demo_denseface(out_dir: str | Path, faces: list[np.ndarray], n: int = 64, epochs: int = 1,
-                         device: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Demo helper: write a FER+-format pair from ``faces`` (``demo_ferplus_pair``) into
-    ``out_dir`` and train the full Denseface on it briefly (``epochs``, batch 16) with the
-    real training code; the checkpoint is ``out_dir/denseface.pt``. Returns the training
-    record (``checkpoint_sha256`` included). The weights carry no emotion knowledge: for
-    demonstrating the pipeline only."""
-    out_dir = Path(out_dir)
-    p1, p2 = demo_ferplus_pair(out_dir, faces, n=n)
-    return train_denseface(p1, p2, out_dir / "denseface.pt", TrainConfig(epochs=epochs, batch_size=16),
-                           device=device, log=log)

@@ -353,19 +353,6 @@ def _read_table(group: h5py.Group) -> pd.DataFrame:
     return pd.DataFrame(data, columns=columns)
 
 
-def _write_meta(ds: h5py.Dataset, meta: Mapping[str, Any]) -> None:
-    for key, value in meta.items():
-        if key == "tokens":
-            ds.attrs[key] = np.array([str(t) for t in value], dtype=h5py.string_dtype())
-        elif key in _ARRAY_META:
-            arr = np.asarray(value)
-            ds.attrs[key] = arr.astype(np.uint8) if key == "face_mask" else arr.astype(np.float32)
-        elif isinstance(value, (dict, list, tuple)):
-            ds.attrs[key] = json.dumps(value)
-        else:
-            ds.attrs[key] = value
-
-
 def _read_meta(ds: h5py.Dataset) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in ds.attrs.items():
@@ -940,13 +927,6 @@ def _cast_limit(src: np.dtype, dtype: str) -> float:
     return float(target.max) + 2.0 ** (target.maxexp - target.nmant - 2)  # max + half its spacing
 
 
-def _overflows(arr: np.ndarray, dtype: str) -> bool:
-    """Whether some value of the finite ``arr`` becomes infinite in ``dtype``."""
-    if arr.size == 0:
-        return False
-    return max(-float(arr.min()), float(arr.max())) >= _cast_limit(arr.dtype, dtype)
-
-
 def _unstorable(arr: np.ndarray, dtype: str) -> str | None:
     """Why ``arr`` cannot be stored in ``dtype`` (NaN/Inf, or values that the cast would
     make infinite), or None. Two passes over ``arr`` (its min and max, which NaN
@@ -1310,7 +1290,7 @@ class StoreWriter:
         that overflow the store dtype. A call that raises (e.g. a failed commit, retried
         here) has not queued its matrix."""
         with self._mutex:
-            self._raise_late_error()
+            self._retry_failed_commit()
             return self._add(utterance_id, modality, matrix, meta)
 
     def _add(self, utterance_id: str, modality: str, matrix: np.ndarray, meta: dict[str, Any]) -> bool:
@@ -1337,10 +1317,10 @@ class StoreWriter:
 
     def add_error(self, utterance_id: str, modality: str, reason: str) -> None:
         with self._mutex:
-            self._raise_late_error()
+            self._retry_failed_commit()
             self._append((utterance_id, modality, None, {}, str(reason)), 0)
 
-    def _raise_late_error(self) -> None:
+    def _retry_failed_commit(self) -> None:
         """After a failed timer commit, or a failed background commit that has finished (its
         utterances are back in the buffer), commit the buffer again now; raise if that fails
         too (the utterances stay buffered). A transient failure thus costs nothing."""
@@ -1380,7 +1360,7 @@ class StoreWriter:
     def flush(self) -> None:
         """Commit everything added so far; returns when it is on disk."""
         with self._mutex:
-            self._raise_late_error()
+            self._retry_failed_commit()
             self._commit_buffer()
             self._wait()
 

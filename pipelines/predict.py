@@ -119,7 +119,7 @@ def load_checkpoints(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     for p in paths:
         p = Path(p)
         if not p.is_file():
-            raise PredictError(f"{p}: no such checkpoint")
+            raise PredictError(f"{p}: no such checkpoint file")
         try:
             ck = torch.load(p, map_location="cpu", weights_only=False)
         except Exception as e:  # a truncated or foreign file
@@ -153,7 +153,6 @@ class _StoreView:
     that may lack a modality altogether and may hold labels outside the four classes."""
 
     def __init__(self, store, dims: Mapping[str, int], features: Mapping[str, Mapping[str, np.ndarray]]):
-        self.store = store
         self.features = features
         self.ids = store.utterances["utterance_id"].astype(str).tolist()
         raw = store.utterances["label"].astype(str) if "label" in store.utterances else pd.Series([""] * len(self.ids))
