@@ -385,8 +385,11 @@ def test_ddp_two_cpu_processes_gloo(env, tmp_path):
         "    return res\n"
         "T.FoldRecipe.fit = fit\n"
         "m = T.run_training(store, cfg, out_dir=out, folds=[1], device='cpu', epochs=1, log=None)\n"
-        "print('RANK', dist.get_rank(), dist.get_world_size(), dist.get_backend(), seen['hash'], seen['steps'],"
-        " m['summary']['avg']['uar_mean'], flush=True)\n")
+        # one write per rank, atomic on a pipe: print() with several arguments writes them one by
+        # one when the output is unbuffered, and the two ranks' pieces could interleave
+        "line = ' '.join(map(str, ['RANK', dist.get_rank(), dist.get_world_size(), dist.get_backend(),"
+        " seen['hash'], seen['steps'], m['summary']['avg']['uar_mean']])) + '\\n'\n"
+        "sys.stdout.write(line); sys.stdout.flush()\n")
     env_vars = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     out = tmp_path / "ddp-run"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
