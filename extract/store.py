@@ -624,6 +624,27 @@ class FeatureStore:
             self._meta_pos[modality] = {u: i for i, u in enumerate(self._order[modality])}
         return dict(self._meta[modality][self._meta_pos[modality][utterance_id]])
 
+    def verify(self, modalities: Iterable[str] | None = None, piece_bytes: int = 64 << 20) -> None:
+        """Check each modality's frames against the sha256 recorded when the store was
+        written, reading them in pieces of about ``piece_bytes`` (bounded memory, one pass:
+        for stores larger than RAM). Raises ``StoreError`` naming the first modality whose
+        frames differ. A modality without a recorded checksum (stores of older versions)
+        passes: there is nothing to check it against."""
+        for m in (tuple(modalities) if modalities is not None else self.modalities):
+            if m not in self.modalities:
+                raise StoreError(self.path, f"the store has no {m!r} features (it holds {', '.join(self.modalities)})")
+            recorded = self.checksums.get(m)
+            if not recorded:
+                continue
+            data = self._data(m)
+            step = max(1, piece_bytes // max(1, data.shape[1] * data.dtype.itemsize))
+            digest = hashlib.sha256()
+            for start in range(0, data.shape[0], step):
+                digest.update(memoryview(np.ascontiguousarray(data[start:start + step])).cast("B"))
+            if digest.hexdigest() != recorded:
+                raise StoreError(self.path, f"{m}: the frames do not match the checksum recorded when the "
+                                 "file was written (damaged or altered since); `cm-arr-features validate` says more")
+
     def load_all(self, modalities: Iterable[str] | None = None,
                  dtype: Any = None, verify: bool = False) -> dict[str, dict[str, np.ndarray]]:
         """Every matrix in memory: ``{modality: {utterance_id: (T, D) array}}``. The arrays
@@ -750,11 +771,14 @@ class _ChunkSource:
 
 
 class _StoreSource:
-    """A complete store used as input (a base being extended, or a shard being merged)."""
+    """A complete store used as input (a base being extended, or a shard being merged).
+    Its frames are checked against their recorded checksums first: the output gets a new
+    checksum over what is copied, so damage copied unchecked would pass for sound data."""
 
     def __init__(self, path: Path):
         self.path = path
         self.store = FeatureStore(path)
+        self.store.verify()
 
     def keys(self) -> Iterator[tuple[str, str, int, int]]:
         for m in self.store.modalities:
@@ -1170,6 +1194,11 @@ class StoreWriter:
             extra = set(self.utterances["utterance_id"]) - set(store.utterances["utterance_id"])
             if extra:
                 raise StoreError(self.out, f"exists with another utterance table ({len(extra)} ids not in it); write to another --out")
+            try:  # its frames are copied into the new store under a new checksum: they must be sound
+                store.verify()
+            except StoreError as e:
+                raise StoreError(self.out, f"{e.problem}; this job would carry them into the new store: "
+                                 "write to another --out, or remove it and extract again") from None
             self._base = self.out
             base_stale = self._changed_media(store.utterances)
             self._check_other_media(store)

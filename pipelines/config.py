@@ -92,7 +92,8 @@ class DataConfig:
     load ["memory"]: "memory" reads every matrix into RAM once (IEMOCAP fits, about 3.3 GB
       fp16 speech) and checks each modality's frames against the sha256 recorded when the
       store was written (a damaged or altered file is refused); "lazy" opens the HDF5 file
-      per DataLoader worker and reads per batch (no checksum: it never reads everything).
+      per DataLoader worker and reads per batch, after one pass that checks the checksums
+      in 64 MiB pieces (bounded memory).
     num_workers [0]: DataLoader workers of the eager pipeline (the lazy path benefits).
     pipeline ["auto"]: "eager" pads raw frame sequences per batch (DataLoader) and lets the
       model pool them; "resident" pools every utterance once to ``seq_len`` steps with

@@ -116,6 +116,12 @@ class StoreData:
             except StoreError as e:
                 raise DataError(str(e)) from None
         elif load == "lazy":
+            from cmarr.extract.store import StoreError
+
+            try:  # one pass in bounded memory: lazy training never runs on altered frames either
+                self._store.verify(MODALITIES)
+            except StoreError as e:
+                raise DataError(str(e)) from None
             self.features = None
         else:
             raise DataError(f"{where}: unknown load mode {load!r}")

@@ -396,6 +396,48 @@ def test_extending_a_store_keeps_what_it_held(tmp_path):
     assert s.meta("a", "text")["tokens"] == ["hi", "there"]
 
 
+def _nudge(path, modality="speech", row=1, col=2):
+    """One stored value moved one float16 step: finite, plausible, found only by its checksum."""
+    with h5py.File(path, "a") as f:
+        ds = f["features"][modality]["data"]
+        ds[row, col] = np.nextafter(ds[row, col], np.float16(np.inf))
+
+
+def test_verify_reads_in_pieces_and_finds_one_changed_value(tmp_path):
+    p = write_store(tmp_path / "f.h5", [f"u{i}" for i in range(6)])
+    rows = FeatureStore(p)._layout["speech"][1][0]
+    FeatureStore(p).verify(piece_bytes=2 * 6 * 2)  # two speech rows a piece: many pieces, sound store
+    _nudge(p, row=rows - 1)  # in the last piece
+    for piece in (2 * 6 * 2, 64 << 20):
+        with pytest.raises(StoreError, match=r"f\.h5: speech: the frames do not match the checksum"):
+            FeatureStore(p).verify(piece_bytes=piece)
+    FeatureStore(p).verify(["video"])  # only what is asked for is read
+    with h5py.File(p, "a") as f:  # a store written before checksums: nothing to check against
+        del f["features/speech"].attrs["data_sha256"]
+    FeatureStore(p).verify()
+
+
+def test_merge_refuses_a_damaged_shard(tmp_path):
+    """The merged store gets a new checksum over what it copies, so a shard damaged since it
+    was written must be refused, not blessed."""
+    a = write_store(tmp_path / "a.h5", ["a0", "a1"], session=1)
+    b = write_store(tmp_path / "b.h5", ["b0", "b1"], session=2)
+    _nudge(b, "video", row=0, col=0)
+    code, text = cli("merge", a, b, "--out", tmp_path / "m.h5")
+    assert_clean_error(code, text, "b.h5", "video: the frames do not match the checksum")
+    assert not (tmp_path / "m.h5").exists()
+    assert not list(tmp_path.glob("m.h5*"))
+
+
+def test_extending_a_damaged_store_is_refused_before_any_work(tmp_path):
+    out = write_store(tmp_path / "f.h5", ["a", "b"])
+    _nudge(out)
+    with pytest.raises(StoreError, match=r"speech: the frames do not match the checksum.*carry them into the new"):
+        StoreWriter(out, table(["a", "b"]), {"text": {"model": "bert-base-uncased", "dim": 4}})
+    assert FeatureStore(out).modalities == ("speech", "video")  # left as it was
+    assert not list(tmp_path.glob("f.h5.parts*"))
+
+
 def test_writer_records_nan_and_overflow_instead_of_storing(tmp_path):
     out = tmp_path / "f.h5"
     with StoreWriter(out, table(["a", "b", "c"]), {"speech": PROV["speech"]}) as w:

@@ -309,6 +309,7 @@ def _edit_store(src, dst, edit, rewrite_table):
     ("duplicate-folds", "names a fold more than once"),
     ("no-test-video", "fold 1: no test utterance has any input under condition v"),
     ("altered-frames", "speech: the frames do not match the checksum recorded"),
+    ("altered-frames-lazy", "speech: the frames do not match the checksum recorded"),
 ])
 def test_bad_input_is_a_clear_message(env, case, message, rewrite_table):
     root, store, cfg = env
@@ -349,11 +350,13 @@ def test_bad_input_is_a_clear_message(env, case, message, rewrite_table):
         args[5] = d / "afile"
     elif case == "duplicate-folds":
         args += ["--folds", "1,2,1"]
-    elif case == "altered-frames":
-        altered = shutil.copy(store, d / "altered.h5")
+    elif case in ("altered-frames", "altered-frames-lazy"):
+        altered = shutil.copy(store, d / f"{case}.h5")
         with h5py.File(altered, "a") as f:
             f["features"]["speech"]["data"][0, 0] += 1
         args[1] = altered
+        if case.endswith("lazy"):
+            args += ["--set", "data.load=lazy"]
     elif case == "no-test-video":  # found before the fold trains (50 epochs would take long)
         args[1] = make_synthetic_store(d / "novid1.h5", n_per_class=3, sessions=3, seed=2, absent_folds={"video": [1]})
         args += ["--folds", "1", "--epochs", "50"]
