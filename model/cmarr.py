@@ -102,8 +102,8 @@ class CMARR(nn.Module):
                            with_sigma=with_sigma, groups=n)
         if cfg.uses_udcl:
             ab_used = not (cfg.udcl_representation == "point" and cfg.point_similarity == "cosine")
-            if cfg.learn_ab and ab_used:
-                self.udcl_a = nn.Parameter(torch.tensor(float(cfg.udcl_a)))
+            if cfg.learn_ab and ab_used:  # a = -exp(.): learned, it stays the negative scale Eq. 5 needs
+                self.udcl_log_neg_a = nn.Parameter(torch.tensor(math.log(-float(cfg.udcl_a))))
                 self.udcl_b = nn.Parameter(torch.tensor(float(cfg.udcl_b)))
             else:
                 self.register_buffer("udcl_a", torch.tensor(float(cfg.udcl_a)))
@@ -125,6 +125,13 @@ class CMARR(nn.Module):
                                         nn.Linear(d, cfg.num_classes))
 
     # ------------------------------------------------------------------ checks
+    def udcl_scale(self) -> Tensor:
+        """``a`` of Eq. 5: the fixed buffer, or ``-exp`` of the learned log-magnitude
+        (``learn_ab``), so that training cannot turn the similarity into a dissimilarity."""
+        if hasattr(self, "udcl_log_neg_a"):
+            return -torch.exp(self.udcl_log_neg_a)
+        return self.udcl_a
+
     def _check_inputs(self, feats: dict[str, Tensor], masks: dict[str, Tensor], available: Tensor,
                       present: Tensor | None) -> Tensor:
         n_mod = len(MODALITIES)
@@ -273,7 +280,7 @@ class CMARR(nn.Module):
             if cfg.udcl_representation == "distribution":
                 sigma_bar = group_masked_mean(torch.exp(logsigma), M).transpose(0, 1)  # (B, 3, d)
             losses["udcl"] = loss_udcl(
-                mu_bar, sigma_bar, present, a=self.udcl_a, b=self.udcl_b, tau=torch.exp(self.log_tau).clamp(min=cfg.tau_min),
+                mu_bar, sigma_bar, present, a=self.udcl_scale(), b=self.udcl_b, tau=torch.exp(self.log_tau).clamp(min=cfg.tau_min),
                 point_similarity=cfg.point_similarity, direction_reduction=cfg.udcl_direction_reduction,
                 pair_reduction=cfg.udcl_pair_reduction)
 

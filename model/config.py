@@ -72,7 +72,8 @@ class CMARRConfig:
         with the sigma term of Eq. 1 removed (only the representation changes);
         "cosine" = cosine similarity of L2-normalised points.
       udcl_a [-1/200], udcl_b [4.0] (MAP's values): Eq. 5, ``S = a * D_2W + b``.
-      learn_ab [False]: learn ``a`` and ``b`` (MAP keeps them fixed).
+      learn_ab [False]: learn ``a`` and ``b`` (MAP keeps them fixed); ``a`` is learned as
+        ``-exp(.)`` of a parameter, so it stays negative as Eq. 5 requires.
       tau_init [0.07] (MAP): initial InfoNCE temperature; learn_tau [True] ("a learned
         temperature parameter", Sec. 3.1.2), learned as ``log tau``; tau_min [0.01]: the
         learned temperature is clamped from below (CLIP's bound on its logit scale), so the

@@ -161,6 +161,20 @@ def _mixed_missing_batch(B: int = 12) -> torch.Tensor:
     return torch.stack([condition_mask(CONDITIONS[missing[i % len(missing)]], 1)[0] for i in range(B)])
 
 
+def test_a_learned_scale_of_eq5_stays_negative() -> None:
+    """``learn_ab``: ``a`` is learned, yet Eq. 5 needs it negative however hard the
+    gradient pushes it up."""
+    model = CMARR(small_cfg("cm-arr", learn_ab=True))
+    assert torch.allclose(model.udcl_scale(), torch.tensor(-1 / 200))
+    opt = torch.optim.SGD(model.parameters(), lr=10.0)
+    for _ in range(50):
+        opt.zero_grad()
+        (-model.udcl_scale()).neg().backward()  # minimise -a: push a up
+        opt.step()
+    assert model.udcl_scale().item() < 0 and "udcl_log_neg_a" in dict(model.named_parameters())
+    assert "udcl_a" in dict(CMARR(small_cfg("cm-arr")).named_buffers())  # the default: a fixed buffer
+
+
 @pytest.mark.parametrize("variant,overrides", [(v, {}) for v in VARIANTS] + [
     ("cm-arr", {"fusion_queries": "missing"}),
     ("cm-arr", {"nll_prior": "class", "learn_ab": True}),
