@@ -232,6 +232,11 @@ class CMARRConfig:
         - ``no-spcl``: ``beta = 0``.
         - ``no-attention``: ``umc_attention = False``.
         - ``point``: ``udcl_representation = "point"``.
+
+        ``no-udcl`` and ``point`` need no sigma, so their UMC's mean projection reads the whole
+        attention output (C channels) instead of its first half (C/2), rather than leaving
+        half of the attention's output weights untrained: these two rows differ from
+        ``cm-arr`` in that projection's width as well as in the loss.
         """
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")

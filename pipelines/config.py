@@ -43,7 +43,12 @@ VARIANT_NAMES = ("cm-arr", "baseline", "no-udcl", "no-spcl", "no-attention", "po
 class OptimConfig:
     """Optimisation (paper Sec. 4.2 gives lr, batch size and epochs; the rest is ours).
 
-    lr [1e-5], batch_size [16], epochs [100]: paper, Sec. 4.2.
+    lr [1e-5], batch_size [16], epochs [100]: paper, Sec. 4.2. Under torchrun (DDP)
+      ``batch_size`` is per process, as in PyTorch's DDP: a step averages the gradients of
+      ``batch_size`` x processes utterances at the same lr, and the contrastive losses see
+      ``batch_size`` utterances per process. For the paper's setting use one process, or set
+      ``batch_size`` to 16 / processes. The resolved config records the processes
+      (``world_size``).
     optimizer ["adam"]: the paper does not name it; Adam is what MMIN and DiCMoR use.
       "adamw" decouples ``weight_decay``.
     weight_decay [0.0], betas [(0.9, 0.999)]: Adam defaults.
@@ -105,7 +110,8 @@ class DataConfig:
       "stratified" = a label-stratified ``val_fraction`` of the training utterances, seeded;
       "next-session" = all utterances of the next session after the test one (cyclic);
       "speaker" = the MMIN rule: the test session is split by speaker, one speaker is
-      validation and the other test (the held-out session's other speaker).
+      validation and the other test; which one alternates with the fold, so both genders
+      are tested over the folds (each fold tests about half of its session).
     val_fraction [0.1]: share of training utterances held out by "stratified".
     fill_absent ["nan"]: value placed in the input rows of a modality that is absent or
       unavailable. NaN, so that a model that reads a missing input produces NaN (a leak

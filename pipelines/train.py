@@ -419,6 +419,7 @@ class FoldRecipe:
             "labels": list(LABELS), "modalities": list(MODALITIES),
             "split": {k: [self.data.ids[i] for i in getattr(self.split, k)] for k in ("train", "val", "test")},
             "best_score": self.best_score, "best_epoch": self.best_epoch,
+            "processes": self.dist.world,  # optim.batch_size is per process: a step saw batch_size x this
         }
         if val is not None:
             ck["val_metrics"] = {c: {k: v for k, v in m.items()} for c, m in val.items()}
@@ -453,6 +454,10 @@ class FoldRecipe:
         if diff:
             raise TrainError(f"{path}: was made from another store than {self.data.path} ({diff}); "
                              "use another --out")
+        if int(ck.get("processes", 1)) != self.dist.world:
+            raise TrainError(f"{path}: was trained with {ck.get('processes', 1)} process(es), this run has "
+                             f"{self.dist.world}; optim.batch_size is per process, so a step would change size "
+                             "mid-fold: resume with the same number of processes")
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"]["torch"])

@@ -9,8 +9,12 @@ allowed, so a validation part is held out, and the rule is ``DataConfig.validati
   held-out fold.
 - ``"next-session"``: every utterance of the next fold after the test one (cyclic in the
   store's sorted folds) is validation; the remaining folds train.
-- ``"speaker"``: the MMIN rule. The held-out fold's speakers are sorted; the first is
-  validation, the others are test; all other folds train. Needs two speakers in the fold.
+- ``"speaker"``: the MMIN rule. One speaker of the held-out fold is validation, the others
+  are test; all other folds train. Needs two speakers in the fold. Which one is validation
+  alternates with the fold's position among the store's folds (the fold's sorted speakers,
+  the first for the first fold, the second for the second, ...): IEMOCAP's sorted speakers
+  are F before M in every session, so always taking the first would test only the male
+  speakers. Each fold still tests one speaker, about half of its session.
 
 The test utterances are never seen by training or selection: only the best checkpoint (by
 validation) is evaluated on them, once, at the end of the fold.
@@ -69,7 +73,7 @@ def split_fold(folds: np.ndarray, labels: np.ndarray, speakers: np.ndarray, fold
                              "store's utterance table has no 'speaker' values; use another data.validation")
         if len(spk) < 2:
             raise SplitError(f"{where}: validation rule 'speaker' needs two speakers in fold {fold}, found {spk}")
-        val_mask = test_mask & (speakers == spk[0])
+        val_mask = test_mask & (speakers == spk[all_folds.index(fold) % len(spk)])
         test_mask = test_mask & ~val_mask
     else:
         raise SplitError(f"{where}: unknown validation rule {rule!r}")

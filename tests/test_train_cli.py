@@ -412,6 +412,11 @@ def test_ddp_two_cpu_processes_gloo(env, tmp_path):
     n_ddp = int(rows[1].split(",")[7])
     n_single = int((tmp_path / "single" / "fold1" / "log.csv").read_text().splitlines()[1].split(",")[7])
     assert n_ddp == pytest.approx(n_single / 2, abs=1)
+    # batch_size is per process: the checkpoint says how many, and a resume with another number is refused
+    assert torch.load(out / "fold1" / "best.pt", weights_only=False)["processes"] == 2
+    (out / "fold1" / "metrics.json").unlink()  # the fold not done: the rerun resumes from last.pt
+    with pytest.raises(TrainError, match="trained with 2 process"):
+        run_training(store, cfg, out_dir=out, folds=[1], device="cpu", epochs=1, log=None)
     assert (out / "metrics.json").is_file() and single["folds"]["1"].keys() == json.loads((out / "metrics.json").read_text())["folds"]["1"].keys()
 
 

@@ -116,6 +116,10 @@ def test_splits(store):
     assert set(d.folds[n.val]) == {1} and set(d.folds[n.train]) == {2}
     sp = split_fold(d.folds, d.labels, d.speakers, 1, "speaker")
     assert len(set(d.speakers[sp.val])) == 1 and not set(d.speakers[sp.val]) & set(d.speakers[sp.test])
+    assert set(d.folds[sp.val]) == set(d.folds[sp.test]) == {1} and set(d.folds[sp.train]) == {2, 3}
+    # the validation speaker alternates over the folds, so both speakers of a pair get tested
+    tested = [set(d.speakers[split_fold(d.folds, d.labels, d.speakers, f, "speaker").test]) for f in (1, 2, 3)]
+    assert tested == [{"Ses01M"}, {"Ses02F"}, {"Ses03M"}]
     with pytest.raises(SplitError, match="fold 9 has no test utterances"):
         split_fold(d.folds, d.labels, d.speakers, 9)
     with pytest.raises(SplitError, match="no 'speaker' values"):
