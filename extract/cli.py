@@ -101,6 +101,9 @@ def features_command(
     random_denseface: bool = typer.Option(False, "--random-denseface", help="Video features from seeded random "
                                           "Denseface weights (tests and demos only; recorded in provenance)."),
     sample_fps: float = typer.Option(10.0, "--sample-fps", help="Video frames sampled per second."),
+    video_short_tolerance: float = typer.Option(0.2, "--video-short-tolerance", help="Seconds a video may end "
+                                                "before its utterance's span does; beyond, the utterance's video "
+                                                "is an error (never features of part of it)."),
     chunk_size: int = typer.Option(1024, "--chunk-size", min=1, help="Most utterances per committed chunk "
                                    "(a chunk is also committed at 64 MiB of features)."),
     commit_every: float = typer.Option(30.0, "--commit-every", min=0.001, help="Seconds after which finished "
@@ -134,7 +137,8 @@ def features_command(
             from cmarr.extract.video_extractor import VideoConfig
 
             video = VideoConfig(checkpoint=None if denseface_checkpoint is None else str(denseface_checkpoint),
-                                allow_random_weights=random_denseface, sample_fps=sample_fps)
+                                allow_random_weights=random_denseface, sample_fps=sample_fps,
+                                max_missing_seconds=video_short_tolerance)
         tolerance = {}
         if audio_tolerance is not None:
             try:
@@ -159,6 +163,10 @@ def features_command(
     except KeyboardInterrupt:
         _fail("interrupted; finished utterances are kept: run the same command again to resume",
               EXIT_INTERRUPTED)
+    if run.empty:
+        _fail(f"no utterance has {' or '.join(run.empty)} features (recorded in {run.out}); the corpus copy lacks "
+              "these media, or they cannot be read: fix them, or leave the modality out of --modalities",
+              EXIT_MISSING)
     if not run.ok:
         _fail(f"{len(run.errors)} utterance/modality pairs have no features (listed above and recorded in "
               f"{run.out}); fix the media, or rerun with --allow-missing to accept them as missing modalities",

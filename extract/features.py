@@ -187,9 +187,12 @@ class FeaturesRun:
 
     ``out``: the store written; ``shard``: ``(k, N)`` or None; ``computed``: results
     produced by this run per modality; ``resumed``: pairs found finished and skipped;
-    ``errors``: every recorded error of the store (``utterance_id, modality, reason``);
-    ``ok``: no errors, or ``allow_missing``; ``short_videos``: utterance -> sampled frames
-    past the end of its video (stored with the frames that exist; shown in the summary).
+    ``errors``: the store's recorded errors of the modalities of this run (``utterance_id,
+    modality, reason``); ``empty``: requested modalities that no utterance has features of;
+    ``ok``: no errors, or ``allow_missing``, and no modality empty (``--allow-missing``
+    accepts some utterances without a modality, not a store without it); ``short_videos``:
+    utterance -> sampled frames past the end of its video (stored with the frames that
+    exist; shown in the summary).
     """
 
     out: Path
@@ -199,6 +202,7 @@ class FeaturesRun:
     errors: pd.DataFrame
     ok: bool
     seconds: float = 0.0
+    empty: list[str] = field(default_factory=list)
     short_videos: dict[str, int] = field(default_factory=dict)
 
 
@@ -315,6 +319,8 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
     where = f" (shard {shard[0]} of {shard[1]}: {len(rows)} of {len(table)} utterances)" if shard else ""
     console.print(f"{dataset}: {len(rows)} utterances from {manifest}{where} -> {target}", highlight=False)
 
+    check_media_root(rows, root, modalities, manifest)  # a wrong --root: said now, not as N errors
+
     # the output is locked before the models load: a second run on it is refused at once
     lock = lock_output(target)
     try:
@@ -393,16 +399,38 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
         raise
 
     store = FeatureStore(target)
-    errors = store.errors.copy()
+    errors = store.errors[store.errors["modality"].isin(modalities)].reset_index(drop=True)  # this job's
+    others = len(store.errors) - len(errors)
     counts = {m: len(store.ids(m)) for m in modalities}
+    empty = [m for m in modalities if len(rows) and counts[m] == 0]
     short = {}
     if "video" in modalities:
         short = {u: n for u in sorted(store.ids("video")) if (n := int(store.meta(u, "video").get("frames_missing", 0))) > 0}
     store.close()
     run = FeaturesRun(out=target, shard=shard, computed=computed, resumed=resumed, errors=errors,
-                      ok=errors.empty or allow_missing, seconds=time.monotonic() - t_start, short_videos=short)
+                      ok=(errors.empty or allow_missing) and not empty, seconds=time.monotonic() - t_start,
+                      short_videos=short, empty=empty)
     print_summary(console, run, counts, len(rows), allow_missing)
+    if others:
+        console.print(f"(the store also records {others} missing pairs of modalities this run did not extract; "
+                      f"{errors_hint(target)} lists them)", highlight=False)
     return run
+
+
+def check_media_root(rows: pd.DataFrame, root: Path, modalities: Sequence[str], manifest: Path) -> None:
+    """Refuse a run in which none of a modality's media files exist under ``root``: a
+    ``--root`` other than the folder the manifest was built from (its paths are relative to
+    it), or a corpus copy without that folder. Each would otherwise become one error per
+    utterance and a store without that modality, which ``--allow-missing`` would accept.
+    Some files missing is a per-utterance matter and left to the extractors."""
+    for m, col in (("speech", "wav_path"), ("video", "video_path")):
+        if m not in modalities or col not in rows.columns:
+            continue
+        paths = [str(p) for p in rows[col] if isinstance(p, str) and p.strip()]
+        if paths and not any((root / p).is_file() for p in paths):
+            raise ExtractError(f"{root}: none of the {len(paths)} {m} files that {manifest.name} names exist under "
+                               f"this corpus root (first: {root / paths[0]}); give --root the folder the manifest "
+                               "was built from")
 
 
 def print_summary(console: Console, run: FeaturesRun, counts: Mapping[str, int], n_rows: int,
@@ -430,6 +458,10 @@ def print_summary(console: Console, run: FeaturesRun, counts: Mapping[str, int],
         if allow_missing:
             console.print("--allow-missing: these modalities are recorded as missing for those utterances.",
                           highlight=False)
+    for m in run.empty:
+        console.print(f"[red]{m}: no utterance has features[/] (all {n_rows} recorded as errors above): the store "
+                      f"has no usable {m}, whatever --allow-missing says; leave {m} out of --modalities if the "
+                      "corpus copy has none", highlight=False)
     if run.short_videos:
         first = ", ".join(f"{u} ({n})" for u, n in list(run.short_videos.items())[:5])
         console.print(f"[yellow]video:[/] {len(run.short_videos)} utterances' spans run past the end of their video "

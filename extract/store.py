@@ -1391,6 +1391,18 @@ class StoreWriter:
         with self._mutex:
             self._retry_failed_commit()
             self._commit_buffer()
+            self._settle()
+
+    def _settle(self) -> None:
+        """Wait for the chunk being committed in the background. If it failed, its
+        utterances (back in the buffer) are committed again now with whatever is buffered,
+        and only a second failure is raised: the same rule whether the failure is found
+        here or by ``_retry_failed_commit``, so that what a call does does not depend on
+        whether the background write has finished yet."""
+        try:
+            self._wait()
+        except Exception:
+            self._commit_buffer()  # nothing in flight now
             self._wait()
 
     def _wait(self) -> None:
@@ -1417,7 +1429,9 @@ class StoreWriter:
     def _commit_buffer(self) -> None:
         if not self._buffer:
             return
-        self._wait()  # one chunk in flight at most
+        self._settle()  # one chunk in flight at most
+        if not self._buffer:  # the retry of a failed one took it
+            return
         buffer, self._buffer = self._buffer, []
         self._buffer_bytes = 0
         if self._pool is None:
@@ -1739,7 +1753,11 @@ def validate_store(path: str | os.PathLike, manifest: pd.DataFrame | None = None
         unaccounted = ids - store.ids(m) - errored
         if unaccounted:
             problems.append(f"{m}: {len(unaccounted)} utterances have neither features nor a recorded reason (first: {sorted(unaccounted)[0]!r})")
-        if errored:
+        if errored and ids and errored >= ids:  # a wrong --root, a missing media folder: not a feature store
+            first = store.errors[store.errors["modality"] == m]["reason"].iloc[0]
+            problems.append(f"{m}: no utterance has features: all {len(ids)} are recorded as errors "
+                            f"(first reason: {first})")
+        elif errored:
             notes.append(f"{m}: {len(errored)} utterances missing, with reasons recorded "
                          f"({errors_hint(store.path)} lists them)")
     if manifest is not None:

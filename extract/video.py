@@ -12,7 +12,9 @@ read from the file. When ``sample_fps`` exceeds the file's fps a frame is taken 
 effective rate is then the file's). Frame times are recorded relative to the clip start.
 
 A file that ends before a clip's span does (a short or truncated video): the sampled frames
-that exist are kept and the number missing is recorded (``ClipEnd.n_missing``); a clip with
+that exist are emitted, and the clip's ``ClipEnd`` records the number missing
+(``n_missing``) and where the video ends (``video_end``), so that the caller can decide
+whether what exists is enough (the video extractor's ``max_missing_seconds``); a clip with
 no decodable sampled frame at all ends with an error, as does every clip of a file that
 cannot be opened or whose fps cannot be read. Nothing is ever filled with blank frames.
 
@@ -58,12 +60,15 @@ class ClipFrame:
 @dataclass
 class ClipEnd:
     """A clip is complete: ``n_frames`` sampled frames were emitted, ``n_missing`` sampled
-    times lay past the last decodable frame; ``error`` set when the clip has no frame."""
+    times lay past the last decodable frame; ``error`` set when the clip has no frame.
+    ``video_end``: seconds (from the start of the file) at which the last decoded frame
+    ends, set when the file ended before the clip's span did (None otherwise)."""
 
     key: str
     n_frames: int
     n_missing: int = 0
     error: str | None = None
+    video_end: float | None = None
 
 
 @dataclass(frozen=True)
@@ -203,9 +208,12 @@ def iter_clips(path: Path, requests: Iterable[ClipRequest], sample_fps: float = 
         if c.n == 0:
             what = "no decodable frame" if i < 0 else f"the video ends at {last_t:.3f} s"
             yield ClipEnd(c.req.key, 0, missing,
-                          error=f"no video frame for span [{c.req.start:.3f}, {c.req.end:.3f}] s: {path}: {what}")
-        else:
-            yield ClipEnd(c.req.key, c.n, missing if math.isfinite(c.req.end) else 0)
+                          error=f"no video frame for span [{c.req.start:.3f}, {c.req.end:.3f}] s: {path}: {what}",
+                          video_end=last_t)
+        elif math.isfinite(c.req.end):
+            yield ClipEnd(c.req.key, c.n, missing, video_end=last_t)
+        else:  # the clip is the rest of the file: it ends where the file does
+            yield ClipEnd(c.req.key, c.n)
 
 
 def prefetch(it: Iterator, maxsize: int = 256) -> Iterator:

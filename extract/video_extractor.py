@@ -11,6 +11,12 @@ frame), ``face_mask`` (bool per sampled frame; ``face_mask.sum() == len(matrix)`
 without any face frame, without a video, or whose video cannot be read gets
 ``Result.error`` (a missing modality), never zeros.
 
+**Short videos.** A video that ends before the utterance's span does, by more than
+``VideoConfig.max_missing_seconds``, is a per-utterance error (``"short video: ..."``,
+naming the file, the span and where the video ends), not features of part of the
+utterance: the rule the speech extractor applies to a wav shorter than its span. Within the
+tolerance the frames that exist are kept and ``frames_missing`` counts the rest.
+
 Each video file is decoded once, in background threads (several files at a time) while
 the device detects faces;
 frames of all clips are batched together (``batch_size`` frames of one size per detector
@@ -54,6 +60,15 @@ class VideoConfig:
     - ``prefetch``: decoded frames buffered ahead of the detector (256);
       ``decode_workers``: video files decoded at the same time, one thread each (4; each
       file is still decoded once, front to back).
+    - ``max_missing_seconds``: a video that ends more than this before the end of the
+      utterance's span (a truncated or wrong file) is a per-utterance error, never
+      features of part of the utterance; within it the frames that exist are kept and
+      ``frames_missing`` counts the sampled times past the end. Default 0.2 s (two sampled
+      frames at 10/s): room for a video track that stops a few frames before its audio
+      (containers end their tracks separately; the spans come from the audio's label
+      times) and for the rounding of those times, while a cut that loses a word (a few
+      hundred ms) fails, as it does for speech. The speech check's own 50 ms would be finer
+      than the 0.1 s between sampled frames. Recorded in provenance.
     """
 
     checkpoint: str | None = None
@@ -66,6 +81,7 @@ class VideoConfig:
     half: bool = False
     prefetch: int = 256
     decode_workers: int = 4
+    max_missing_seconds: float = 0.2
 
     def detector_config(self) -> DetectorConfig:
         return dataclasses.replace(self.detector, crop_size=64, half=self.half)
@@ -85,7 +101,13 @@ class _Clip:
 
 
 class VideoExtractor(Extractor):
-    """Denseface features of face frames (see module doc); implements ``Extractor``."""
+    """Denseface features of face frames (see module doc); implements ``Extractor``.
+
+    ``dim``: the width the trainer's video input expects (342, the paper's Denseface); a
+    checkpoint whose Denseface has another output width is refused. The instance's ``dim``
+    is read from the loaded model and recorded in provenance, so that a store in which no
+    utterance has video still says how wide its video features are.
+    """
 
     modality = "video"
     dim = 342
@@ -98,6 +120,8 @@ class VideoExtractor(Extractor):
             raise ExtractError(f"sample_fps must be > 0, got {config.sample_fps}")
         if config.batch_size < 1 or config.face_batch_size < 1:
             raise ExtractError("batch_size and face_batch_size must be >= 1")
+        if not config.max_missing_seconds >= 0:  # NaN fails too
+            raise ExtractError(f"video max_missing_seconds {config.max_missing_seconds}: must be >= 0")
         try:
             det_cfg = config.detector_config()
         except ValueError as e:
@@ -135,6 +159,7 @@ class VideoExtractor(Extractor):
         if self.model.out_dim != self.dim:
             raise ExtractError(f"{config.checkpoint or 'random weights'}: Denseface output width "
                                f"{self.model.out_dim}, expected {self.dim}")
+        self.dim = int(self.model.out_dim)
         self.detector = BatchedMTCNN(det_cfg, self.device)
 
     def provenance(self) -> dict[str, Any]:
@@ -145,11 +170,15 @@ class VideoExtractor(Extractor):
             "denseface_checkpoint": None if c.checkpoint is None else str(c.checkpoint),
             "denseface_checkpoint_sha256": self.sha256,
             "denseface_config": asdict(self.model.config),
-            "feature": "last BN + ReLU + global average pool (342)",
+            "dim": self.dim,
+            "feature": f"last BN + ReLU + global average pool ({self.dim})",
             "sample_fps": c.sample_fps,
             "frame_rule": "sample k at start + k/sample_fps takes frame floor(t*fps), fps read from the file",
             "frame_times": "seconds from the clip start, every sampled frame; face_mask marks face frames",
-            "short_video_rule": "frames that exist are kept, frames_missing counts the rest; no frame -> error",
+            "short_video_rule": (f"a video that ends more than {c.max_missing_seconds:g} s before the end of the "
+                                 "span is a per-utterance error; within that the frames that exist are kept and "
+                                 "frames_missing counts the rest; no frame -> error"),
+            "max_missing_seconds": c.max_missing_seconds,
             "crop": {"size": 64, "channels": "gray (BT.601 luma)", "margin": c.detector.margin,
                      "resample": "bilinear ROI average"},
             "normalisation": {"rule": "(gray/255 - mean) / std", "mean": self.mean, "std": self.std,
@@ -196,10 +225,20 @@ class VideoExtractor(Extractor):
                 j += 1
             c.done += 1
 
-    def _finish(self, key: str, c: _Clip) -> Result:
+    def _finish(self, key: str, c: _Clip, path: Path, r: ClipRequest) -> Result:
+        """The result of a complete clip: ``path`` its video file, ``r`` the span asked for."""
         end = c.end
         if end.error is not None:
             return Result(key, error=end.error)
+        if end.video_end is not None and math.isfinite(r.end):
+            short = r.end - end.video_end
+            # 1e-9: a video ending exactly at the tolerance passes despite rounding
+            if short > self.config.max_missing_seconds + 1e-9:
+                return Result(key, error=(
+                    f"short video: {path}: ends at {end.video_end:.3f} s, {short:.3f} s before the end of the "
+                    f"span [{r.start:.3f}, {r.end:.3f}] s (tolerance max_missing_seconds "
+                    f"{self.config.max_missing_seconds:g} s; {end.n_missing} of {end.n_frames + end.n_missing} "
+                    "sampled frames lie past its end)"))
         order = sorted(c.times)
         mask = np.array([c.face[i] for i in order], dtype=bool)
         times = np.array([c.times[i] for i in order], dtype=np.float32)
@@ -212,6 +251,7 @@ class VideoExtractor(Extractor):
     def extract(self, rows: pd.DataFrame, root: Path) -> Iterator[Result]:
         root = Path(root)
         jobs: dict[Path, list[ClipRequest]] = defaultdict(list)
+        asked: dict[str, tuple[Path, ClipRequest]] = {}
         for r in rows.itertuples(index=False):
             uid = str(r.utterance_id)
             vp = getattr(r, "video_path", None)
@@ -230,7 +270,9 @@ class VideoExtractor(Extractor):
             start, end = _num(getattr(r, "video_start", None)), _num(getattr(r, "video_end", None))
             start = 0.0 if start is None else start
             end = math.inf if end is None else end  # no span: the whole file is the clip
-            jobs[path].append(ClipRequest(uid, start, end, half))
+            req = ClipRequest(uid, start, end, half)
+            jobs[path].append(req)
+            asked[uid] = (path, req)
 
         clips: dict[str, _Clip] = {}
         pending: dict[tuple, list] = defaultdict(list)
@@ -239,7 +281,7 @@ class VideoExtractor(Extractor):
 
         def ready() -> Iterator[Result]:
             for key in [k for k, c in clips.items() if c.end is not None and c.done == c.end.n_frames]:
-                yield self._finish(key, clips.pop(key))
+                yield self._finish(key, clips.pop(key), *asked[key])
 
         for ev in decode_parallel(list(jobs.items()), self.config.sample_fps, self.config.decode_workers,
                                   self.config.prefetch):

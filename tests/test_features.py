@@ -410,6 +410,48 @@ def test_setup_errors_are_clear(job, tmp_path, change, message):
     assert not (tmp_path / "f.h5").exists()
 
 
+def test_a_root_under_which_no_media_exist_is_refused_before_any_model_loads(job, tmp_path, monkeypatch):
+    """The manifest's paths are relative to the corpus folder it was built from; another
+    --root (here its parent) would make every wav an error and, with --allow-missing, a
+    store without speech that exits 0."""
+    import cmarr.extract.features as features_mod
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("models were loaded before the media were looked for")
+
+    monkeypatch.setattr(features_mod, "build_extractors", no_models)
+    args = _cli_args({**job, "root": job["root"].parent}, tmp_path / "f.h5", "--allow-missing")
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1, res.output
+    text = " ".join(res.output.split())
+    assert f"{job['root'].parent}: none of the 8 speech files that iemocap.csv names exist" in text
+    assert "Traceback" not in text and not (tmp_path / "f.h5").exists()
+    assert not (tmp_path / "f.h5.parts").exists()
+
+
+def test_a_modality_no_utterance_has_fails_the_run_even_with_allow_missing(job, tmp_path):
+    """Every wav exists but none can be read: the store is written (errors recorded, nothing
+    lost), the run exits 3 whatever --allow-missing says, and validate calls it a problem."""
+    from cmarr.extract.store import validate_store
+
+    root = tmp_path / "corpus"
+    shutil.copytree(job["root"], root)
+    for wav in read_manifest(job["manifest"])["wav_path"]:
+        (root / wav).write_bytes(b"")
+    out = tmp_path / "f.h5"
+    res = CliRunner(env={"COLUMNS": "400"}).invoke(app, _cli_args({**job, "root": root}, out, "--allow-missing"))
+    assert res.exit_code == 3, res.output
+    text = " ".join(res.output.split())
+    assert "no utterance has speech features" in text and "Traceback" not in text
+    store = FeatureStore(out)
+    assert not store.ids("speech") and len(store.ids("text")) == 8 and len(store.errors) == 8
+    problems, _ = validate_store(out)
+    assert any(p.startswith("speech: no utterance has features: all 8 are recorded as errors") for p in problems)
+    # extending that store with text alone: the speech errors of the earlier run do not fail this one
+    run = run_features("iemocap", root, job["manifest"], out, modalities=("text",), **_configs(job))
+    assert run.ok and run.errors.empty and run.resumed == {"text": 8}
+
+
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(job, tmp_path, monkeypatch):
     """The writer of the first run holds the output's lock (here an in-process writer, as a
     run that is still extracting would): the command refuses, names the holder, exits 1,

@@ -298,36 +298,65 @@ def test_killed_writer_process_resumes_without_corruption(tmp_path):
     assert validate_store(out)[0] == []
 
 
-def test_a_failed_background_commit_is_raised_and_loses_nothing(tmp_path, monkeypatch):
-    """Chunks are written by a worker thread; when one cannot be written (disk full, ...)
-    the next call raises, and what it held is committed by a later flush."""
+def _failing_chunk_writes(monkeypatch, n):
+    """The first ``n`` chunk files cannot be put in place (disk full); returns the list of
+    failed attempts."""
     import cmarr.extract.store as store_mod
 
     real = store_mod.durable_replace
     failures = []
 
     def full_disk(tmp, dst):
-        if not failures and str(dst).endswith(".h5"):  # the first chunk (not the progress record)
+        if len(failures) < n and str(dst).endswith(".h5"):  # chunks, not the progress record
             failures.append(dst)
             raise OSError(28, "No space left on device", str(tmp))
         real(tmp, dst)
 
     monkeypatch.setattr(store_mod, "durable_replace", full_disk)
+    return failures
+
+
+def _assert_holds_all(out, ids):
+    s = FeatureStore(out)
+    assert s.ids("speech") == set(ids)
+    for i, u in enumerate(ids):
+        np.testing.assert_array_equal(s.get(u, "speech"), feats(i, 4, 6).astype(np.float16))
+
+
+@pytest.mark.parametrize("settle", [False, True])
+def test_a_failed_background_commit_is_retried_and_loses_nothing(tmp_path, monkeypatch, settle):
+    """Chunks are written by a worker thread; one that cannot be written (disk full, ...) is
+    written again by the next call, with the same result whether or not that call comes
+    after the background write has failed (``settle`` waits for it first)."""
+    failures = _failing_chunk_writes(monkeypatch, 1)
     ids = [f"u{i}" for i in range(5)]
     out = tmp_path / "f.h5"
     w = StoreWriter(out, table(ids), {"speech": PROV["speech"]}, chunk_size=2)
     w.add("u0", "speech", feats(0, 4, 6))
     w.add("u1", "speech", feats(1, 4, 6))  # full: committed in the background, which fails
-    w.add("u2", "speech", feats(2, 4, 6))
+    if settle:
+        w._pending.exception()  # the background write has failed before the next call
+    for i in (2, 3, 4):
+        w.add(f"u{i}", "speech", feats(i, 4, 6))  # no call raises: the retry succeeds
+    w.finalize()
+    assert len(failures) == 1
+    _assert_holds_all(out, ids)
+
+
+def test_a_commit_that_fails_again_is_raised_and_loses_nothing(tmp_path, monkeypatch):
+    failures = _failing_chunk_writes(monkeypatch, 2)
+    ids = [f"u{i}" for i in range(5)]
+    out = tmp_path / "f.h5"
+    w = StoreWriter(out, table(ids), {"speech": PROV["speech"]}, chunk_size=2)
+    w.add("u0", "speech", feats(0, 4, 6))
+    w.add("u1", "speech", feats(1, 4, 6))  # committed in the background: fails
     with pytest.raises(OSError, match="No space left"):
-        w.add("u3", "speech", feats(3, 4, 6))  # the next commit first waits for the failed one
-    assert failures
-    w.add("u4", "speech", feats(4, 4, 6))
+        w.flush()  # retried, fails again: raised, the utterances kept in the buffer
+    assert len(failures) == 2
+    for i in (2, 3, 4):
+        w.add(f"u{i}", "speech", feats(i, 4, 6))
     w.finalize()  # the disk has room again
-    s = FeatureStore(out)
-    assert s.ids("speech") == set(ids)
-    for i, u in enumerate(ids):
-        np.testing.assert_array_equal(s.get(u, "speech"), feats(i, 4, 6).astype(np.float16))
+    _assert_holds_all(out, ids)
 
 
 def test_chunks_of_the_earlier_layout_still_resume(tmp_path):
@@ -797,11 +826,12 @@ def test_finalize_refuses_a_store_that_does_not_cover_every_utterance(tmp_path):
     w = StoreWriter(out, table(ids), prov)  # ... and the lock released: a rerun resumes
     assert w.done() == {("a", "speech"), ("b", "speech")} and w.retried() == {("a", "video")}
     w.add("c", "speech", feats(2, 4, 6))
-    for u in ids:
+    for u in ids[:2]:
         w.add_error(u, "video", "no face detected")
+    w.add("c", "video", feats(3, 2, 3))
     w.finalize()
     s = FeatureStore(out)
-    assert s.ids("speech") == set(ids) and len(s.errors) == 3 and validate_store(out)[0] == []
+    assert s.ids("speech") == set(ids) and len(s.errors) == 2 and validate_store(out)[0] == []
 
 
 def test_a_rerun_removes_the_store_left_by_a_run_killed_while_finalizing(tmp_path):
@@ -914,10 +944,12 @@ def test_errors_command_lists_every_recorded_failure(tmp_path, monkeypatch):
     ids = [f"u{i:02d}" for i in range(70)]
     prov = {"speech": PROV["speech"], "video": PROV["video"]}
     path = tmp_path / "f.h5"
-    with StoreWriter(path, table(ids), prov, chunk_size=16) as w:
+    with StoreWriter(path, table(ids + ["zz"]), prov, chunk_size=16) as w:
         for i, u in enumerate(ids):
             w.add(u, "speech", feats(i, 3, 6))
             w.add_error(u, "video", f"no face detected in {u}.avi")
+        w.add("zz", "speech", feats(99, 3, 6))
+        w.add("zz", "video", feats(98, 2, 3))
         w.add_error("u05", "speech", "unreadable audio [corrupt header]")  # replaced by the features: dropped
     code, text = cli("info", path)
     assert code == 0 and f"70 recorded extraction failures; `cm-arr-features errors {path}` lists them" in text

@@ -75,6 +75,7 @@ def test_span_half_and_decoded_once(tmp_path, monkeypatch):
     assert len(frames["C"]) == 20 and frames["C"][0].image.shape == (H, W, 3)
     # D: the video ends at 2.0 s, inside the span: the 2 frames that exist are kept, 5 missing
     assert ends["D"].n_frames == 2 and ends["D"].n_missing == 5 and ends["D"].error is None
+    assert ends["D"].video_end == pytest.approx(2.0) and ends["A"].video_end is None
     # E: starts after the end of the file: an error, no frames
     assert "E" not in frames and "ends at 2.000 s" in ends["E"].error
 
@@ -256,29 +257,85 @@ def test_msp_no_face_clips_become_missing_video(tmp_path):
     assert r.error is None and r.meta["face_mask"].all() and r.matrix.shape == (3, 342)
 
 
-def test_a_span_past_the_end_of_its_video_is_stored_and_reported(iemocap_fixture, tmp_path, capsys):
-    """A truncated video: the frames that exist are stored, the shortfall is in the meta and
-    in the run's summary."""
+def _video_duration(path: Path) -> float:
+    cap = cv2.VideoCapture(str(path))
+    duration = cap.get(cv2.CAP_PROP_FRAME_COUNT) / cap.get(cv2.CAP_PROP_FPS)
+    cap.release()
+    return duration
+
+
+def test_a_span_past_the_end_of_its_video_within_the_tolerance_is_stored_beyond_it_is_an_error(
+        iemocap_fixture, tmp_path, capsys):
+    """A video that ends before the span does: within ``max_missing_seconds`` (default 0.2 s)
+    the frames that exist are stored, the shortfall in the meta and in the run's summary;
+    beyond it the utterance is an error naming the file, the span and where the video ends,
+    never features of part of the utterance."""
     from cmarr.extract.features import run_features
     from cmarr.extract.manifest import write_manifest
     from cmarr.extract.store import FeatureStore
 
     root, desc, df = iemocap_fixture
-    cap = cv2.VideoCapture(str(root / df.video_path.iloc[0]))
-    duration = cap.get(cv2.CAP_PROP_FRAME_COUNT) / cap.get(cv2.CAP_PROP_FPS)
-    cap.release()
-    rows = df.iloc[:1].copy()
-    rows["video_start"], rows["video_end"] = duration - 0.3, duration + 0.5  # 4 samples at 5/s, 2 past the end
+    video = root / df.video_path.iloc[0]
+    duration = _video_duration(video)
+    rows = df[df.video_path == df.video_path.iloc[0]].iloc[:2].copy()
+    within, beyond = rows.utterance_id
+    # samples at 5/s: within: d-0.3, d-0.1, d+0.1 (1 past the end, the video 0.15 s short);
+    # beyond: d-0.3 .. d+0.3 (2 past the end, the video 0.5 s short)
+    rows["video_start"] = duration - 0.3
+    rows["video_end"] = [duration + 0.15, duration + 0.5]
     torch.set_num_threads(2)
     run = run_features("iemocap", root, write_manifest(rows, tmp_path / "m.csv"), tmp_path / "f.h5",
-                       modalities=("video",), log_every=0,
+                       modalities=("video",), log_every=0, allow_missing=True,
                        video=VideoConfig(allow_random_weights=True, sample_fps=5.0, batch_size=8, device="cpu"))
-    uid = rows.utterance_id.iloc[0]
     with FeatureStore(run.out) as store:
-        meta = store.meta(uid, "video")
-        assert meta["frames_missing"] == 2 and len(meta["face_mask"]) == 2
-    assert run.short_videos == {uid: 2}
+        assert store.ids("video") == {within}
+        meta = store.meta(within, "video")
+        assert meta["frames_missing"] == 1 and len(meta["face_mask"]) == 2
+        assert store.provenance["video"]["max_missing_seconds"] == 0.2
+    assert run.short_videos == {within: 1}
     assert "1 utterances' spans run past the end of their video" in capsys.readouterr().out
+    err = run.errors.set_index("utterance_id").loc[beyond]
+    assert err.modality == "video"
+    reason = err.reason
+    assert reason.startswith(f"short video: {video}: ends at {duration:.3f} s, 0.500 s before the end of the span "
+                             f"[{duration - 0.3:.3f}, {duration + 0.5:.3f}] s"), reason
+    assert "max_missing_seconds 0.2 s" in reason and "2 of 4 sampled frames" in reason
+
+    # a wider tolerance keeps the 0.5 s shortfall, the frames that exist, and records itself
+    ex = VideoExtractor(VideoConfig(allow_random_weights=True, sample_fps=5.0, batch_size=8, device="cpu",
+                                    max_missing_seconds=0.5))
+    assert ex.provenance()["max_missing_seconds"] == 0.5
+    (r,) = ex.extract(rows[rows.utterance_id == beyond], root)
+    assert r.error is None and r.meta["frames_missing"] == 2 and len(r.meta["face_mask"]) == 2
+    with pytest.raises(ExtractError, match="max_missing_seconds -1"):
+        VideoExtractor(VideoConfig(allow_random_weights=True, device="cpu", max_missing_seconds=-1))
+
+
+def test_provenance_records_the_feature_width():
+    ex = VideoExtractor(VideoConfig(allow_random_weights=True, sample_fps=5.0, batch_size=8, device="cpu"))
+    assert ex.provenance()["dim"] == ex.model.out_dim == 342
+
+
+def test_a_corpus_copy_without_video_gives_a_store_of_the_video_width(tmp_path):
+    """Every utterance without video (accepted with allow_missing): the store's video block
+    still has the Denseface width, and validate finds nothing wrong with its provenance."""
+    from cmarr.extract.features import run_features
+    from cmarr.extract.fixtures import make_iemocap_tree
+    from cmarr.extract.iemocap import prepare_iemocap
+    from cmarr.extract.manifest import write_manifest
+    from cmarr.extract.store import FeatureStore, validate_store
+
+    root = tmp_path / "IEMOCAP_full_release"
+    make_iemocap_tree(root, sessions=(1,), dialogs_per_session=1, utts_per_dialog=2, quirks=False, video=False)
+    manifest = write_manifest(prepare_iemocap(root).df, tmp_path / "m.csv")
+    run = run_features("iemocap", root, manifest, tmp_path / "f.h5", modalities=("video",), log_every=0,
+                       allow_missing=True, video=VideoConfig(allow_random_weights=True, device="cpu"))
+    assert len(run.errors) == 2 and set(run.errors.modality) == {"video"}
+    with FeatureStore(run.out) as store:
+        assert store.dims["video"] == 342 and store.provenance["video"]["dim"] == 342
+        assert not store.ids("video")
+    problems, _ = validate_store(run.out)
+    assert not [p for p in problems if "dim" in p or "width" in p], problems
 
 
 def test_provenance_records_the_precision_that_ran():
