@@ -138,9 +138,32 @@ def comparable_provenance(prov: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in prov.items() if k not in VOLATILE_PROVENANCE_KEYS}
 
 
+#: Where a model or checkpoint was loaded from does not matter when its weights are the same
+#: (copies in different folders, on different machines): weights sha256 key -> location
+#: keys. The sha256 is recorded for models loaded from a folder and for Denseface
+#: checkpoints; a hub id is compared as such (with its revision and commit).
+LOCATION_KEYS = {"weights_sha256": ("model", "revision", "commit_hash"),
+                 "denseface_checkpoint_sha256": ("denseface_checkpoint",)}
+
+
+def without_locations(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``a`` and ``b`` without the keys that say where their weights were loaded from, for
+    each weights sha256 they record equally (``LOCATION_KEYS``; the tokenizer's folder too)."""
+    a, b = dict(a), dict(b)
+    for sha, keys in LOCATION_KEYS.items():
+        if a.get(sha) and a.get(sha) == b.get(sha):
+            for d in (a, b):
+                for k in keys:
+                    d.pop(k, None)
+                if sha == "weights_sha256" and isinstance(d.get("tokenizer"), dict):
+                    d["tokenizer"] = {k: v for k, v in d["tokenizer"].items() if k != "name_or_path"}
+    return a, b
+
+
 def provenance_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-    """Human-readable list of keys whose values differ (volatile keys ignored)."""
-    a, b = comparable_provenance(a), comparable_provenance(b)
+    """Human-readable list of keys whose values differ: volatile keys ignored, and where a
+    model was loaded from when its weights' sha256 are equal (``without_locations``)."""
+    a, b = without_locations(comparable_provenance(a), comparable_provenance(b))
     out = []
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
@@ -1022,6 +1045,17 @@ def _chunk_job(ref: "weakref.ref[StoreWriter]", buffer: list) -> None:
         raise
 
 
+def _same_state(recorded: Mapping[str, Any] | None, state: Mapping[str, Any]) -> bool:
+    """Whether an unfinished extraction's recorded settings are this job's: equal, but
+    where a model was loaded from does not count when its weights are the same."""
+    if recorded is None:
+        return False
+    if {k: v for k, v in recorded.items() if k != "provenance"} != {k: v for k, v in state.items() if k != "provenance"}:
+        return False
+    a, b = recorded.get("provenance") or {}, state.get("provenance") or {}
+    return set(a) == set(b) and all(not provenance_differences(a[m], b[m]) for m in a)
+
+
 class StoreWriter:
     """Writes a store, resumably.
 
@@ -1184,8 +1218,7 @@ class StoreWriter:
                 if m in self.provenance:
                     # the finished store records the width it found; a job that did not declare one compares equal
                     mine = {**self.provenance[m], "dim": self.provenance[m].get("dim", p.get("dim"))}
-                    a, b = self._comparable(p), self._comparable(mine)
-                    diff = [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+                    diff = provenance_differences(self._comparable(p), self._comparable(mine))
                     if diff:
                         raise StoreError(self.out, f"exists with {m} features made differently ({'; '.join(diff[:3])}); "
                                          "write to another --out or remove it")
@@ -1238,7 +1271,7 @@ class StoreWriter:
                                     for m, p in (recorded.get("provenance") or {}).items())
                 if not same_manifest:
                     settings = None
-            if recorded is not None and settings != state:
+            if recorded is not None and not _same_state(settings, state):
                 raise StoreError(self.parts, "holds an unfinished extraction made with other settings or another "
                                  "manifest; remove the folder or write to another --out")
         if recorded is not None:
@@ -1578,7 +1611,7 @@ def _check_shard_set(stores: list[FeatureStore]) -> None:
     tags = [(s, s.attrs.get("shard")) for s in stores]
     tagged = [(s, t) for s, t in tags if t]
     if not tagged:
-        return  # stores that are not shards of one job (e.g. two corpora, or merged stores)
+        return  # stores that are not shards of one job (e.g. stores of one manifest made by hand, or merged stores)
     s0, t0 = tagged[0]
     for s, t in tags:
         if not t:
@@ -1603,10 +1636,15 @@ def _check_shard_set(stores: list[FeatureStore]) -> None:
 def merge_stores(shard_paths: Iterable[str | os.PathLike], out_path: str | os.PathLike,
                  allow_library_mismatch: bool = False) -> Path:
     """Join shard stores into one. Refuses shards of another schema, shards whose
-    provenance differs (other models or settings), shards that share an utterance id, and,
-    for the shards of one extraction (``shard`` attribute ``"k/N"``, written by
-    ``cm-arr-extract features --shard``), a set that lacks any of the N. Never overwrites an
-    existing file."""
+    provenance differs (other models or settings, another corpus or manifest), shards that
+    share an utterance id, shards whose frames fail their checksums, and, for the shards of
+    one extraction (``shard`` attribute ``"k/N"``, written by ``cm-arr-extract features
+    --shard``), a set that lacks any of the N. Never overwrites an existing file.
+
+    Shards made on other machines may have loaded the same weights from other folders (equal
+    weights sha256): accepted. The merged store's provenance is the first shard's; what the
+    others recorded differently (those folders; with ``allow_library_mismatch``, their
+    library versions) is kept in the ``shard_provenance`` attribute, per shard file."""
     paths = [Path(p) for p in shard_paths]
     out = Path(out_path)
     if not paths:
@@ -1638,6 +1676,15 @@ def merge_stores(shard_paths: Iterable[str | os.PathLike], out_path: str | os.Pa
             diff = provenance_differences(a, b)
             if diff:
                 raise StoreError(s.path, f"{m} features were made differently from {first.path.name}'s: {'; '.join(diff[:4])}")
+    # what the merged store's provenance (the first shard's) does not say of the others: where
+    # their models were loaded from, and (allowed by the caller) their library versions
+    by_shard: dict[str, dict[str, dict[str, Any]]] = {}
+    for s in stores[1:]:
+        for m in first.provenance:
+            a, b = comparable_provenance(first.provenance[m]), comparable_provenance(s.provenance[m])
+            own = {k: b.get(k) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+            if own:
+                by_shard.setdefault(s.path.name, {})[m] = own
     seen: dict[str, Path] = {}
     for s in stores:
         for utt in s.utterances["utterance_id"]:
@@ -1649,8 +1696,10 @@ def merge_stores(shard_paths: Iterable[str | os.PathLike], out_path: str | os.Pa
     table = utterance_order(pd.concat([s.utterances for s in stores], ignore_index=True))
     sources = [_StoreSource(p) for p in paths]
     try:
-        _assemble(out, table, first.provenance, sources, first.dtype,
-                  extra_attrs={"merged_from": json.dumps([p.name for p in paths])})
+        attrs = {"merged_from": json.dumps([p.name for p in paths])}
+        if by_shard:
+            attrs["shard_provenance"] = json.dumps(by_shard, sort_keys=True, default=str)
+        _assemble(out, table, first.provenance, sources, first.dtype, extra_attrs=attrs)
     finally:
         for src in sources:
             src.close()

@@ -82,30 +82,15 @@ def parse_conditions(text: str) -> list[str]:
     return out
 
 
-#: Where a model or checkpoint was loaded from does not matter when its weights are the same
-#: (copies in different folders): weights sha256 key -> location keys. The sha256 is recorded
-#: for models loaded from a folder and for Denseface checkpoints; a hub id is compared as
-#: such (with its revision and commit), so hub-id and local-folder stores count as different.
-_LOCATION_KEYS = {"weights_sha256": ("model", "revision", "commit_hash"),
-                  "denseface_checkpoint_sha256": ("denseface_checkpoint",)}
-
-
-def _feature_settings(prov: Mapping[str, Any], same_weights: set[str]) -> dict[str, Any]:
-    out = {k: v for k, v in prov.items() if k not in NOT_FEATURE_DEFINING}
-    for sha in same_weights:
-        for k in _LOCATION_KEYS[sha]:
-            out.pop(k, None)
-        if sha == "weights_sha256" and isinstance(out.get("tokenizer"), dict):
-            out["tokenizer"] = {k: v for k, v in out["tokenizer"].items() if k != "name_or_path"}
-    return out
-
-
 def feature_differences(trained: Mapping[str, Any], store: Mapping[str, Any]) -> list[str]:
     """The feature-defining provenance settings in which ``store`` differs from ``trained``
     (``NOT_FEATURE_DEFINING`` keys aside; with equal weights sha256, where the model was
-    loaded from aside too)."""
-    same = {k for k in _LOCATION_KEYS if trained.get(k) and trained.get(k) == store.get(k)}
-    a, b = _feature_settings(trained, same), _feature_settings(store, same)
+    loaded from aside too: ``without_locations``)."""
+    from cmarr.extract.store import without_locations
+
+    a, b = without_locations(trained, store)
+    a = {k: v for k, v in a.items() if k not in NOT_FEATURE_DEFINING}
+    b = {k: v for k, v in b.items() if k not in NOT_FEATURE_DEFINING}
     return [f"{k}: trained on {a.get(k)!r}, store has {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

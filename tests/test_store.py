@@ -1,6 +1,7 @@
 """The feature store: writing, resume, reading, merge, validation and every bad input."""
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -576,6 +577,51 @@ def test_merge_refuses_an_incomplete_or_mixed_set_of_shards(tmp_path):
     assert code == 0, text
     m = FeatureStore(tmp_path / "m.h5")
     assert len(m.utterances) == 6 and "shard" not in m.attrs  # the merged store is the whole extraction
+
+
+def _located(folder, sha="cd" * 32, torch_version="2.9.0"):
+    """Speech provenance of a model loaded from ``folder`` whose weights hash to ``sha``."""
+    return {**PROV, "speech": {**PROV["speech"], "model": folder, "weights_sha256": {"model.safetensors": sha},
+                               "library_versions": {"torch": torch_version}}}
+
+
+def test_shards_whose_same_weights_lay_in_other_folders_merge(tmp_path):
+    """Shards made on two machines load the same weights from their own folders: merged,
+    and the merged store keeps where each shard's model was; other weights are refused."""
+    a = write_store(tmp_path / "a.h5", ["a0"], prov=_located("/node1/w2v"), shard="0/2")
+    b = write_store(tmp_path / "b.h5", ["b0"], prov=_located("/node2/w2v"), shard="1/2")
+    code, text = cli("merge", a, b, "--out", tmp_path / "m.h5")
+    assert code == 0, text
+    m = FeatureStore(tmp_path / "m.h5")
+    assert m.provenance["speech"]["model"] == "/node1/w2v"
+    assert json.loads(m.attrs["shard_provenance"]) == {"b.h5": {"speech": {"model": "/node2/w2v"}}}
+    c = write_store(tmp_path / "c.h5", ["b0"], prov=_located("/node2/w2v", sha="ef" * 32), shard="1/2")
+    code, text = cli("merge", a, c, "--out", tmp_path / "m2.h5")
+    assert_clean_error(code, text, "c.h5", "made differently", "model")
+    # other library versions only when allowed, and then on record
+    d = write_store(tmp_path / "d.h5", ["b0"], prov=_located("/node1/w2v", torch_version="2.14.1"), shard="1/2")
+    code, text = cli("merge", a, d, "--out", tmp_path / "m3.h5")
+    assert_clean_error(code, text, "d.h5", "library_versions")
+    code, text = cli("merge", a, d, "--out", tmp_path / "m3.h5", "--allow-library-mismatch")
+    assert code == 0, text
+    assert json.loads(FeatureStore(tmp_path / "m3.h5").attrs["shard_provenance"]) == {
+        "d.h5": {"speech": {"library_versions": {"torch": "2.14.1"}}}}
+
+
+def test_a_rerun_may_load_the_same_weights_from_another_folder(tmp_path):
+    """Resuming (an unfinished run, or extending a finished store) with the model copied
+    elsewhere: the same features, so not "made differently"; other weights are refused."""
+    out = tmp_path / "f.h5"
+    w = StoreWriter(out, table(["a", "b"]), {"speech": _located("/old/w2v")["speech"]}, chunk_size=1)
+    w.add("a", "speech", feats(0, 4, 6))
+    w.close()  # killed: a chunk committed, no store yet
+    with StoreWriter(out, table(["a", "b"]), {"speech": _located("/new/w2v")["speech"]}) as w:
+        assert w.done() == {("a", "speech")}
+        w.add("b", "speech", feats(1, 4, 6))
+    with StoreWriter(out, table(["a", "b"]), {"speech": _located("./w2v")["speech"]}) as w:
+        assert w.done() == {("a", "speech"), ("b", "speech")}
+    with pytest.raises(StoreError, match="made differently"):
+        StoreWriter(out, table(["a", "b"]), {"speech": _located("/new/w2v", sha="ef" * 32)["speech"]})
 
 
 def test_merge_into_a_missing_folder_is_a_clear_error(tmp_path):
