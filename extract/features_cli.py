@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cmarr.extract.store import (LABELS, MODALITIES, FeatureStore, StoreError, errors_hint,
+from cmarr.extract.store import (LABELS, MODALITIES, FeatureStore, StoreError, errors_hint, file_sha256,
                                  merge_stores, validate_store)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -139,7 +139,7 @@ def validate(file: Path = typer.Argument(..., help="Feature store (.h5)."),
     """Check coverage, shapes, dtypes, NaN/Inf, the frames' checksums and provenance; exit 1 on any problem."""
     man = _read_manifest(manifest) if manifest is not None else None
     try:
-        problems, notes = validate_store(file, man)
+        problems, notes = validate_store(file, man, file_sha256(manifest) if manifest is not None else None)
     except StoreError as e:
         _fail(str(e))
     for note in notes:

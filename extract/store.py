@@ -1706,12 +1706,46 @@ def merge_stores(shard_paths: Iterable[str | os.PathLike], out_path: str | os.Pa
     return out
 
 
-def validate_store(path: str | os.PathLike, manifest: pd.DataFrame | None = None) -> tuple[list[str], list[str]]:
+def _as_numbers(x: pd.Series) -> pd.Series | None:
+    """``x`` as floats (blank cells NaN), or None when some non-blank cell is not a number."""
+    blank = x.isna() | (x.astype(str).str.strip() == "")
+    num = pd.to_numeric(x.where(~blank), errors="coerce")
+    return num.astype(float) if bool((num.notna() | blank).all()) else None
+
+
+def _table_disagreements(table: pd.DataFrame, manifest: pd.DataFrame) -> list[str]:
+    """Per column both hold, the utterances whose value in the store's table differs from
+    the manifest's (times to 1e-6 s; an empty cell equals a missing one)."""
+    m = manifest.assign(utterance_id=manifest["utterance_id"].astype(str)).drop_duplicates("utterance_id")
+    m = m.set_index("utterance_id")
+    t = table.assign(utterance_id=table["utterance_id"].astype(str)).set_index("utterance_id")
+    common = t.index.intersection(m.index)
+    out = []
+    for col in [c for c in t.columns if c in m.columns]:
+        a, b = t.loc[common, col], m.loc[common, col]
+        num_a, num_b = _as_numbers(a), _as_numbers(b)
+        if num_a is not None and num_b is not None:
+            same = ((num_a - num_b).abs() <= 1e-6) | (num_a.isna() & num_b.isna())
+        else:
+            same = a.fillna("").astype(str) == b.fillna("").astype(str)
+        bad = same.index[~same.to_numpy()]
+        if len(bad):
+            u = bad[0]
+            plain = [v.item() if isinstance(v, np.generic) else v for v in (t.at[u, col], m.at[u, col])]
+            out.append(f"{len(bad)} utterances' {col} disagree with the manifest (first: {u!r}: store "
+                       f"{plain[0]!r}, manifest {plain[1]!r})")
+    return out
+
+
+def validate_store(path: str | os.PathLike, manifest: pd.DataFrame | None = None,
+                   manifest_sha256: str | None = None) -> tuple[list[str], list[str]]:
     """Check a store thoroughly. Returns ``(problems, notes)``; problems make it unusable.
 
-    ``manifest``: check coverage against it; a shard store (``shard`` attribute ``"k/N"``) is
-    checked against its share of the manifest (``select_shard``, as extraction split it), and
-    a note says so. Raises ``StoreError`` only when the file cannot be opened as a store at all.
+    ``manifest``: check coverage against it, and every column the store's utterance table
+    shares with it (labels, folds, speakers, times, media paths, ...); a shard store
+    (``shard`` attribute ``"k/N"``) is checked against its share of the manifest
+    (``select_shard``, as extraction split it), and a note says so. ``manifest_sha256``: the
+    manifest file's; a note when the store was extracted from another file. Raises ``StoreError`` only when the file cannot be opened as a store at all.
     """
     store = FeatureStore(path)
     problems: list[str] = []
@@ -1822,10 +1856,12 @@ def validate_store(path: str | os.PathLike, manifest: pd.DataFrame | None = None
             problems.append(f"{len(lacking)} manifest utterances are not in the store (first: {sorted(lacking)[0]!r})")
         if extra:
             problems.append(f"{len(extra)} store utterances are not in the manifest (first: {sorted(extra)[0]!r})")
-        if "label" in manifest.columns and "label" in t.columns:
-            ml = dict(zip(manifest["utterance_id"].astype(str), manifest["label"].astype(str)))
-            dis = [u for u, lab in zip(t["utterance_id"], t["label"]) if u in ml and ml[u] != lab]
-            if dis:
-                problems.append(f"{len(dis)} labels disagree with the manifest (first: {dis[0]!r})")
+        problems += _table_disagreements(t, manifest)
+        if manifest_sha256 is not None:
+            made_from = sorted({str(p.get("manifest_sha256")) for p in store.provenance.values()
+                                if p.get("manifest_sha256")})
+            if made_from and made_from != [manifest_sha256]:
+                notes.append(f"the store was extracted from another manifest file (sha256 {', '.join(x[:12] for x in made_from)}"
+                             f", this one {manifest_sha256[:12]}); its table was compared with this one row by row")
     store.close()
     return problems, notes

@@ -735,13 +735,37 @@ def test_validate_against_manifest(tmp_path):
     man = tmp_path / "m.csv"
     pd.DataFrame({"utterance_id": ["a", "b", "c"], "label": ["ang", "sad", "neu"]}).to_csv(man, index=False)
     code, text = cli("validate", p, "--manifest", man)
-    assert_clean_error(code, text, "1 manifest utterances are not in the store", "1 labels disagree")
+    assert_clean_error(code, text, "1 manifest utterances are not in the store",
+                       "1 utterances' label disagree with the manifest (first: 'b': store 'hap', manifest 'sad')")
     ok = tmp_path / "ok.csv"
     pd.DataFrame({"utterance_id": ["a", "b"], "label": ["ang", "hap"]}).to_csv(ok, index=False)
     code, text = cli("validate", p, "--manifest", ok)
     assert code == 0, text
+    # every column both hold is compared: folds, speakers, times (to 1e-6 s) ...
+    full = table(["a", "b"]).assign(wav_path=["a.wav", ""], end=[1.5 + 1e-9, 1.5])
+    full.to_csv(ok, index=False)
+    with h5py.File(p, "a") as f:  # the table as extraction writes it: the manifest's columns
+        del f["utterances"]
+        from cmarr.extract.store import _write_table
+        _write_table(f.create_group("utterances"), full.assign(wav_path=["a.wav", None]))
+    code, text = cli("validate", p, "--manifest", ok)
+    assert code == 0, text
+    full.assign(fold=[1, 3], start=[0.0, 0.25]).to_csv(ok, index=False)
+    code, text = cli("validate", p, "--manifest", ok)
+    assert_clean_error(code, text, "1 utterances' fold disagree with the manifest (first: 'b': store 1, manifest 3)",
+                       "1 utterances' start disagree", "2 problem(s)")
     code, text = cli("validate", p, "--manifest", tmp_path)  # a folder
     assert_clean_error(code, text, str(tmp_path), "cannot read the manifest")
+
+
+def test_validate_notes_a_store_made_from_another_manifest_file(tmp_path):
+    prov = {m: {**p, "manifest_sha256": "ab" * 32} for m, p in PROV.items()}
+    p = write_store(tmp_path / "f.h5", ["a", "b"], prov=prov)
+    man = table(["a", "b"])
+    assert validate_store(p, man, "ab" * 32) == ([], [])
+    problems, notes = validate_store(p, man, "cd" * 32)
+    assert problems == [] and notes == ["the store was extracted from another manifest file (sha256 abababababab, "
+                                        "this one cdcdcdcdcdcd); its table was compared with this one row by row"]
 
 
 def test_info_table(tmp_path):
