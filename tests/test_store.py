@@ -468,6 +468,40 @@ def test_extending_a_damaged_store_is_refused_before_any_work(tmp_path):
     assert not list(tmp_path.glob("f.h5.parts*"))
 
 
+@pytest.mark.parametrize("big", [False, True])
+def test_a_chunk_damaged_before_assembly_is_refused_not_stored(tmp_path, monkeypatch, big):
+    """A committed chunk of a killed run, changed on disk before the rerun assembles the
+    store: its frames would enter the store under the store's fresh sha256. Refused, naming
+    the chunk; removing it recomputes its utterances. ``big``: the modality is assembled
+    per utterance (over WHOLE_BLOCK_READ_BYTES), not from whole blocks."""
+    import cmarr.extract.store as store_mod
+
+    if big:
+        monkeypatch.setattr(store_mod, "WHOLE_BLOCK_READ_BYTES", 0)
+    out = tmp_path / "f.h5"
+    ids = ["a", "b", "c", "d"]
+    w = StoreWriter(out, table(ids), {"speech": PROV["speech"]}, chunk_size=2)
+    for i, u in enumerate(ids[:3]):
+        w.add(u, "speech", feats(i, 4, 6))
+    w.flush()
+    w.close()  # killed: two chunks committed
+    first = sorted(_parts(out).glob("chunk-*.h5"))[0]
+    with h5py.File(first, "a") as f:  # one value one float16 step off, as bit rot would leave it
+        ds = f["features/speech/data"]
+        ds[5, 1] = np.nextafter(ds[5, 1], np.float16(np.inf))
+    w = StoreWriter(out, table(ids), {"speech": PROV["speech"]})
+    w.add("d", "speech", feats(3, 4, 6))
+    with pytest.raises(StoreError, match=rf"{first.name}: speech: the frames of this committed chunk do not match"):
+        w.finalize()
+    assert not out.exists()
+    first.unlink()
+    with StoreWriter(out, table(ids), {"speech": PROV["speech"]}) as w:
+        assert w.done() == {("c", "speech"), ("d", "speech")}
+        for i, u in enumerate(ids[:2]):
+            w.add(u, "speech", feats(i, 4, 6))
+    _assert_holds_all(out, ids)
+
+
 def test_writer_records_nan_and_overflow_instead_of_storing(tmp_path):
     out = tmp_path / "f.h5"
     with StoreWriter(out, table(["a", "b", "c"]), {"speech": PROV["speech"]}) as w:
