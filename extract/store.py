@@ -88,6 +88,9 @@ ERROR_COLUMNS = ("utterance_id", "modality", "reason")
 
 #: Provenance keys that legitimately differ between shards of one extraction.
 VOLATILE_PROVENANCE_KEYS = frozenset({"created", "host"})
+#: When, where and with what software a modality's frames were made: kept from the existing
+#: store for a modality of which a rerun computed nothing.
+STAMP_KEYS = ("created", "host", "library_versions", "cm_arr_version")
 #: Bytes of consecutive frames gathered before one write when a store is assembled.
 WRITE_BLOCK_BYTES = 8 << 20
 #: When a modality's frames in committed chunks total at most this many bytes, assembling
@@ -1028,6 +1031,18 @@ def _store_cast(arr: np.ndarray, dtype: str) -> np.ndarray:
         return arr.astype(dtype)
 
 
+def _canonical_table(df: pd.DataFrame) -> list:
+    """A table's columns and cells in a form that compares equal when it would be stored
+    the same (numbers as floats, blank text cells as "")."""
+    cols = []
+    for c in df.columns:
+        x = df[c]
+        num = _as_numbers(x)
+        cols.append((c, [None if v != v else v for v in num.tolist()] if num is not None  # NaN != NaN
+                     else x.fillna("").astype(str).tolist()))
+    return cols
+
+
 def _updated_table(base: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     """``base``'s utterance table with the rows of ``new`` (same ids) in place of its own, in
     ``base``'s order."""
@@ -1562,6 +1577,10 @@ class StoreWriter:
             for m, dim in self._dims.items():
                 provenance[m].setdefault("dim", dim)
             required = [(u, m) for m in self._requested for u in self.utterances["utterance_id"]]
+            chunks = sorted(self.parts.glob("chunk-*.h5"))
+            if self._base is not None and not chunks and self._unchanged_base(provenance, required):
+                self._lock.release(remove_folder=True)  # nothing to add: the store stays as it is, untouched
+                return self.out
             sources: list = []
             try:
                 utterances = self.utterances
@@ -1572,7 +1591,15 @@ class StoreWriter:
                     hidden = {pair for pair, first in self._stale.items() if first >= 0}
                     if hidden:
                         sources[0] = _Without(base, hidden)
-                sources += [self._chunk_source(c) for c in sorted(self.parts.glob("chunk-*.h5"))]
+                sources += [self._chunk_source(c) for c in chunks]
+                if self._base is not None:  # a modality this run computed nothing of keeps its stamp
+                    fresh = {m for src in sources[1:] for m, _, _, _ in src.keys()} | {m for m, _ in self._stale}
+                    for src in sources[1:]:
+                        err = src.errors()
+                        fresh |= set(err["modality"]) if err is not None else set()
+                    for m, p in base.store.provenance.items():
+                        if m not in fresh and m in provenance:
+                            provenance[m].update({k: p[k] for k in STAMP_KEYS if k in p})
                 _assemble(self.out, utterances, provenance, sources, self.dtype, self.extra_attrs,
                           required=required)
             finally:
@@ -1583,6 +1610,26 @@ class StoreWriter:
             raise
         self._lock.release(remove_folder=True)
         return self.out
+
+    def _unchanged_base(self, provenance: Mapping[str, dict], required: list[tuple[str, str]]) -> bool:
+        """Whether the existing store already is what this run would write (a rerun with
+        nothing to do): same table, dtype, attributes and provenance (its own stamps kept,
+        as nothing was computed), and every required pair has features or an error there."""
+        store = FeatureStore(self._base)
+        try:
+            if store.dtype != self.dtype or any(store.attrs.get(k) != v for k, v in self.extra_attrs.items()):
+                return False
+            if _canonical_table(_updated_table(store.utterances, self.utterances)) != _canonical_table(store.utterances):
+                return False
+            mine = {m: {**p, **{k: v for k, v in store.provenance.get(m, {}).items() if k in STAMP_KEYS}}
+                    for m, p in provenance.items()}
+            if json.dumps(mine, sort_keys=True, default=str) != json.dumps(store.provenance, sort_keys=True, default=str):
+                return False
+            have = {(u, m) for m in store.modalities for u in store.ids(m)}
+            have |= set(zip(store.errors["utterance_id"], store.errors["modality"]))
+            return all(pair in have for pair in required)
+        finally:
+            store.close()
 
     def _abandon(self) -> None:
         """After a failed ``finalize``: keep what can be kept, then close (a rerun resumes)."""

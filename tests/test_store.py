@@ -118,10 +118,35 @@ def test_rerun_of_a_finished_store_has_nothing_to_do(tmp_path):
         w.add("a", "speech", feats(0, 4, 6))
         w.add("b", "speech", feats(1, 4, 6))
     before = FeatureStore(out).get("b", "speech")
+    stamp = "2000-01-01T00:00:00+00:00"  # long ago: a rewrite or a new stamp would show
+    with h5py.File(out, "a") as f:
+        f.attrs["created"] = stamp
+        f["provenance"].attrs["speech"] = json.dumps({**FeatureStore(out).provenance["speech"], "created": stamp})
+    data = out.read_bytes()
     with StoreWriter(out, table(["a", "b"]), undeclared) as w:
         assert w.done() == {("a", "speech"), ("b", "speech")}
     np.testing.assert_array_equal(FeatureStore(out).get("b", "speech"), before)
     assert FeatureStore(out).provenance["speech"]["dim"] == 6
+    # untouched: not rewritten, and its provenance still says when the frames were made
+    assert out.read_bytes() == data and FeatureStore(out).provenance["speech"]["created"] == stamp
+    assert not _parts(out).exists()
+    # a table with blank cells (rows without video) compares equal to itself as stored
+    blanks = table(["a", "b"]).assign(video_path=["a.avi", None], video_start=[0.5, np.nan])
+    out2 = tmp_path / "g.h5"
+    with StoreWriter(out2, blanks, undeclared) as w:
+        w.add("a", "speech", feats(0, 4, 6))
+        w.add("b", "speech", feats(1, 4, 6))
+    data = out2.read_bytes()
+    with StoreWriter(out2, blanks, undeclared):
+        pass
+    assert out2.read_bytes() == data
+    # extended by a run of both modalities: rewritten, and speech, of which it computed
+    # nothing, keeps the stamp of when its frames were made
+    with StoreWriter(out, table(["a", "b"]), {**undeclared, "text": {"model": "t", "dim": 4}}) as w:
+        w.add("a", "text", feats(2, 2, 4), tokens=["x", "y"])
+        w.add_error("b", "text", "empty transcript")
+    s = FeatureStore(out)
+    assert s.provenance["speech"]["created"] == stamp and s.provenance["text"]["created"] != stamp
 
 
 def test_rerun_tries_recorded_errors_again_and_keeps_the_newest_outcome(tmp_path):
