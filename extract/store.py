@@ -1044,12 +1044,15 @@ def _canonical_table(df: pd.DataFrame) -> list:
 
 
 def _updated_table(base: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
-    """``base``'s utterance table with the rows of ``new`` (same ids) in place of its own, in
-    ``base``'s order."""
+    """``base``'s utterance table with the rows of ``new`` in place of its own, in ``base``'s
+    order; when ``new`` adds utterances, the union in ``utterance_order`` (as one run of the
+    whole table would write it)."""
     ids = set(new["utterance_id"])
     if not ids & set(base["utterance_id"]):
         return base
     both = pd.concat([base[~base["utterance_id"].isin(ids)], new], ignore_index=True)
+    if ids - set(base["utterance_id"]):
+        return utterance_order(both)
     rank = {u: i for i, u in enumerate(base["utterance_id"])}
     return both.iloc[sorted(range(len(both)), key=lambda i: rank.get(both["utterance_id"].iat[i], len(rank)))
                      ].reset_index(drop=True)
@@ -1248,7 +1251,8 @@ class StoreWriter:
             old = media_fingerprints(table, self._media)
         else:
             old = {tuple(k.split("\t", 1)): v for k, v in recorded.items()}
-        return {pair for pair, fp in self._fingerprints.items() if old.get(pair) != fp}
+        known = set(table["utterance_id"]) if recorded is None else {u for _, u in old}
+        return {pair for pair, fp in self._fingerprints.items() if pair[1] in known and old.get(pair) != fp}
 
     def _resume(self) -> None:
         state = self._state()
@@ -1267,9 +1271,18 @@ class StoreWriter:
                                          "write to another --out or remove it")
             if store.dtype != self.dtype:
                 raise StoreError(self.out, f"exists with dtype {store.dtype}, this job writes {self.dtype}")
-            extra = set(self.utterances["utterance_id"]) - set(store.utterances["utterance_id"])
-            if extra:
-                raise StoreError(self.out, f"exists with another utterance table ({len(extra)} ids not in it); write to another --out")
+            mine, theirs = set(self.utterances["utterance_id"]), set(store.utterances["utterance_id"])
+            lacking = sorted(theirs - mine)
+            if lacking:  # kept, they would stay in a store whose provenance names this manifest
+                raise StoreError(self.out, f"holds {len(lacking)} utterances this job's table lacks (first: "
+                                 f"{lacking[0]!r}); a store follows its manifest and nothing is dropped silently: "
+                                 "use the manifest the store was made from, or write to another --out")
+            added = sorted(mine - theirs)
+            others = [m for m in store.modalities if m not in self.provenance]
+            if added and others:  # the new utterances would have neither features nor errors there
+                raise StoreError(self.out, f"this job's table adds {len(added)} utterances (first: {added[0]!r}), "
+                                 f"but does not extract {', '.join(others)}, which the store holds: add "
+                                 f"{', '.join(others)} to --modalities so that the store stays complete")
             try:  # its frames are copied into the new store under a new checksum: they must be sound
                 store.verify()
             except StoreError as e:

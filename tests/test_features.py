@@ -548,6 +548,27 @@ def test_fixing_media_and_rebuilding_the_manifest_fills_them_in(job, tmp_path):
     assert_same_store(out, job["reference"])  # as if the wav had been there all along
 
 
+def test_a_manifest_that_adds_utterances_extends_the_store_and_one_that_drops_some_is_refused(job, tmp_path):
+    """A rebuilt manifest with more utterances (a session added, an utterance whose media
+    appeared): the rerun extracts only those and the store equals one made in one run. One
+    with fewer is refused: keeping rows the manifest no longer lists, or dropping their
+    features, would each happen silently."""
+    df = read_manifest(job["manifest"])
+    some = write_manifest(df.iloc[2:], tmp_path / "some.csv")  # the manifest's own row order is irrelevant
+    out = tmp_path / "feats.h5"
+    run = run_features("iemocap", job["root"], some, out, modalities=MODS, **_configs(job))
+    assert run.ok and run.computed == {"speech": 6, "text": 6}
+    with pytest.raises(StoreError, match="adds 2 utterances .* does not extract text, which the store holds"):
+        run_features("iemocap", job["root"], job["manifest"], out, modalities=("speech",), **_configs(job))
+    run = run_features("iemocap", job["root"], job["manifest"], out, modalities=MODS, **_configs(job))
+    assert run.ok and run.computed == {"speech": 2, "text": 2} and run.resumed == {"speech": 6, "text": 6}
+    assert_same_store(out, job["reference"])
+    with pytest.raises(StoreError, match=rf"holds 2 utterances this job's table lacks \(first: "
+                                         rf"'{sorted(df['utterance_id'])[0]}'\)"):
+        run_features("iemocap", job["root"], write_manifest(df.iloc[2:], tmp_path / "fewer.csv"), out,
+                     modalities=MODS, **_configs(job))
+
+
 def test_a_run_that_fails_to_load_its_models_leaves_the_output_unlocked_and_clean(job, tmp_path):
     """The output is locked before the models load; a model that cannot be loaded ends the
     run with a clear error, releases the lock and removes the parts folder it made, so the
