@@ -41,7 +41,7 @@ wav2vec2-base / bert-base architectures (random weights): on an H100, float16 au
 differed from float32 by up to 0.0075 (speech) and 0.0034 (text), against 0.00195 for the
 store's own float16 rounding, and bfloat16 by ten times more; on a CPU, float16 autocast
 changed 89 % (speech) and 72 % (text) of the float16 values the store would hold, against
-0.99 % for float32 masked batches against batch-of-one (speech). TF32 (PyTorch's default for
+about 0.5 % for float32 masked batches against batch-of-one (speech). TF32 (PyTorch's default for
 cuDNN convolutions), emulated on a CPU by rounding the inputs of every matrix product and
 convolution to 10 mantissa bits, changed 81 % and 67 %: hence TF32 off.
 ``benchmarks/extract_speech_text.py --precision [--tf32]`` prints these numbers for any model.
