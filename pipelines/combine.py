@@ -9,7 +9,6 @@ RUN_DIRs is an error. Writes ``metrics.json`` and ``results.md`` (Table 2 layout
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Sequence
 
@@ -38,14 +37,24 @@ def _read_yaml_mapping(path: Path) -> dict:
     return doc
 
 
-def combine_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
-    """Merge the finished folds of ``run_dirs``; write metrics.json / results.md in ``out_dir``."""
+def combine_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, overwrite: bool = False,
+                 allow_unfinished: bool = False) -> dict:
+    """Merge the finished folds of ``run_dirs``; write metrics.json / results.md in ``out_dir``.
+
+    Refuses a RUN_DIR with an unfinished fold (a fold folder without metrics.json, or a fold
+    its config asks for that is not there) unless ``allow_unfinished``, folds trained with
+    different numbers of processes, and an ``out_dir`` that already holds results unless
+    ``overwrite``."""
     from .config import config_from_dict
     from .metrics import write_results
-    from .train import _comparable, store_difference, summary_document
+    from .train import (TrainError, _comparable, check_same_processes, read_fold_result, store_difference,
+                        summary_document)
 
     if not run_dirs:
         raise CombineError("no RUN_DIRs given")
+    held = [n for n in ("metrics.json", "results.md") if (Path(out_dir) / n).exists()]
+    if held and not overwrite:
+        raise CombineError(f"{out_dir}: already holds {' and '.join(held)}; choose another --out, or pass --overwrite")
     results, first_cfg, first_dir, store, model_cfg = {}, None, None, None, None
     for d in map(Path, run_dirs):
         cfg_path = d / "config.yaml"
@@ -70,13 +79,20 @@ def combine_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
         found = sorted(d.glob("fold*/metrics.json"))
         if not found:
             raise CombineError(f"{d}: has no finished fold (no fold*/metrics.json)")
+        unfinished = sorted(f.name for f in d.glob("fold*") if f.is_dir() and not (f / "metrics.json").exists())
+        protocol = cfg_doc.get("protocol") if isinstance(cfg_doc.get("protocol"), dict) else {}
+        asked = protocol.get("folds") or []
+        unfinished += [f"fold{k}" for k in asked if not (d / f"fold{k}").exists()]
+        if unfinished and not allow_unfinished:
+            raise CombineError(f"{d}: {', '.join(sorted(set(unfinished)))} not finished (no metrics.json); finish "
+                               "them (run that RUN_DIR's cm-arr-train command again: it resumes) or pass "
+                               "--allow-unfinished to combine the finished folds only")
         for p in found:
             try:
-                r = json.loads(p.read_text())
-                k = int(r["fold"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise CombineError(f"{p}: not a fold's metrics.json ({type(e).__name__}: {e}); "
-                                   "rerun that fold (cm-arr-train --folds K --out RUN_DIR)") from None
+                r = read_fold_result(p)
+            except TrainError as e:
+                raise CombineError(str(e)) from None
+            k = int(r["fold"])
             if k in results:
                 raise CombineError(f"{d}: fold {k} is also in another RUN_DIR; give each fold once")
             results[k] = r
@@ -85,6 +101,10 @@ def combine_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
     from .config import with_overrides
 
     cfg = with_overrides(cfg, {"protocol.folds": list(cfg_folds)})
+    try:
+        check_same_processes(results, "the RUN_DIRs")
+    except TrainError as e:
+        raise CombineError(str(e)) from None
     metrics = summary_document(cfg, results, store, model_cfg)
     metrics["combined_from"] = [str(d) for d in run_dirs]
     write_results(out_dir, metrics, title=f"{cfg.variant}, folds {', '.join(map(str, cfg_folds))} (combined)")
@@ -93,12 +113,16 @@ def combine_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
 
 @app.command()
 def combine(run_dirs: List[Path] = typer.Argument(..., help="RUN_DIRs written by cm-arr-train."),
-            out_dir: Path = typer.Option(..., "--out", help="Where to write metrics.json and results.md.")) -> None:
+            out_dir: Path = typer.Option(..., "--out", help="Where to write metrics.json and results.md."),
+            overwrite: bool = typer.Option(False, "--overwrite", help="Replace results already in --out."),
+            allow_unfinished: bool = typer.Option(False, "--allow-unfinished",
+                                                  help="Combine the finished folds even if a RUN_DIR has "
+                                                       "unfinished ones.")) -> None:
     from .config import ConfigError
     from .metrics import rich_table
 
     try:
-        metrics = combine_runs(run_dirs, out_dir)
+        metrics = combine_runs(run_dirs, out_dir, overwrite=overwrite, allow_unfinished=allow_unfinished)
     except (CombineError, ConfigError) as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(2)

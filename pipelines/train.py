@@ -112,9 +112,48 @@ def _seed(*parts: int) -> int:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` under a temporary name, fsynced and renamed: ``path`` is always whole.
+    A failed write (disk full, ...) leaves no partial file and is a ``TrainError``; the
+    last checkpoint that was written stays the resume point."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    durable_replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        durable_replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        raise TrainError(f"{path}: cannot be written ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}); "
+                         "free space (or fix the folder) and run the same command again to resume") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class FoldLock:
+    """Exclusive right to train one fold into its folder: ``flock`` on ``fold<k>/lock``,
+    held while the fold trains. A second process on the same fold (a rerun while the first
+    still runs, or left-over ``--jobs`` processes) is refused instead of writing the same
+    checkpoints. The kernel drops the lock of a killed process."""
+
+    def __init__(self, folder: Path, fold: int):
+        import fcntl
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / "lock"
+        self._f = open(self.path, "a+")
+        try:
+            fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._f.seek(0)
+            holder = self._f.read().strip() or "another process"
+            self._f.close()
+            raise TrainError(f"{folder}: fold {fold} is being trained by {holder}; wait for it to end, or stop it "
+                             "(a rerun resumes from its last checkpoint)") from None
+        self._f.seek(0)
+        self._f.truncate()
+        self._f.write(f"pid {os.getpid()}\n")
+        self._f.flush()
+
+    def release(self) -> None:
+        if not self._f.closed:
+            self._f.close()  # closing drops the flock
 
 
 def model_config_for(cfg: TrainConfig, dims: Mapping[str, int]):
@@ -210,15 +249,8 @@ class FoldRecipe:
         from cmarr.model import CMARR
 
         cfg, data = self.cfg, self.data
-        self.split: FoldSplit = split_fold(data.folds, data.labels, data.speakers, self.fold, cfg.data.validation,
-                                           cfg.data.val_fraction, cfg.seed, where=str(data.path))
+        self.split: FoldSplit = check_fold_data(cfg, data, self.fold)  # found now, not after the fold has trained
         self.mcfg = model_config_for(cfg, data.dims)
-        for part in ("val", "test"):  # found now, not after the fold has trained
-            have = data.present[getattr(self.split, part)]  # (n, 3)
-            for c, mask in zip(CONDITION_NAMES, CONDITION_MASKS):
-                if len(have) and not (have & np.asarray(mask, dtype=bool)).any():
-                    raise TrainError(f"{data.path}: fold {self.fold}: no {part} utterance has any input under "
-                                     f"condition {c} (the store has none of its modalities for them)")
         self.mode = resolve_train_conditions(cfg.protocol.train_conditions, self.mcfg.train_missing)
         torch.manual_seed(_seed(cfg.seed, self.fold, 0))
         self.model = CMARR(self.mcfg).to(self.device)
@@ -519,13 +551,18 @@ class FoldRecipe:
         path = self.dir / "best.pt"
         if self.dist.enabled:
             torch.distributed.barrier()
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # missing or damaged: the fold cannot be tested from it
+            raise TrainError(f"{path}: cannot be read ({type(e).__name__}); fold {self.fold}'s best checkpoint is "
+                             f"lost: remove {self.dir} and run the same command again to train the fold "
+                             "again") from None
         check_model_format(ck, path)
         self.model.load_state_dict(ck["model"])
         test = self.evaluate("test")
         result = {"fold": self.fold, "best_epoch": int(ck["epoch"]), "val_score": float(ck["best_score"]),
                   "n_train": len(self.split.train), "n_val": len(self.split.val), "n_test": len(self.split.test),
-                  "conditions": test}
+                  "processes": self.dist.world, "conditions": test}
         if self.dist.main:
             tmp = self.dir / f"metrics.json.tmp-{os.getpid()}"
             tmp.write_text(json.dumps(result, indent=1))
@@ -554,13 +591,53 @@ def resolve_config(config: TrainConfig | str | Path | None = None, *, variant: s
     return with_overrides(cfg, flags)
 
 
+#: What a fold's metrics.json holds (written by ``FoldRecipe.test_best``).
+FOLD_RESULT_KEYS = ("fold", "best_epoch", "n_train", "n_val", "n_test", "conditions")
+
+
+def read_fold_result(p: Path) -> dict[str, Any]:
+    """A fold's ``metrics.json``, checked; ``TrainError`` naming the file when it is not one."""
+    try:
+        r = json.loads(Path(p).read_text())
+        lacking = [k for k in FOLD_RESULT_KEYS if k not in r] if isinstance(r, dict) else list(FOLD_RESULT_KEYS)
+        if lacking:
+            raise KeyError(", ".join(lacking))
+        int(r["fold"])
+        if not isinstance(r["conditions"], dict) or not r["conditions"]:
+            raise ValueError("no conditions")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TrainError(f"{p}: not a fold's metrics.json ({type(e).__name__}: {e}); remove it and run the same "
+                         "cm-arr-train command again: the fold is tested again from its best checkpoint") from None
+    return r
+
+
+def finished_folds(run_dir: Path) -> list[int]:
+    """The folds of ``run_dir`` that have a ``fold<k>/metrics.json``."""
+    out = []
+    for p in Path(run_dir).glob("fold*/metrics.json"):
+        k = p.parent.name[len("fold"):]
+        if k.isdigit():
+            out.append(int(k))
+    return sorted(out)
+
+
 def collect_fold_results(run_dir: Path, folds: Sequence[int]) -> dict[int, dict[str, Any]]:
     out = {}
     for k in folds:
         p = Path(run_dir) / f"fold{k}" / "metrics.json"
         if p.exists():
-            out[k] = json.loads(p.read_text())
+            out[k] = read_fold_result(p)
     return out
+
+
+def check_same_processes(results: Mapping[Any, Mapping[str, Any]], where: str) -> None:
+    """Folds trained with different numbers of processes saw different batches per step
+    (``optim.batch_size`` is per process): not one protocol, so not averaged together."""
+    procs = {k: int(r.get("processes", 1)) for k, r in results.items()}
+    if len(set(procs.values())) > 1:
+        raise TrainError(f"{where}: folds trained with different numbers of processes (optim.batch_size is per "
+                         f"process): {', '.join(f'fold {k}: {n}' for k, n in sorted(procs.items()))}; train them "
+                         "alike before combining them")
 
 
 def summary_document(cfg: TrainConfig, fold_results: Mapping[int, Mapping[str, Any]], store: Mapping[str, Any],
@@ -575,6 +652,21 @@ def summary_document(cfg: TrainConfig, fold_results: Mapping[int, Mapping[str, A
     return build_metrics(per_fold, LABELS, extra)
 
 
+def _read_mapping(path: Path) -> dict:
+    """A RUN_DIR YAML file that must be a mapping; ``TrainError`` naming it otherwise."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise TrainError(f"{path}: cannot be read ({str(e).splitlines()[0]}); this RUN_DIR's record of its "
+                         "settings is damaged: restore it or use another --out") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise TrainError(f"{path}: expected a mapping, found a {type(doc).__name__} (damaged?); restore it or use "
+                         "another --out")
+    return doc
+
+
 def _write_config(run_dir: Path, cfg: TrainConfig, model_cfg: Mapping[str, Any], store: Mapping[str, Any]) -> None:
     """Write RUN_DIR/config.yaml (the resolved TrainConfig, usable as ``--config``) and
     RUN_DIR/model_config.yaml (the CMARRConfig it gives and the store it ran on), or check
@@ -582,12 +674,14 @@ def _write_config(run_dir: Path, cfg: TrainConfig, model_cfg: Mapping[str, Any],
     path = run_dir / "config.yaml"
     side = run_dir / "model_config.yaml"
     if path.exists():
-        old = yaml.safe_load(path.read_text()) or {}
+        old = _read_mapping(path)
         if _comparable(old) != _comparable(cfg.to_dict()):
             raise TrainError(f"{run_dir}: holds a run with another config (see its config.yaml); use another --out")
         if side.exists():
-            old_side = yaml.safe_load(side.read_text()) or {}
+            old_side = _read_mapping(side)
             old_store = old_side.get("store", {})
+            if not isinstance(old_store, dict):
+                raise TrainError(f"{side}: 'store' is not a mapping (damaged?); remove the file to rewrite it")
             diff = store_difference(old_store, store)
             if diff:
                 raise TrainError(f"{run_dir}: holds a run on another store than {store['path']} ({diff}); "
@@ -645,37 +739,64 @@ def run_training(features_path: str | Path, config: TrainConfig | str | Path | N
     store = store_fingerprint(data)
     if dist.main:
         _write_config(run_dir, cfg, mcfg.to_dict(), store)
-    if jobs > 1 and len(wanted) > 1 and not dist.enabled:
+    todo = []
+    for k in wanted:
+        if (run_dir / f"fold{k}" / "metrics.json").exists():
+            log(f"fold {k}: already done in {run_dir / f'fold{k}'}")
+        else:
+            todo.append(k)
+    for k in todo:  # every fold's data problems found now, not after the folds before it have trained
+        check_fold_data(cfg, data, k)
+    if jobs > 1 and len(todo) > 1 and not dist.enabled:
         spread = dev.type == "cuda" and cfg.device in ("auto", "cuda")  # not pinned to one GPU
-        _run_jobs(features_path, run_dir, wanted, jobs, log, gpus=torch.cuda.device_count() if spread else 0,
-                  stack=cfg.optim.stack_folds)
+        _run_jobs(features_path, run_dir, todo, jobs, log, gpus=torch.cuda.device_count() if spread else 0,
+                  stack=cfg.optim.stack_folds, device=cfg.device)
     else:
-        todo = []
-        for k in wanted:
-            if (run_dir / f"fold{k}" / "metrics.json").exists():
-                log(f"fold {k}: already done in {run_dir / f'fold{k}'}")
-            else:
-                todo.append(k)
         resident = None
         for group in stack_groups(todo, cfg.optim.stack_folds):
-            recipes = []
-            for k in group:
-                recipes.append(FoldRecipe(cfg, data, k, run_dir, dev, dist, log=log if dist.main else None)
-                               .setup(resident))
-                resident = getattr(recipes[-1], "res_full", None)  # one copy for the folds of this process
-            if len(recipes) == 1:
-                recipes[0].fit()
-            else:
-                log(f"folds {', '.join(map(str, group))}: trained together (optim.stack_folds)")
-                StackedFolds(recipes).fit()
-    results = collect_fold_results(run_dir, wanted)
-    missing = [k for k in wanted if k not in results]
+            locks = [FoldLock(run_dir / f"fold{k}", k) for k in group] if dist.main else []
+            try:
+                recipes = []
+                for k in group:
+                    recipes.append(FoldRecipe(cfg, data, k, run_dir, dev, dist, log=log if dist.main else None)
+                                   .setup(resident))
+                    resident = getattr(recipes[-1], "res_full", None)  # one copy for the folds of this process
+                if len(recipes) == 1:
+                    recipes[0].fit()
+                else:
+                    log(f"folds {', '.join(map(str, group))}: trained together (optim.stack_folds)")
+                    StackedFolds(recipes).fit()
+            finally:
+                for lock in locks:
+                    lock.release()
+    missing = [k for k in wanted if not (run_dir / f"fold{k}" / "metrics.json").exists()]
     if missing:
         raise TrainError(f"{run_dir}: folds {missing} produced no metrics")
-    metrics = summary_document(cfg, results, store, mcfg.to_dict())
+    # the run's summary covers every finished fold of RUN_DIR (earlier --folds runs into it too)
+    done = finished_folds(run_dir)
+    results = collect_fold_results(run_dir, done)
+    check_same_processes(results, str(run_dir))
+    if set(done) != set(wanted):
+        log(f"summary over folds {', '.join(map(str, done))}: every finished fold in {run_dir}")
+    summary_cfg = with_overrides(cfg, {"protocol.folds": done})
+    metrics = summary_document(summary_cfg, results, store, mcfg.to_dict())
     if dist.main:
         write_results(run_dir, metrics, title=f"{cfg.variant} on {Path(features_path).name}")
     return metrics
+
+
+def check_fold_data(cfg: TrainConfig, data: StoreData, fold: int) -> FoldSplit:
+    """The split of ``fold``, after checking that its validation and test parts have some
+    input under each of the seven conditions (``TrainError`` naming the store otherwise)."""
+    split = split_fold(data.folds, data.labels, data.speakers, fold, cfg.data.validation,
+                       cfg.data.val_fraction, cfg.seed, where=str(data.path))
+    for part in ("val", "test"):
+        have = data.present[getattr(split, part)]  # (n, 3)
+        for c, mask in zip(CONDITION_NAMES, CONDITION_MASKS):
+            if len(have) and not (have & np.asarray(mask, dtype=bool)).any():
+                raise TrainError(f"{data.path}: fold {fold}: no {part} utterance has any input under "
+                                 f"condition {c} (the store has none of its modalities for them)")
+    return split
 
 
 def job_env(base: Mapping[str, str], gpu: int | None) -> dict[str, str]:
@@ -689,34 +810,71 @@ def job_env(base: Mapping[str, str], gpu: int | None) -> dict[str, str]:
     return env
 
 
+#: Set in the environment of a ``--jobs`` fold process: the pid of the process that started it.
+JOB_PARENT_ENV = "CMARR_JOB_PARENT"
+
+
+def die_with_job_parent(env: Mapping[str, str] = os.environ) -> None:
+    """In a fold process started by ``--jobs`` (``JOB_PARENT_ENV`` set): end this process
+    with SIGTERM when that parent dies, even by SIGKILL (Linux ``PR_SET_PDEATHSIG``), so that
+    no fold keeps training unseen while a rerun starts it again. Called first thing by
+    ``cm-arr-train``; a parent already gone ends it at once."""
+    parent = env.get(JOB_PARENT_ENV)
+    if not parent:
+        return
+    import signal
+
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except Exception:
+        return  # not Linux: the fold locks still refuse a second copy
+    if os.getppid() != int(parent):  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _run_jobs(features_path, run_dir: Path, folds: Sequence[int], jobs: int, log, gpus: int = 0,
-              stack: int = 1) -> None:
+              stack: int = 1, device: str = "auto") -> None:
     """Run ``cm-arr-train --folds k`` processes, ``jobs`` at a time, into ``run_dir``; with
     ``gpus > 1``, each on the GPU with the fewest running processes. With ``stack > 1`` a
-    process trains a group of that many folds together (``optim.stack_folds``)."""
+    process trains a group of that many folds together (``optim.stack_folds``). ``device``
+    and ``stack`` are this run's (config.yaml may hold an earlier run's). The fold processes
+    end when this one ends, however it ends."""
     pending = [",".join(map(str, g)) for g in stack_groups(folds, stack)]
     running: list[tuple[str, subprocess.Popen, int | None]] = []
     failed = []
-    while pending or running:
-        while pending and len(running) < jobs:
-            k = pending.pop(0)
-            gpu = None
-            if gpus > 1:
-                load = [sum(g == i for _, _, g in running) for i in range(gpus)]
-                gpu = load.index(min(load))
-            cmd = [sys.executable, "-m", "cmarr.pipelines.train_cli", "--features", str(features_path),
-                   "--config", str(run_dir / "config.yaml"), "--folds", str(k), "--out", str(run_dir), "--quiet",
-                   "--stack-folds", str(stack)]  # this run's value (config.yaml may hold an earlier run's)
-            what = f"folds {k}" if "," in k else f"fold {k}"
-            log(f"{what}: started as a separate process" + (f" on GPU {gpu}" if gpu is not None else ""))
-            running.append((k, subprocess.Popen(cmd, env=job_env(os.environ, gpu)), gpu))
-        time.sleep(0.2)
-        for k, p, g in list(running):
-            if p.poll() is not None:
-                running.remove((k, p, g))
-                if p.returncode != 0:
-                    failed.append(k)
-                log(f"{'folds' if ',' in k else 'fold'} {k}: process ended ({p.returncode})")
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                k = pending.pop(0)
+                gpu = None
+                if gpus > 1:
+                    load = [sum(g == i for _, _, g in running) for i in range(gpus)]
+                    gpu = load.index(min(load))
+                cmd = [sys.executable, "-m", "cmarr.pipelines.train_cli", "--features", str(features_path),
+                       "--config", str(run_dir / "config.yaml"), "--folds", str(k), "--out", str(run_dir),
+                       "--quiet", "--stack-folds", str(stack), "--device", str(device)]
+                what = f"folds {k}" if "," in k else f"fold {k}"
+                log(f"{what}: started as a separate process" + (f" on GPU {gpu}" if gpu is not None else ""))
+                env = {**job_env(os.environ, gpu), JOB_PARENT_ENV: str(os.getpid())}
+                running.append((k, subprocess.Popen(cmd, env=env), gpu))
+            time.sleep(0.2)
+            for k, p, g in list(running):
+                if p.poll() is not None:
+                    running.remove((k, p, g))
+                    if p.returncode != 0:
+                        failed.append(k)
+                    log(f"{'folds' if ',' in k else 'fold'} {k}: process ended ({p.returncode})")
+    finally:  # interrupted (Ctrl-C, an error): the fold processes stop too; a rerun resumes them
+        for _, p, _ in running:
+            if p.poll() is None:
+                p.terminate()
+        for _, p, _ in running:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
     if failed:
         raise TrainError(f"{run_dir}: the processes of folds {failed} failed (see their output above)")
 

@@ -57,7 +57,9 @@ def train(
     from .config import ConfigError, parse_set_option
     from .data import DataError
     from .metrics import rich_table
-    from .train import TrainError, run_training
+    from .train import TrainError, die_with_job_parent, run_training
+
+    die_with_job_parent()  # a --jobs fold process ends with the process that started it
     from .validation import SplitError
 
     try:

@@ -8,6 +8,8 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -451,3 +453,122 @@ def test_fold_jobs_are_spread_over_the_visible_gpus(tmp_path, monkeypatch):
     T._run_jobs("f.h5", tmp_path, [1, 2, 3, 4, 5], jobs=2, log=lambda s: None, gpus=2, stack=2)  # stacked groups
     assert started == [("1,2", "0"), ("3,4", "1"), ("5", "0")]
     assert cmds[-1][cmds[-1].index("--stack-folds") + 1] == "2"
+    T._run_jobs("f.h5", tmp_path, [1, 2], jobs=2, log=lambda s: None, device="cpu")  # this run's device, not config.yaml's
+    assert all(c[c.index("--device") + 1] == "cpu" for c in cmds[-2:])
+
+
+def test_a_fold_process_ends_with_the_jobs_process_that_started_it(tmp_path):
+    """--jobs fold processes die with their parent, even one killed by SIGKILL, so that a
+    rerun does not train the same folds beside orphans; one whose parent is already gone
+    ends at once."""
+    import signal
+
+    from cmarr.pipelines.train import JOB_PARENT_ENV
+
+    child = ("import os, sys, time; from cmarr.pipelines.train import die_with_job_parent; die_with_job_parent(); "
+             "print(os.getpid(), flush=True); time.sleep(60)")
+    gone = subprocess.run([sys.executable, "-c", child], env={**os.environ, JOB_PARENT_ENV: "1"},
+                          capture_output=True, text=True, timeout=60)
+    assert gone.returncode == -signal.SIGTERM and not gone.stdout  # its "parent" (pid 1) is not its parent
+    parent = ("import os, subprocess, sys, time; "
+              f"p = subprocess.Popen([sys.executable, '-c', {child!r}], env={{**os.environ, {JOB_PARENT_ENV!r}: str(os.getpid())}}); "
+              "time.sleep(60)")
+    par = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    pid = int(par.stdout.readline())  # the fold process is up
+    par.kill()
+    par.wait()
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the fold process outlived its --jobs parent")
+
+
+def test_a_fold_being_trained_by_another_process_is_refused(env, tmp_path):
+    from cmarr.pipelines.train import FoldLock
+
+    root, store, cfg = env
+    held = FoldLock(tmp_path / "run" / "fold1", 1)
+    try:
+        with pytest.raises(TrainError, match=rf"fold 1 is being trained by pid {os.getpid()}"):
+            run_training(store, cfg, out_dir=tmp_path / "run", folds=[1], epochs=1, log=None)
+    finally:
+        held.release()
+    run_training(store, cfg, out_dir=tmp_path / "run", folds=[1], epochs=1, log=None)  # released: it runs
+
+
+def test_run_summary_covers_every_finished_fold_and_one_protocol(env, tmp_path):
+    """Folds added to a RUN_DIR by later --folds runs are all in its metrics.json (not only
+    the last run's); folds trained with different numbers of processes are not averaged."""
+    root, store, cfg = env
+    out = tmp_path / "run"
+    run_training(store, cfg, out_dir=out, folds=[1], epochs=1, log=None)
+    m = run_training(store, cfg, out_dir=out, folds=[2], epochs=1, log=None)
+    assert sorted(m["folds"]) == ["1", "2"] and sorted(json.loads((out / "metrics.json").read_text())["folds"]) == ["1", "2"]
+    assert m["config"]["protocol"]["folds"] == [1, 2]
+    r = json.loads((out / "fold2" / "metrics.json").read_text())
+    assert r["processes"] == 1
+    (out / "fold2" / "metrics.json").write_text(json.dumps({**r, "processes": 2}))
+    with pytest.raises(TrainError, match="different numbers of processes.*fold 1: 1, fold 2: 2"):
+        run_training(store, cfg, out_dir=out, folds=[1], epochs=1, log=None)
+    res = runner.invoke(combine_app, [str(out), "--out", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "different numbers of processes" in res.output, res.output
+
+
+def test_damaged_run_files_and_a_full_disk_are_messages(env, tmp_path, monkeypatch):
+    root, store, cfg = env
+    out = tmp_path / "run"
+    base = ["--features", store, "--config", cfg, "--epochs", "1", "--out", out, "--folds", "1"]
+    assert _train(base).exit_code == 0
+    (out / "fold1" / "metrics.json").write_text("{")
+    res = _train(base)
+    assert res.exit_code == 2 and "fold1/metrics.json: not a fold's metrics.json" in res.output, res.output
+    (out / "fold1" / "metrics.json").unlink()
+    (out / "fold1" / "best.pt").write_bytes(b"PK\x03")  # last.pt at the final epoch: only testing is left
+    res = _train(base)
+    assert res.exit_code == 2 and "best.pt: cannot be read" in res.output and "remove" in res.output, res.output
+    (out / "config.yaml").write_text("optim: [unclosed\n")
+    res = _train(["--features", store, "--config", cfg, "--epochs", "1", "--out", out, "--folds", "2"])
+    assert res.exit_code == 2 and "config.yaml: cannot be read" in res.output, res.output
+    _no_traceback(res)
+    # the disk fills while a checkpoint is written: a message, no partial file left, resumable
+    import cmarr.pipelines.train as T
+
+    real = T.torch.save
+
+    def full(obj, path, *a, **k):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(T.torch, "save", full)
+    res = _train(["--features", store, "--config", cfg, "--epochs", "1", "--out", tmp_path / "full"])
+    assert res.exit_code == 2 and "cannot be written (OSError" in res.output and "resume" in res.output, res.output
+    assert not list((tmp_path / "full").glob("fold*/*.tmp-*"))
+    monkeypatch.setattr(T.torch, "save", real)
+
+
+def test_a_data_problem_of_any_fold_is_found_before_training(env, tmp_path):
+    root, store, cfg = env
+    bad = make_synthetic_store(tmp_path / "novid3.h5", n_per_class=3, sessions=3, seed=2, absent_folds={"video": [3]})
+    res = _train(["--features", bad, "--config", cfg, "--epochs", "1", "--out", tmp_path / "run"])
+    assert res.exit_code == 2 and "fold 3: no test utterance has any input under condition v" in res.output
+    assert not list((tmp_path / "run").glob("fold*/best.pt"))  # folds 1 and 2 did not train first
+
+
+def test_combine_refuses_unfinished_folds_and_existing_results(env, tmp_path):
+    root, store, cfg = env
+    run = tmp_path / "run"
+    run_training(store, cfg, out_dir=run, folds=[1], epochs=1, log=None)
+    (run / "fold2").mkdir()  # a fold that was started and killed
+    res = runner.invoke(combine_app, [str(run), "--out", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "fold2 not finished" in res.output and "--allow-unfinished" in res.output
+    res = runner.invoke(combine_app, [str(run), "--out", str(tmp_path / "c"), "--allow-unfinished"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(combine_app, [str(run), "--out", str(tmp_path / "c"), "--allow-unfinished"])
+    assert res.exit_code == 2 and "already holds metrics.json" in res.output and "--overwrite" in res.output
+    res = runner.invoke(combine_app, [str(run), "--out", str(tmp_path / "c"), "--allow-unfinished", "--overwrite"])
+    assert res.exit_code == 0, res.output
