@@ -24,8 +24,10 @@ wav2vec2). Choices the paper leaves open, and the defaults taken here:
     EmoEvaluation line; MSP-IMPROV's ``end`` is the clip's own duration, so there only the
     header check can tell).
 
-  Audio passes when it is within ``max(tolerance_s, tolerance_fraction * expected)`` of
-  each expectation; the defaults (``DURATION_TOLERANCE_S`` = 50 ms, ``DURATION_TOLERANCE_FRACTION``
+  The header's count is exact for an intact file: audio passes the header check when at
+  most ``tolerance_s`` is missing (not a share of the duration, so a long file that lost
+  its end fails however long it is). It passes the expected-duration check when within
+  ``max(tolerance_s, tolerance_fraction * expected)``; the defaults (``DURATION_TOLERANCE_S`` = 50 ms, ``DURATION_TOLERANCE_FRACTION``
   = 5 %) allow for the rounding of label times and for a few frames that a recording
   tool or resampler adds or drops at the edges, while a cut that loses a word (a few
   hundred ms) fails. A decoded duration
@@ -217,7 +219,7 @@ def _check_duration(path: Path, frames: int, rate: int, expected_seconds: float 
     if declared is not None:
         want, want_rate = declared
         want_s = want / want_rate
-        if want_s - seconds > duration_tolerance(want_s, tolerance_s, tolerance_fraction):
+        if want_s - seconds > tolerance_s:  # the count is exact: no share of a long file may go
             raise AudioError(path, f"truncated file: its header declares {want} frames ({want_s:.3f} s) but only "
                                    f"{frames} ({seconds:.3f} s) could be read", kind="truncated audio")
     if expected_seconds is not None:

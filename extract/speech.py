@@ -29,8 +29,11 @@ floating-point rounding; ``tests/test_speech_text.py`` checks it):
 The policy is written into the store's provenance.
 
 **Layer.** ``layer=-1`` (default) is the model's ``last_hidden_state``; ``k`` in ``1..L``
-is the output of transformer block ``k`` (``-k`` counts from the end, ``-1`` being the last);
-blocks after ``k`` are not run.
+is the output of transformer block ``k`` (``-k`` counts from the end); blocks after ``k``
+are not run. For wav2vec2-base (group-norm feature encoder, post-norm blocks) ``-1`` and
+``L`` are the same; for stable-layer-norm models (wav2vec2-large-lv60, XLS-R)
+``last_hidden_state`` is the final LayerNorm's output, which block ``L``'s is not, so ``-1``
+and ``L`` differ there (provenance ``layer_meaning`` says which was taken).
 
 **Precision.** ``dtype="float32"`` (default, every device) computes in float32 with TF32
 off, also in cuDNN's convolutions, so the store's float16 rounding is the only loss.
@@ -124,20 +127,48 @@ def autocast(device: str, dtype: str):
     return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
 
 
+#: Files besides the weights whose content decides the features: the architecture
+#: (``config.json``: layers, norms, ...), the audio preprocessing (``preprocessor_config.json``:
+#: normalisation) and the tokenizer.
+DEFINING_FILES = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "vocab.txt", "special_tokens_map.json", "added_tokens.json")
+
+
+def hub_snapshot(name: str, revision: str | None) -> Path | None:
+    """The hub-cache folder (``.../snapshots/<commit>``) that hub id ``name`` at ``revision``
+    was loaded from, or None (not in the cache, not a hub id)."""
+    try:
+        from transformers.utils import cached_file
+
+        found = cached_file(name, "config.json", revision=revision, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+    except Exception:
+        return None
+    return Path(found).parent if found else None
+
+
 def model_identity(name: str, revision: str | None, hf_config: Any,
                    folder: Path | None = None) -> dict[str, Any]:
-    """What pins a checkpoint down: the name as given, the requested revision, the commit
-    the hub cache resolved it to, and for a local folder (``folder``, else ``name`` when it
-    is one) the sha256 of its weight files."""
+    """What pins a checkpoint down: the name as given, the requested revision, the commit it
+    resolved to (for a hub id, the hub-cache snapshot it was loaded from), and for the folder
+    its files are in (``folder``, ``name`` when it is one, or that snapshot) the sha256 of its
+    weight files (``weights_sha256``) and of the other files that decide the features
+    (``files_sha256``: ``DEFINING_FILES``)."""
     from cmarr.extract.store import file_sha256
 
     out: dict[str, Any] = {"model": str(name), "revision": revision}
-    commit = getattr(hf_config, "_commit_hash", None)
-    out["commit_hash"] = commit if commit else None
+    commit = getattr(hf_config, "_commit_hash", None)  # set by older transformers versions
     path = folder if folder is not None else Path(name)
+    if not path.is_dir():
+        snapshot = hub_snapshot(name, revision)
+        if snapshot is not None:
+            path = snapshot
+            commit = commit or snapshot.name
+    out["commit_hash"] = commit if commit else None
     if path.is_dir():
         files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
         out["weights_sha256"] = {f.name: file_sha256(f) for f in files}
+        out["files_sha256"] = {n: file_sha256(path / n) for n in DEFINING_FILES if (path / n).is_file()}
     return out
 
 
@@ -396,10 +427,10 @@ class SpeechExtractor(Extractor):
             "compute_dtype": self.dtype,
             "batching": c.batching,
             "batching_rule": _BATCHING_RULES[c.batching],
-            "duration_check": ("a wav whose decoded duration differs from the manifest's end - start, or falls "
-                               "short of the frames its header declares, by more than "
-                               f"max({c.duration_tolerance_s:g} s, {c.duration_tolerance_fraction:g} x expected) "
-                               "is a per-utterance error"),
+            "duration_check": ("a wav whose decoded duration differs from the manifest's end - start by more "
+                               f"than max({c.duration_tolerance_s:g} s, {c.duration_tolerance_fraction:g} x "
+                               f"expected), or falls short of the frames its header declares by more than "
+                               f"{c.duration_tolerance_s:g} s, is a per-utterance error"),
         }
 
     def num_frames(self, num_samples: int) -> int:
@@ -427,7 +458,7 @@ class SpeechExtractor(Extractor):
         if self.config.batching != "masked" or k == 0:
             return n
         f = -(-n // self.hop)  # frames, rounded up
-        step = 2 ** max(0, int(math.floor(math.log2(f))) - int(math.log2(k)))
+        step = max(1, 2 ** int(math.floor(math.log2(f))) // k)  # padding <= step / f <= 1 / k
         return max(n, -(-f // step) * step * self.hop)
 
     def forward(self, inputs: Sequence[np.ndarray], pad_to: int = 0) -> list[np.ndarray]:

@@ -155,10 +155,20 @@ LOCATION_KEYS = {"weights_sha256": ("model", "revision", "commit_hash"),
                  "denseface_checkpoint_sha256": ("denseface_checkpoint",)}
 
 
+#: Identity keys that earlier versions did not record (or recorded as None: the hub commit
+#: under newer transformers): compared only when both sides record them.
+IF_BOTH_KEYS = ("commit_hash", "weights_sha256", "files_sha256")
+
+
 def without_locations(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``a`` and ``b`` without the keys that say where their weights were loaded from, for
-    each weights sha256 they record equally (``LOCATION_KEYS``; the tokenizer's folder too)."""
+    each weights sha256 they record equally (``LOCATION_KEYS``; the tokenizer's folder too),
+    and without the ``IF_BOTH_KEYS`` one of them lacks."""
     a, b = dict(a), dict(b)
+    for k in IF_BOTH_KEYS:
+        if a.get(k) is None or b.get(k) is None:
+            a.pop(k, None)
+            b.pop(k, None)
     for sha, keys in LOCATION_KEYS.items():
         if a.get(sha) and a.get(sha) == b.get(sha):
             for d in (a, b):

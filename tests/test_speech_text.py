@@ -321,8 +321,14 @@ def test_read_audio_refuses_a_wav_cut_short_of_its_header(tmp_path):
     msg = str(e.value)
     assert e.value.kind == "truncated audio" and msg.startswith(f"{cut}: truncated file"), msg
     assert "declares 14400 frames (0.900 s)" in msg and f"only {n} " in msg
-    # a tolerance wide enough (0.7 x 0.9 s > the 0.6 s lost) accepts it: the tolerance decides
-    assert read_audio(cut, tolerance_fraction=0.7).shape == (n,)
+    # a tolerance wide enough (0.7 s > the 0.6 s lost) accepts it: the tolerance decides
+    assert read_audio(cut, tolerance_s=0.7).shape == (n,)
+    # a long wav that lost less than 5 % of its end (the manifest check's share) still fails
+    long = _write_int16(tmp_path / "long.wav", _voice(16000 * 20, 5))
+    data = long.read_bytes()
+    long.write_bytes(data[:len(data) - 2 * 16000 * 9 // 10])  # 0.9 s of 20 s gone, header intact
+    with pytest.raises(AudioError, match="declares 320000 frames"):
+        read_audio(long, expected_seconds=20.0)
     # a whole wav that is too short for the expected duration
     short = _write_int16(tmp_path / "short.wav", _voice(4800, 5))
     with pytest.raises(AudioError) as e:
@@ -505,3 +511,77 @@ def test_local_folder_given_with_a_tilde_loads_and_is_hashed(tiny_wav2vec2, monk
     ex = SpeechExtractor(SpeechConfig(model=f"~/{Path(tiny_wav2vec2).name}", device="cpu"))
     p = ex.provenance()
     assert p["model"] == f"~/{Path(tiny_wav2vec2).name}" and set(p["weights_sha256"]) == {"model.safetensors"}
+
+
+def test_a_hub_model_is_pinned_by_its_cache_snapshot(minilm, tmp_path):
+    """The defaults are hub ids: their provenance records the commit of the hub-cache snapshot
+    they were loaded from and the sha256 of its files, as for a local folder (a real,
+    offline hub cache with a MiniLM snapshot, loaded through transformers in a fresh process)."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someorg--minilm"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for f in Path(minilm).iterdir():
+        if f.is_file():
+            shutil.copy(f, snap / f.name)
+    code = ("import json; from cmarr.extract.text import TextConfig, TextExtractor; "
+            "p = TextExtractor(TextConfig(model='someorg/minilm', device='cpu')).provenance(); "
+            "print(json.dumps({k: p.get(k) for k in ('model', 'commit_hash', 'weights_sha256', 'files_sha256')}))")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    hub = json.loads(res.stdout.strip().splitlines()[-1])
+    local = TextExtractor(TextConfig(model=minilm, device="cpu")).provenance()
+    assert hub["model"] == "someorg/minilm" and hub["commit_hash"] == commit
+    assert hub["weights_sha256"] == local["weights_sha256"] and hub["weights_sha256"]
+    assert hub["files_sha256"] == local["files_sha256"] and "vocab.txt" in hub["files_sha256"]
+
+
+def test_a_changed_tokenizer_or_config_is_a_provenance_difference(minilm, tiny_wav2vec2, tmp_path):
+    """Same weights, another vocabulary or architecture file: other features, so merge and
+    resume must not take them for the same (only the weights were hashed before)."""
+    import json
+    import shutil
+
+    from cmarr.extract.store import provenance_differences
+
+    other = Path(shutil.copytree(minilm, tmp_path / "minilm-other"))
+    vocab = (other / "vocab.txt").read_text().splitlines()
+    i, j = vocab.index("excuse"), vocab.index("please")
+    vocab[i], vocab[j] = vocab[j], vocab[i]
+    (other / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    a = TextExtractor(TextConfig(model=minilm, device="cpu")).provenance()
+    b = TextExtractor(TextConfig(model=str(other), device="cpu")).provenance()
+    assert a["weights_sha256"] == b["weights_sha256"]
+    assert [d.split(":")[0] for d in provenance_differences(a, b)] == ["files_sha256"]
+    w2v = Path(shutil.copytree(tiny_wav2vec2, tmp_path / "w2v-other"))
+    cfg = json.loads((w2v / "preprocessor_config.json").read_text())
+    (w2v / "preprocessor_config.json").write_text(json.dumps({**cfg, "do_normalize": False}))
+    a = SpeechExtractor(SpeechConfig(model=str(tiny_wav2vec2), device="cpu", io_workers=1)).provenance()
+    b = SpeechExtractor(SpeechConfig(model=str(w2v), device="cpu", io_workers=1)).provenance()
+    assert "files_sha256" in {d.split(":")[0] for d in provenance_differences(a, b)}
+    # a store of an earlier version, which recorded no such hashes, is not refused for that
+    old = {k: v for k, v in a.items() if k not in ("files_sha256", "weights_sha256")}
+    assert provenance_differences(old, a) == []
+
+
+@pytest.mark.parametrize("k", [3, 4, 5])
+def test_length_buckets_pad_at_most_one_kth(tiny_wav2vec2, k):
+    """``length_buckets = k``: a batch is padded to a grid of whole frames with k steps per
+    octave, so by at most 1/k of its frames (k = 3 padded by up to 1/2 before)."""
+    ex = SpeechExtractor(SpeechConfig(model=str(tiny_wav2vec2), device="cpu", length_buckets=k, io_workers=1))
+    worst = 0.0
+    for n in range(ex.hop * 3, ex.hop * 3000, 37):
+        frames = -(-n // ex.hop)
+        padded = ex.padded_length(n)
+        assert padded >= n and padded % ex.hop == 0
+        worst = max(worst, padded / ex.hop / frames - 1)
+    assert 1 / (2 * k) < worst <= 1 / k
