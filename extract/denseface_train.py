@@ -11,8 +11,11 @@ cast by a single rater for an emotion are removed as outliers first, then
 
 - ``"majority"`` (default): the image is labelled with the emotion holding more than half of
   the remaining votes; images with no such emotion are dropped ("no majority");
-- ``"distribution"``: the target is the vote distribution over the eight emotions (soft
-  cross-entropy); images whose top vote is ``unknown`` or ``NF`` are dropped.
+- ``"distribution"``: the reference's "probability"/"crossentropy" target (soft
+  cross-entropy): the emotions with the most votes (tied ones together, at most three) are
+  taken until they hold 75 % of the votes, and the target is their share of those votes;
+  an ``unknown``/``NF`` tied with them ends the list; an image whose taken emotions hold at
+  most half of the votes is dropped ("no majority").
 
 Under both rules images without an ``Image name`` (removed by FER+), whose top vote is
 ``NF`` (not a face) or ``unknown`` are dropped; every drop is counted in the data report.
@@ -154,8 +157,29 @@ def label_votes(votes: np.ndarray, rule: str) -> tuple[np.ndarray | None, str]:
         t = np.zeros(8)
         t[top] = 1.0
         return t, "ok"
-    e = v[:8]
-    return e / e.sum(), "ok"
+    # the reference's "probability"/"crossentropy" target: the top emotions (ties together, at
+    # most 3) until they hold 75 % of the votes, stopping at an unknown/NF tie (kept only when
+    # nothing came before it); dropped when they hold at most half the votes
+    e, raw, part, count = np.zeros_like(v), v.copy(), 0.0, 0
+    valid = True
+    while part < 0.75 * total and count < 3 and valid:
+        m = raw.max()
+        for i in range(len(raw)):
+            if raw[i] == m:
+                e[i], raw[i] = m, 0.0
+                part += m
+                count += 1
+                if i >= 8:  # unknown or NF as many votes as the emotion(s) before it
+                    valid = False
+                    if e.sum() > m:
+                        e[i] = 0.0
+                        count -= 1
+                    break
+    if e.sum() <= 0.5 * total or count > 3:
+        return None, "no_majority"
+    if int(np.argmax(e)) >= 8:
+        return None, "unknown" if int(np.argmax(e)) == 8 else "nf"
+    return e[:8] / e[:8].sum(), "ok"
 
 
 def read_ferplus(fer2013: str | Path, ferplus: str | Path, label_rule: str = "majority") -> FerData:

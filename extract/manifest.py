@@ -16,7 +16,9 @@ fold            int, 1-based: the session whose utterances form the test part of
 wav_path        the utterance wav, relative to the corpus root ("" = absent)
 transcript      text ("" = absent; the text modality is then missing)
 video_path      the video holding the speaker's face, relative to the corpus root ("" = absent)
-video_start/end the span of the utterance inside ``video_path``, seconds
+video_start/end the span of the utterance inside ``video_path``, seconds; an empty
+                ``video_end`` runs to the end of the file (MSP-IMPROV: the clip's video
+                file is the utterance's, all of it)
 video_half      ``left`` / ``right`` (IEMOCAP: the half of the dialog frame showing the
                 speaker) or ``full`` (MSP-IMPROV: one speaker per clip)
 ==============  ===========================================================================
@@ -124,7 +126,10 @@ def _coerce(df: pd.DataFrame) -> pd.DataFrame:
     for c in _INT_COLUMNS:
         df[c] = df[c].astype("int64")
     for c in _FLOAT_COLUMNS:
-        df[c] = df[c].astype("float64")
+        col = df[c]
+        if c == "video_end":  # empty: to the end of the file
+            col = col.replace("", np.nan)
+        df[c] = col.astype("float64")
     for c in _STR_COLUMNS:
         df[c] = df[c].fillna("").astype(str)
     return df

@@ -247,7 +247,9 @@ def prepare_msp_improv(root: str | os.PathLike, drop_no_face: bool = True,
             "label": label_map[code], "consensus": code,
             "start": 0.0, "end": duration, "fold": session,
             "wav_path": wav_path, "transcript": text, "video_path": video_path,
-            "video_start": 0.0, "video_end": duration, "video_half": "full",
+            # the clip's video file is the utterance's: all of it (an empty end), not cut at the
+            # wav's duration (its container may end its video track a little before or after)
+            "video_start": 0.0, "video_end": float("nan"), "video_half": "full",
         })
 
     if not drop_no_face:

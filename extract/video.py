@@ -9,7 +9,8 @@ gives no span the whole file is the clip.
 Sampling: sample ``k`` of a clip is at ``t_k = start + k / sample_fps`` (default 10/s) for
 ``t_k < end``; it takes frame ``floor(t_k * fps)``, the frame shown at that time, with ``fps``
 read from the file. When ``sample_fps`` exceeds the file's fps a frame is taken once (the
-effective rate is then the file's). Frame times are recorded relative to the clip start.
+effective rate is then the file's). A frame's time is that of the sample that took it,
+``t_k - start = k / sample_fps`` (on the sample grid, from the clip start).
 
 A file that ends before a clip's span does (a short or truncated video): the sampled frames
 that exist are emitted, and the clip's ``ClipEnd`` records the number missing
@@ -48,8 +49,9 @@ class ClipRequest:
 
 @dataclass
 class ClipFrame:
-    """A sampled frame of a clip: ``index`` its position in the clip, ``time`` seconds from
-    the clip start, ``image`` uint8 RGB (H, W, 3) of the chosen half."""
+    """A sampled frame of a clip: ``index`` its position in the clip, ``time`` the time of
+    the sample that took it (``k / sample_fps``, from the clip start), ``image`` uint8 RGB
+    (H, W, 3) of the chosen half."""
 
     key: str
     index: int
@@ -130,7 +132,8 @@ class _Clip:
         return int(math.floor(self.next_time() * self.fps + 1e-9))
 
     def exhausted(self) -> bool:
-        return self.next_time() >= self.req.end
+        # 1e-9: start + k * step rounded just below end is end (no sample at t == end)
+        return self.next_time() >= self.req.end - 1e-9
 
 
 def iter_clips(path: Path, requests: Iterable[ClipRequest], sample_fps: float = 10.0
@@ -187,8 +190,8 @@ def iter_clips(path: Path, requests: Iterable[ClipRequest], sample_fps: float = 
                     break
                 rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
                 for c in wanted:
-                    t = i / fps - c.req.start
-                    yield ClipFrame(c.req.key, c.n, max(t, 0.0), np.ascontiguousarray(cut_half(rgb, c.req.half)))
+                    t = c.k * c.step  # the time of the sample that took this frame, from the clip start
+                    yield ClipFrame(c.req.key, c.n, t, np.ascontiguousarray(cut_half(rgb, c.req.half)))
                     c.n += 1
                     # advance past every sample that falls on this same frame
                     while not c.exhausted() and c.next_frame() <= i:

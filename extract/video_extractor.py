@@ -174,7 +174,8 @@ class VideoExtractor(Extractor):
             "feature": f"last BN + ReLU + global average pool ({self.dim})",
             "sample_fps": c.sample_fps,
             "frame_rule": "sample k at start + k/sample_fps takes frame floor(t*fps), fps read from the file",
-            "frame_times": "seconds from the clip start, every sampled frame; face_mask marks face frames",
+            "frame_times": ("seconds from the clip start of the sample that took each frame (k / sample_fps), every "
+                            "sampled frame; face_mask marks face frames"),
             "short_video_rule": (f"a video that ends more than {c.max_missing_seconds:g} s before the end of the "
                                  "span is a per-utterance error; within that the frames that exist are kept and "
                                  "frames_missing counts the rest; no frame -> error"),

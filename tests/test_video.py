@@ -257,6 +257,18 @@ def test_msp_no_face_clips_become_missing_video(tmp_path):
     assert r.error is None and r.meta["face_mask"].all() and r.matrix.shape == (3, 342)
 
 
+def test_samples_stop_before_the_span_end_and_carry_their_own_times(tmp_path):
+    """A span whose length is a whole number of sample steps: ``start + k / sample_fps``
+    can round just below ``end``, which took one sample too many; and a frame's time is its
+    sample's (on the grid from the clip start), not the frame's own start clamped at 0."""
+    p = _write_index_avi(tmp_path / "dialog.avi")
+    start, end = 0.0247, 0.5247  # as label times are written: 0.0247 + 5 * 0.1 rounds to 0.52469999...
+    assert start + 5 * (1 / 10.0) < end
+    frames, ends = _collect(p, [ClipRequest("A", start, end, "full")])
+    assert len(frames["A"]) == 5 and ends["A"].n_frames == 5 and ends["A"].n_missing == 0
+    assert np.allclose([f.time for f in frames["A"]], [0.0, 0.1, 0.2, 0.3, 0.4], atol=1e-9)
+
+
 def _video_duration(path: Path) -> float:
     cap = cv2.VideoCapture(str(path))
     duration = cap.get(cv2.CAP_PROP_FRAME_COUNT) / cap.get(cv2.CAP_PROP_FPS)
