@@ -68,6 +68,18 @@ class CMARROutput:
     reps: dict = field(default_factory=dict)
 
 
+def _learned_a_of_earlier_versions(state_dict, prefix, *args) -> None:
+    """Checkpoints from before ``a`` was learned as ``-exp(.)`` hold ``udcl_a`` itself:
+    converted on loading (a value that training had made non-negative cannot be)."""
+    old, new = prefix + "udcl_a", prefix + "udcl_log_neg_a"
+    if old in state_dict and new not in state_dict:
+        a = state_dict.pop(old)
+        if not bool((a < 0).all()):
+            raise ValueError(f"the checkpoint's learned a of Eq. 5 is {a.tolist()}, not negative (trained by an "
+                             "earlier version, which did not keep it negative); it cannot be loaded")
+        state_dict[new] = torch.log(-a)
+
+
 class CMARR(nn.Module):
     """Cross-modal alignment, reconstruction and refinement (Sun et al. 2024), see module docstring.
 
@@ -105,6 +117,7 @@ class CMARR(nn.Module):
             if cfg.learn_ab and ab_used:  # a = -exp(.): learned, it stays the negative scale Eq. 5 needs
                 self.udcl_log_neg_a = nn.Parameter(torch.tensor(math.log(-float(cfg.udcl_a))))
                 self.udcl_b = nn.Parameter(torch.tensor(float(cfg.udcl_b)))
+                self._register_load_state_dict_pre_hook(_learned_a_of_earlier_versions)
             else:
                 self.register_buffer("udcl_a", torch.tensor(float(cfg.udcl_a)))
                 self.register_buffer("udcl_b", torch.tensor(float(cfg.udcl_b)))

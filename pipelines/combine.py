@@ -81,7 +81,7 @@ def combine_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, overwrite:
             raise CombineError(f"{d}: has no finished fold (no fold*/metrics.json)")
         unfinished = sorted(f.name for f in d.glob("fold*") if f.is_dir() and not (f / "metrics.json").exists())
         protocol = cfg_doc.get("protocol") if isinstance(cfg_doc.get("protocol"), dict) else {}
-        asked = protocol.get("folds") or []
+        asked = protocol.get("folds") or side.get("store", {}).get("folds") or []  # none listed: every fold
         unfinished += [f"fold{k}" for k in asked if not (d / f"fold{k}").exists()]
         if unfinished and not allow_unfinished:
             raise CombineError(f"{d}: {', '.join(sorted(set(unfinished)))} not finished (no metrics.json); finish "

@@ -47,8 +47,8 @@ class OptimConfig:
       ``batch_size`` is per process, as in PyTorch's DDP: a step averages the gradients of
       ``batch_size`` x processes utterances at the same lr, and the contrastive losses see
       ``batch_size`` utterances per process. For the paper's setting use one process, or set
-      ``batch_size`` to 16 / processes. The resolved config records the processes
-      (``world_size``).
+      ``batch_size`` to 16 / processes. Each fold's checkpoints and ``metrics.json``
+      record the processes (``processes``).
     optimizer ["adam"]: the paper does not name it; Adam is what MMIN and DiCMoR use.
       "adamw" decouples ``weight_decay``.
     weight_decay [0.0], betas [(0.9, 0.999)]: Adam defaults.

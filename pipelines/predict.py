@@ -206,7 +206,11 @@ def predict_store(checkpoints: Sequence[str | Path], features: str | Path, condi
         models = []
         for ck in cks:
             model = CMARR(CMARRConfig(**mcfg)).to(dev)
-            model.load_state_dict(ck["model"])
+            try:
+                model.load_state_dict(ck["model"])
+            except (RuntimeError, ValueError) as e:
+                raise PredictError(f"{ck['path']}: its weights do not fit the model it describes: "
+                                   f"{str(e).splitlines()[0]}") from None
             model.eval()
             models.append(model)
         seen = set()

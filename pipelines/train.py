@@ -176,7 +176,7 @@ def store_fingerprint(data: StoreData) -> dict[str, Any]:
     return {"path": str(data.path), "n_utterances": len(data), "utterance_ids_sha256": hashlib.sha256(ids).hexdigest(),
             "table_sha256": hashlib.sha256(table.encode()).hexdigest(),
             "dims": dict(data.dims), "frames_sha256": dict(data.checksums),
-            "corpus": corpora[0] if len(corpora) == 1 else None, "label_counts": counts}
+            "corpus": corpora[0] if len(corpora) == 1 else None, "label_counts": counts, "folds": data.fold_ids}
 
 
 def store_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
@@ -486,11 +486,20 @@ class FoldRecipe:
         if diff:
             raise TrainError(f"{path}: was made from another store than {self.data.path} ({diff}); "
                              "use another --out")
-        if int(ck.get("processes", 1)) != self.dist.world:
+        split = {k: [self.data.ids[i] for i in getattr(self.split, k)] for k in ("train", "val", "test")}
+        if ck.get("split") is not None and ck["split"] != split:
+            raise TrainError(f"{path}: was trained on another train/validation/test split of fold {self.fold} "
+                             "(a validation rule of an earlier version?); its epochs were selected on other "
+                             "utterances: use another --out")
+        if "processes" in ck and int(ck["processes"]) != self.dist.world:  # unknown in older checkpoints
             raise TrainError(f"{path}: was trained with {ck.get('processes', 1)} process(es), this run has "
                              f"{self.dist.world}; optim.batch_size is per process, so a step would change size "
                              "mid-fold: resume with the same number of processes")
-        self.model.load_state_dict(ck["model"])
+        try:
+            self.model.load_state_dict(ck["model"])
+        except (RuntimeError, ValueError) as e:
+            raise TrainError(f"{path}: its weights do not fit this run's model ({str(e).splitlines()[0]}); "
+                             "use another --out") from None
         self.optimizer.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"]["torch"])
         if ck["rng"].get("cuda") is not None and torch.cuda.is_available():
@@ -633,7 +642,7 @@ def collect_fold_results(run_dir: Path, folds: Sequence[int]) -> dict[int, dict[
 def check_same_processes(results: Mapping[Any, Mapping[str, Any]], where: str) -> None:
     """Folds trained with different numbers of processes saw different batches per step
     (``optim.batch_size`` is per process): not one protocol, so not averaged together."""
-    procs = {k: int(r.get("processes", 1)) for k, r in results.items()}
+    procs = {k: int(r["processes"]) for k, r in results.items() if "processes" in r}  # unknown in older files
     if len(set(procs.values())) > 1:
         raise TrainError(f"{where}: folds trained with different numbers of processes (optim.batch_size is per "
                          f"process): {', '.join(f'fold {k}: {n}' for k, n in sorted(procs.items()))}; train them "

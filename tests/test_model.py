@@ -169,10 +169,18 @@ def test_a_learned_scale_of_eq5_stays_negative() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=10.0)
     for _ in range(50):
         opt.zero_grad()
-        (-model.udcl_scale()).neg().backward()  # minimise -a: push a up
+        (-model.udcl_scale()).backward()  # minimise -a: push a up
         opt.step()
     assert model.udcl_scale().item() < 0 and "udcl_log_neg_a" in dict(model.named_parameters())
     assert "udcl_a" in dict(CMARR(small_cfg("cm-arr")).named_buffers())  # the default: a fixed buffer
+    # a checkpoint of an earlier version holds the learned a itself: converted on loading
+    old = {k: v for k, v in model.state_dict().items() if k != "udcl_log_neg_a"}
+    old["udcl_a"] = torch.tensor(-0.02)
+    again = CMARR(small_cfg("cm-arr", learn_ab=True))
+    again.load_state_dict(old)
+    assert torch.allclose(again.udcl_scale(), torch.tensor(-0.02))
+    with pytest.raises(ValueError, match="not negative"):
+        again.load_state_dict({**old, "udcl_a": torch.tensor(0.3)})
 
 
 @pytest.mark.parametrize("variant,overrides", [(v, {}) for v in VARIANTS] + [

@@ -488,6 +488,26 @@ def test_a_fold_process_ends_with_the_jobs_process_that_started_it(tmp_path):
         raise AssertionError("the fold process outlived its --jobs parent")
 
 
+def test_a_resume_on_another_split_or_from_an_older_checkpoint(env, tmp_path):
+    """A last.pt whose split differs from this run's (e.g. a validation rule that changed
+    between versions) is refused: its epochs were selected on other utterances. One
+    without a process count (earlier versions) resumes."""
+    root, store, cfg = env
+    out = tmp_path / "run"
+    run_training(store, cfg, out_dir=out, folds=[1], epochs=1, log=None)
+    (out / "fold1" / "metrics.json").unlink()
+    last = out / "fold1" / "last.pt"
+    ck = torch.load(last, weights_only=False)
+    torch.save({k: v for k, v in ck.items() if k != "processes"}, last)
+    run_training(store, cfg, out_dir=out, folds=[1], epochs=1, log=None)  # no count recorded: resumes
+    (out / "fold1" / "metrics.json").unlink()
+    split = dict(ck["split"])
+    split["val"], split["test"] = split["test"], split["val"]
+    torch.save({**ck, "split": split}, last)
+    with pytest.raises(TrainError, match="another train/validation/test split of fold 1"):
+        run_training(store, cfg, out_dir=out, folds=[1], epochs=1, log=None)
+
+
 def test_a_fold_being_trained_by_another_process_is_refused(env, tmp_path):
     from cmarr.pipelines.train import FoldLock
 
@@ -566,6 +586,12 @@ def test_combine_refuses_unfinished_folds_and_existing_results(env, tmp_path):
     (run / "fold2").mkdir()  # a fold that was started and killed
     res = runner.invoke(combine_app, [str(run), "--out", str(tmp_path / "c")])
     assert res.exit_code == 2 and "fold2 not finished" in res.output and "--allow-unfinished" in res.output
+    # a run of every fold (no --folds: its config lists none) whose fold 3 never started
+    every = tmp_path / "every"
+    run_training(store, cfg, out_dir=every, epochs=1, log=None)
+    shutil.rmtree(every / "fold3")
+    res = runner.invoke(combine_app, [str(every), "--out", str(tmp_path / "c-every")])
+    assert res.exit_code == 2 and "fold3 not finished" in res.output, res.output
     res = runner.invoke(combine_app, [str(run), "--out", str(tmp_path / "c"), "--allow-unfinished"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(combine_app, [str(run), "--out", str(tmp_path / "c"), "--allow-unfinished"])
