@@ -85,8 +85,9 @@ def features_command(
                                                          "(default: 400 on CUDA, 60 on the CPU)."),
     audio_tolerance: Optional[str] = typer.Option(None, "--audio-duration-tolerance", metavar="SECONDS,FRACTION",
                                                   help="A wav whose decoded duration differs from the manifest's "
-                                                  "end - start (or falls short of its header) by more than "
-                                                  "max(SECONDS, FRACTION x duration) is an error (default 0.05,0.05)."),
+                                                  "end - start by more than max(SECONDS, FRACTION x duration), or "
+                                                  "falls short of its header by more than SECONDS, is an error "
+                                                  "(default 0.05,0.05)."),
     audio_readers: int = typer.Option(4, "--audio-readers", min=1, help="Threads that read and resample audio "
                                       "ahead of the speech model."),
     audio_read_ahead: int = typer.Option(256, "--audio-read-ahead", min=1, help="Most utterances read ahead of "

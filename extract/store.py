@@ -666,6 +666,14 @@ class FeatureStore:
             self._meta_pos[modality] = {u: i for i, u in enumerate(self._order[modality])}
         return dict(self._meta[modality][self._meta_pos[modality][utterance_id]])
 
+    def pieces(self, modality: str, piece_bytes: int = 64 << 20) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first row, contiguous block)`` of consecutive rows of ``modality``'s frames, about
+        ``piece_bytes`` each, in order: a pass over every frame in bounded memory."""
+        data = self._data(modality)
+        step = max(1, piece_bytes // max(1, data.shape[1] * data.dtype.itemsize))
+        for start in range(0, data.shape[0], step):
+            yield start, np.ascontiguousarray(data[start:start + step])
+
     def verify(self, modalities: Iterable[str] | None = None, piece_bytes: int = 64 << 20) -> None:
         """Check each modality's frames against the sha256 recorded when the store was
         written, reading them in pieces of about ``piece_bytes`` (bounded memory, one pass:
@@ -678,11 +686,9 @@ class FeatureStore:
             recorded = self.checksums.get(m)
             if not recorded:
                 continue
-            data = self._data(m)
-            step = max(1, piece_bytes // max(1, data.shape[1] * data.dtype.itemsize))
             digest = hashlib.sha256()
-            for start in range(0, data.shape[0], step):
-                digest.update(memoryview(np.ascontiguousarray(data[start:start + step])).cast("B"))
+            for _, block in self.pieces(m, piece_bytes):
+                digest.update(memoryview(block).cast("B"))
             if digest.hexdigest() != recorded:
                 raise StoreError(self.path, f"{m}: the frames do not match the checksum recorded when the "
                                  "file was written (damaged or altered since); `cm-arr-features validate` says more")
@@ -1846,7 +1852,8 @@ def validate_store(path: str | os.PathLike, manifest: pd.DataFrame | None = None
     shares with it (labels, folds, speakers, times, media paths, ...); a shard store
     (``shard`` attribute ``"k/N"``) is checked against its share of the manifest
     (``select_shard``, as extraction split it), and a note says so. ``manifest_sha256``: the
-    manifest file's; a note when the store was extracted from another file. Raises ``StoreError`` only when the file cannot be opened as a store at all.
+    manifest file's; a note when the store was extracted from another file. Raises
+    ``StoreError`` only when the file cannot be opened as a store at all.
     """
     store = FeatureStore(path)
     problems: list[str] = []
@@ -1898,12 +1905,9 @@ def validate_store(path: str | os.PathLike, manifest: pd.DataFrame | None = None
             recorded = f["features"][m].attrs.get("data_sha256")
         digest = hashlib.sha256()
         if shape[0]:
-            data = store._data(m)
-            step = 1 << 16
             bad_rows = []
-            for start in range(0, shape[0], step):
-                block = np.ascontiguousarray(data[start:start + step])
-                digest.update(block.tobytes())
+            for start, block in store.pieces(m):
+                digest.update(memoryview(block).cast("B"))
                 rows = np.nonzero(~np.isfinite(block).all(axis=1))[0]
                 bad_rows.extend((rows + start).tolist())
             if bad_rows:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import List, Sequence
 
 import typer
-import yaml
 from rich.console import Console
 
 app = typer.Typer(add_completion=False, help="Combine per-fold cm-arr-train RUN_DIRs into one metrics.json / results.md.")
@@ -23,18 +22,6 @@ out = Console(soft_wrap=True)
 
 class CombineError(Exception):
     pass
-
-
-def _read_yaml_mapping(path: Path) -> dict:
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise CombineError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    if doc is None:
-        return {}
-    if not isinstance(doc, dict):
-        raise CombineError(f"{path}: expected a mapping, got {type(doc).__name__}")
-    return doc
 
 
 def combine_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, overwrite: bool = False,
@@ -47,7 +34,7 @@ def combine_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, overwrite:
     ``overwrite``."""
     from .config import config_from_dict
     from .metrics import write_results
-    from .train import (TrainError, _comparable, check_same_processes, read_fold_result, store_difference,
+    from .train import (_comparable, check_same_processes, read_fold_result, read_run_yaml, store_difference,
                         summary_document)
 
     if not run_dirs:
@@ -60,11 +47,11 @@ def combine_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, overwrite:
         cfg_path = d / "config.yaml"
         if not cfg_path.is_file():
             raise CombineError(f"{d}: not a cm-arr-train RUN_DIR (no config.yaml)")
-        cfg_doc = _read_yaml_mapping(cfg_path)
+        cfg_doc = read_run_yaml(cfg_path)
         side_path = d / "model_config.yaml"
         if not side_path.is_file():
             raise CombineError(f"{d}: not a complete cm-arr-train RUN_DIR (no model_config.yaml)")
-        side = _read_yaml_mapping(side_path)
+        side = read_run_yaml(side_path)
         if first_cfg is None:
             first_cfg, first_dir = cfg_doc, d
             store, model_cfg = dict(side.get("store", {})), side.get("model", {})
@@ -88,10 +75,7 @@ def combine_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, overwrite:
                                "them (run that RUN_DIR's cm-arr-train command again: it resumes) or pass "
                                "--allow-unfinished to combine the finished folds only")
         for p in found:
-            try:
-                r = read_fold_result(p)
-            except TrainError as e:
-                raise CombineError(str(e)) from None
+            r = read_fold_result(p)  # TrainError naming the file
             k = int(r["fold"])
             if k in results:
                 raise CombineError(f"{d}: fold {k} is also in another RUN_DIR; give each fold once")
@@ -101,10 +85,7 @@ def combine_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, overwrite:
     from .config import with_overrides
 
     cfg = with_overrides(cfg, {"protocol.folds": list(cfg_folds)})
-    try:
-        check_same_processes(results, "the RUN_DIRs")
-    except TrainError as e:
-        raise CombineError(str(e)) from None
+    check_same_processes(results, "the RUN_DIRs")
     metrics = summary_document(cfg, results, store, model_cfg)
     metrics["combined_from"] = [str(d) for d in run_dirs]
     write_results(out_dir, metrics, title=f"{cfg.variant}, folds {', '.join(map(str, cfg_folds))} (combined)")
@@ -120,10 +101,11 @@ def combine(run_dirs: List[Path] = typer.Argument(..., help="RUN_DIRs written by
                                                        "unfinished ones.")) -> None:
     from .config import ConfigError
     from .metrics import rich_table
+    from .train import TrainError
 
     try:
         metrics = combine_runs(run_dirs, out_dir, overwrite=overwrite, allow_unfinished=allow_unfinished)
-    except (CombineError, ConfigError) as e:
+    except (CombineError, ConfigError, TrainError) as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(2)
     except OSError as e:  # --out cannot be created or written

@@ -492,7 +492,7 @@ class FoldRecipe:
                              "(a validation rule of an earlier version?); its epochs were selected on other "
                              "utterances: use another --out")
         if "processes" in ck and int(ck["processes"]) != self.dist.world:  # unknown in older checkpoints
-            raise TrainError(f"{path}: was trained with {ck.get('processes', 1)} process(es), this run has "
+            raise TrainError(f"{path}: was trained with {ck['processes']} process(es), this run has "
                              f"{self.dist.world}; optim.batch_size is per process, so a step would change size "
                              "mid-fold: resume with the same number of processes")
         try:
@@ -661,7 +661,7 @@ def summary_document(cfg: TrainConfig, fold_results: Mapping[int, Mapping[str, A
     return build_metrics(per_fold, LABELS, extra)
 
 
-def _read_mapping(path: Path) -> dict:
+def read_run_yaml(path: Path) -> dict:
     """A RUN_DIR YAML file that must be a mapping; ``TrainError`` naming it otherwise."""
     try:
         doc = yaml.safe_load(path.read_text())
@@ -683,11 +683,11 @@ def _write_config(run_dir: Path, cfg: TrainConfig, model_cfg: Mapping[str, Any],
     path = run_dir / "config.yaml"
     side = run_dir / "model_config.yaml"
     if path.exists():
-        old = _read_mapping(path)
+        old = read_run_yaml(path)
         if _comparable(old) != _comparable(cfg.to_dict()):
             raise TrainError(f"{run_dir}: holds a run with another config (see its config.yaml); use another --out")
         if side.exists():
-            old_side = _read_mapping(side)
+            old_side = read_run_yaml(side)
             old_store = old_side.get("store", {})
             if not isinstance(old_store, dict):
                 raise TrainError(f"{side}: 'store' is not a mapping (damaged?); remove the file to rewrite it")
