@@ -11,10 +11,13 @@ the file or option and the problem; nothing is computed), another run writing th
 (refused), or an extraction that left some utterance/modality without features or a recorded
 error (no store is written; rerun to resume); 3 the store is written but some
 utterances have no features for some modality (listed, and recorded in the store) and
-``--allow-missing`` was not given; 130 interrupted (rerun the same command to resume).
+``--allow-missing`` was not given; 130 interrupted by Ctrl-C, 143 by SIGTERM (what batch
+schedulers send): finished utterances are committed first, and rerunning the same command
+resumes.
 """
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +32,7 @@ err = Console(stderr=True, soft_wrap=True)
 EXIT_SETUP = 1
 EXIT_MISSING = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 @app.callback()
@@ -119,10 +123,10 @@ def features_command(
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        from cmarr.extract.base import ExtractError
+        from cmarr.extract.base import ExtractError, Terminated, sigterm_interrupts
         from cmarr.extract.features import parse_shard, run_features
         from cmarr.extract.speech import SpeechConfig
-        from cmarr.extract.store import StoreError
+        from cmarr.extract.store import NO_ROOM, StoreError, write_failure
         from cmarr.extract.text import TextConfig
     except ImportError as e:
         _fail(f"cannot import the extraction code: {e}")
@@ -154,13 +158,21 @@ def features_command(
                               prefetch=audio_read_ahead, **tolerance)
         text = TextConfig(model=text_model, revision=text_revision, layer=text_layer, dtype=dtype,
                           markers=text_markers)
-        run = run_features(dataset, root, manifest, out, modalities=mods, device=device, shard=k_n,
-                           allow_missing=allow_missing, speech=speech, text=text, video=video,
-                           chunk_size=chunk_size, commit_seconds=commit_every, console=console, log_every=log_every)
+        with sigterm_interrupts():  # a scheduler's SIGTERM: committed like Ctrl-C, not lost
+            run = run_features(dataset, root, manifest, out, modalities=mods, device=device, shard=k_n,
+                               allow_missing=allow_missing, speech=speech, text=text, video=video,
+                               chunk_size=chunk_size, commit_seconds=commit_every, console=console,
+                               log_every=log_every)
     except (ExtractError, StoreError) as e:
         _fail(str(e))
-    except OSError as e:  # e.g. no space left, no permission to write --out
+    except OSError as e:  # e.g. no space left, a file-size limit, no permission to write --out
+        if e.errno in NO_ROOM:
+            _fail(f"{write_failure(e, e.filename or out)}; the utterances committed before are kept: make room "
+                  "and run the same command again to resume")
         _fail(f"{e.filename or out}: {e.strerror or e}")
+    except Terminated:
+        _fail("terminated (SIGTERM); finished utterances are committed: run the same command again to resume",
+              EXIT_TERMINATED)
     except KeyboardInterrupt:
         _fail("interrupted; finished utterances are kept: run the same command again to resume",
               EXIT_INTERRUPTED)
@@ -175,6 +187,9 @@ def features_command(
 
 
 def main() -> None:
+    # a write past the file-size limit fails with EFBIG (reported) instead of killing the
+    # process (CPython's own startup does this too; said here for embedders)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     app()
 
 

@@ -319,6 +319,10 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
     where = f" (shard {shard[0]} of {shard[1]}: {len(rows)} of {len(table)} utterances)" if shard else ""
     console.print(f"{dataset}: {len(rows)} utterances from {manifest}{where} -> {target}", highlight=False)
 
+    if "video" in modalities:
+        from cmarr.extract.video_extractor import require_weights
+
+        require_weights(video)  # a missing option first: it is wrong whatever the media
     check_media_root(rows, root, modalities, manifest)  # a wrong --root: said now, not as N errors
 
     # the output is locked before the models load: a second run on it is refused at once
@@ -418,16 +422,28 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
 
 
 def check_media_root(rows: pd.DataFrame, root: Path, modalities: Sequence[str], manifest: Path) -> None:
-    """Refuse a run in which none of a modality's media files exist under ``root``: a
-    ``--root`` other than the folder the manifest was built from (its paths are relative to
-    it), or a corpus copy without that folder. Each would otherwise become one error per
+    """Refuse a run in which a requested modality has media for no utterance: none of the
+    manifest's wav (video) files exist under ``root`` (a ``--root`` other than the folder
+    the manifest was built from: its paths are relative to it), or the manifest names none
+    at all (built from a corpus copy without wav or avi files, its path cells are empty;
+    text: no transcript). Each would otherwise load the models, make one error per
     utterance and a store without that modality, which ``--allow-missing`` would accept.
     Some files missing is a per-utterance matter and left to the extractors."""
-    for m, col in (("speech", "wav_path"), ("video", "video_path")):
-        if m not in modalities or col not in rows.columns:
+    media = {"speech": ("wav_path", "wav"), "video": ("video_path", "video"), "text": ("transcript", "transcript")}
+    for m in modalities:
+        col, what = media.get(m, (None, None))
+        if col is None or col not in rows.columns:
             continue
         paths = [str(p) for p in rows[col] if isinstance(p, str) and p.strip()]
-        if paths and not any((root / p).is_file() for p in paths):
+        if not paths:
+            fix = ("add them and rebuild the manifest (`cm-arr-extract manifest`)" if m != "text"
+                   else "add the transcriptions and rebuild the manifest")
+            raise ExtractError(f"{root}: no {m} for any of the {len(rows)} utterances: {manifest.name} names no "
+                               f"{what} {'file ' if m != 'text' else ''}(its {col} column is empty), so the corpus "
+                               f"copy it was built from has none; {fix}, or leave {m} out of --modalities")
+        if m == "text":
+            continue
+        if not any((root / p).is_file() for p in paths):
             raise ExtractError(f"{root}: none of the {len(paths)} {m} files that {manifest.name} names exist under "
                                f"this corpus root (first: {root / paths[0]}); give --root the folder the manifest "
                                "was built from")

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import List, Optional
 
@@ -19,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cmarr.extract.store import (LABELS, MODALITIES, FeatureStore, StoreError, errors_hint, file_sha256,
-                                 merge_stores, validate_store)
+                                 merge_stores, validate_store, write_failure)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Inspect, validate and merge cm-arr HDF5 feature stores.")
@@ -157,18 +158,27 @@ def merge(shards: List[Path] = typer.Argument(..., help="Shard stores to join.")
           allow_library_mismatch: bool = typer.Option(
               False, help="Accept shards made with other library versions (same models and settings).")) -> None:
     """Join shards written by separate processes or machines into one store."""
+    from cmarr.extract.base import Terminated, sigterm_interrupts
+
     try:
-        path = merge_stores(shards, out_file, allow_library_mismatch=allow_library_mismatch)
+        with sigterm_interrupts():  # the temporary file is removed, not left behind
+            path = merge_stores(shards, out_file, allow_library_mismatch=allow_library_mismatch)
+    except Terminated:
+        _fail(f"terminated (SIGTERM); nothing was written at {out_file}", 143)
     except StoreError as e:
         _fail(str(e))
-    except OSError as e:
-        _fail(f"{out_file}: cannot write the merged store ({e.strerror or e})")
+    except OSError as e:  # e.g. a full disk or a file-size limit: nothing is left at --out
+        _fail(f"{write_failure(e, e.filename or out_file)}; the shards are unchanged and nothing was written "
+              f"at {out_file}")
     store = FeatureStore(path)
     out.print(f"[green]merged[/] {len(shards)} shards into {path}: {len(store.utterances)} utterances, "
               f"modalities {', '.join(store.modalities)}", highlight=False)
 
 
 def main() -> None:
+    # a write past the file-size limit fails with EFBIG instead of killing the process (as
+    # CPython's own startup does; said here for embedders), so the error is reported
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     app()
 
 

@@ -137,8 +137,9 @@ def _coerce(df: pd.DataFrame) -> pd.DataFrame:
 
 def check_manifest(df: pd.DataFrame, where: str = "manifest") -> None:
     """Raise ``ManifestError`` unless ``df`` follows the manifest contract: all columns, a
-    non-empty unique ``utterance_id`` per row, known labels, corpora and video halves, and
-    ``end >= start``."""
+    non-empty unique ``utterance_id`` per row, known labels, corpora and video halves, finite
+    ``start``, ``end`` and ``video_start`` (``video_end`` finite or NaN: to the end of the
+    file), ``end >= start``, and no session or speaker in several folds (``fold_leaks``)."""
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise ManifestError(where, f"missing columns {missing}")
@@ -165,9 +166,48 @@ def check_manifest(df: pd.DataFrame, where: str = "manifest") -> None:
     bad = df[~df["video_half"].isin(VIDEO_HALVES)]
     if len(bad):
         raise ManifestError(where, f"video_half {bad['video_half'].iloc[0]!r} is not one of {VIDEO_HALVES}")
+    for col in _FLOAT_COLUMNS:
+        # a NaN time would pass every comparison below unseen (the duration check of the wav,
+        # the span of the video); only video_end may be absent (NaN: to the end of the file)
+        x = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
+        ok = np.isfinite(x) | (np.isnan(x) if col == "video_end" else False)
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            need = "a number or empty" if col == "video_end" else "a finite number of seconds"
+            v = df[col].iloc[i]
+            v = str(float(v)) if isinstance(v, (float, np.floating)) else repr(v)
+            raise ManifestError(where, f"row {i + 1} ({df['utterance_id'].iloc[i]}): {col} is {v}, "
+                                       f"expected {need}")
     bad = df[df["end"] < df["start"]]
     if len(bad):
         raise ManifestError(where, f"{bad['utterance_id'].iloc[0]}: end < start")
+    leaks = fold_leaks(df)
+    if leaks:
+        more = f" (and {len(leaks) - 1} more sessions or speakers)" if len(leaks) > 1 else ""
+        raise ManifestError(where, f"{leaks[0]}{more}; give every utterance of a session the same fold")
+
+
+def fold_leaks(df: pd.DataFrame) -> list[str]:
+    """The sessions and speakers of ``df`` (a manifest or a store's utterance table) that
+    span several folds, one message each; empty when there are none.
+
+    A fold tests on its own utterances and trains on every other fold's: a session (or a
+    speaker) split over two folds puts the same speakers in a fold's training and test data,
+    which is the leakage the paper's leave-one-session-out protocol exists to prevent. A fold
+    may hold several sessions; a session may not be in several folds."""
+    out: list[str] = []
+    for col in ("session", "speaker"):
+        if col not in df.columns or "fold" not in df.columns or df.empty:
+            continue
+        folds = df.groupby(df[col].astype(str), sort=True)["fold"].unique()
+        for key, fs in folds.items():
+            if len(fs) > 1:
+                fs = sorted(int(f) for f in fs)
+                counts = df[df[col].astype(str) == key].groupby("fold").size()
+                ex = df[(df[col].astype(str) == key) & (df["fold"] != counts.idxmax())]["utterance_id"]
+                out.append(f"{col} {key} spans folds {fs} (e.g. {ex.iloc[0]} is in fold "
+                           f"{int(df.loc[ex.index[0], 'fold'])}): its speakers would be trained and tested on")
+    return out
 
 
 def write_manifest(df: pd.DataFrame, out: str | os.PathLike) -> Path:
@@ -200,7 +240,8 @@ def write_csv_atomic(df: pd.DataFrame, out: str | os.PathLike) -> Path:
 def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     """Read a manifest CSV written by ``write_manifest``; empty cells stay "" (absent media),
     never NaN. A file that breaks the contract (``check_manifest``: e.g. a row with an empty
-    ``utterance_id``) raises ``ManifestError`` naming the file and the row."""
+    ``utterance_id``, a time that is not a number, a session in several folds) raises
+    ``ManifestError`` naming the file, the row and the column."""
     path = Path(path)
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
@@ -209,6 +250,20 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise ManifestError(path, f"missing columns {missing}")
+    for col in _INT_COLUMNS + _FLOAT_COLUMNS:
+        cells = df[col].astype(str).str.strip()
+        num = pd.to_numeric(cells.where(cells != ""), errors="coerce")
+        bad = num.isna()
+        if col == "video_end":  # empty: to the end of the file
+            bad &= cells.ne("")
+        if col in _INT_COLUMNS:
+            bad |= ~cells.str.fullmatch(r"[+-]?\d+")
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            need = ("an integer" if col in _INT_COLUMNS else
+                    "a number or empty" if col == "video_end" else "a number of seconds")
+            raise ManifestError(path, f"row {i + 1} ({df['utterance_id'].iloc[i]}): {col} is "
+                                      f"{df[col].iloc[i]!r}, expected {need}")
     try:
         df = _coerce(df)
     except ValueError as e:

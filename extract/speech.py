@@ -75,10 +75,11 @@ from cmarr.extract.base import Extractor, ExtractError, Result
 BATCHING_POLICIES = ("masked", "equal-length", "none")
 DTYPES = ("float32", "float16", "bfloat16")
 
-# Written into provenance. Batched arithmetic may sum in another order than a batch of one,
-# so only "none" gives the batch-of-one values bit for bit; the others equal them up to
-# floating-point rounding, which moves a small share of the stored float16 values by one
-# float16 step (measured, masked against none: about 0.5 % of the values).
+# Written into provenance (so the text stays as it is: resume compares it). Batched
+# arithmetic may sum in another order than a batch of one, so only "none" gives the
+# batch-of-one values bit for bit; the others equal them up to float32 reordering,
+# sqrt(depth) * eps32 * the utterance's largest |x|, plus one float16 step when stored
+# (tests/tolerance.py): one step for values of order 1, many steps for values near zero.
 _BATCHING_RULES = {
     "masked": ("utterances sorted by duration and zero-padded into batches; the first conv layer's "
                "GroupNorm statistics cover each utterance's own samples only and padded frames are "

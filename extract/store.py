@@ -53,6 +53,7 @@ does.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import fcntl
@@ -76,7 +77,8 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from .base import PathError, durable_replace
+from .base import PathError, durable_replace, interrupts_held, raise_held
+from .manifest import fold_leaks
 
 FORMAT = "cm-arr-features"
 SCHEMA_VERSION = 1
@@ -246,9 +248,15 @@ def make_folder(folder: Path, out: Path | None = None) -> None:
 def _write_json_atomic(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` so that it is either the old or the complete new file."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, sort_keys=True))
-    durable_replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(obj, sort_keys=True))
+        durable_replace(tmp, path)
+    except OSError as e:  # e.g. a full disk: said of this file (a failed flush names none)
+        tmp.unlink(missing_ok=True)
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
 
 
 def _pid_alive(pid: int) -> bool:
@@ -475,11 +483,13 @@ def _read_ragged_meta(group: h5py.Group, n: int) -> list[dict[str, Any]]:
 
 
 def _write_modality(f: h5py.File, modality: str, dim: int, dtype: str,
-                    items: list[tuple[str, int]], read) -> None:
+                    items: list[tuple[str, int]], read, check=None) -> None:
     """Write one modality in the concatenated layout.
 
     ``items`` is ``[(utterance_id, frames)]`` in output order; ``read(utt)`` returns
-    ``(matrix, meta)`` for it. Meta keys holding sequences are stored ragged.
+    ``(matrix, meta)`` for it. Meta keys holding sequences are stored ragged. ``check()``,
+    called after each block written, raises when a write has failed (``_WriteGuard``): the
+    rest is not computed in vain.
     """
     g = f["features"].require_group(modality)
     total = int(sum(n for _, n in items))
@@ -502,6 +512,8 @@ def _write_modality(f: h5py.File, modality: str, dim: int, dtype: str,
             start += block.shape[0]
             pending.clear()
             size = 0
+            if check is not None:
+                check()
 
     for utt, n in items:
         arr, meta = read(utt)
@@ -920,8 +932,146 @@ def media_fingerprints(table: pd.DataFrame, media: Mapping[str, Sequence[str]]) 
     return out
 
 
-def _create_store_file(path: Path, dtype: str) -> h5py.File:
-    f = h5py.File(str(path), "w", libver="latest")
+#: errno values of a write that failed for want of room: the process's file-size limit
+#: (``ulimit -f``; CPython ignores SIGXFSZ, so the write fails instead of killing the process),
+#: a full disk, an exhausted quota.
+NO_ROOM = frozenset({errno.EFBIG, errno.ENOSPC, errno.EDQUOT})
+
+
+def write_failure(e: OSError, path: str | os.PathLike) -> str:
+    """``"<path>: cannot write: <why>"`` for a failed write of ``path``; the caller adds
+    what was kept and what to do."""
+    if e.errno in NO_ROOM:
+        return (f"{path}: cannot write: file too large for this process's file-size limit, or disk full "
+                f"({e.strerror or e})")
+    return f"{path}: cannot write: {e.strerror or e}"
+
+
+class _WriteGuard:
+    """The file object under an HDF5 file being written (h5py's ``fileobj`` driver).
+
+    HDF5 does not survive a failed write: its metadata cache keeps the dirty entries, every
+    later close or object release fails again ("Can't decrement id ref count"), and the
+    process may crash at exit. Here a write that fails (a full disk, ``ulimit -f``) is
+    recorded and reported to HDF5 as done; later writes are dropped, reads of what was never
+    written read zeros. HDF5 thus stays consistent and closes the file normally; the writer
+    then finds the error (``check``) and removes the file, which is worthless. A Ctrl-C that
+    lands in these callbacks is held likewise and raised by ``check``."""
+
+    def __init__(self, path: Path, shown: str | os.PathLike | None = None):
+        self.path = path
+        self.shown = str(shown if shown is not None else path)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        self.pos = 0
+        self.size = 0  # as HDF5 believes it: failed writes included
+        self.error: OSError | None = None
+        self.interrupt: BaseException | None = None
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        self.pos = pos if whence == os.SEEK_SET else (self.pos + pos if whence == os.SEEK_CUR else self.size + pos)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def _io(self, op) -> None:
+        """Run ``op`` (a system call) unless a write has failed; record its failure."""
+        while self.error is None:
+            try:
+                op()
+                return
+            except OSError as e:
+                if e.errno == errno.EINTR:
+                    continue
+                self.error = e
+            except KeyboardInterrupt as e:  # never into HDF5: raised by check(), after this call
+                self.interrupt = e
+
+    def read(self, n: int = -1) -> bytes:
+        n = max(self.size - self.pos, 0) if n is None or n < 0 else n
+        got: list[bytes] = []
+        self._io(lambda: got.append(os.pread(self.fd, n, self.pos)))
+        data = got[0] if got else b""
+        if len(data) < n and self.pos + n <= self.size:
+            data += bytes(n - len(data))  # never written (a failed write): HDF5 gets its length
+        self.pos += len(data)
+        return data
+
+    def write(self, b) -> int:
+        view = memoryview(b).cast("B")
+        n = len(view)
+        done = [0]
+
+        def op():
+            while done[0] < n:
+                done[0] += os.pwrite(self.fd, view[done[0]:], self.pos + done[0])
+        self._io(op)
+        self.pos += n
+        self.size = max(self.size, self.pos)
+        return n
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self.pos if size is None else size
+        self._io(lambda: os.ftruncate(self.fd, size))
+        self.size = size
+        return size
+
+    def flush(self) -> None:
+        pass  # unbuffered; durable_replace fsyncs the finished file
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def check(self) -> None:
+        """Raise the failed write (``OSError`` naming the file), a held Ctrl-C or a held
+        SIGTERM (``raise_held``)."""
+        if self.error is not None:
+            raise OSError(self.error.errno, self.error.strerror or str(self.error), self.shown)
+        if self.interrupt is not None:
+            e, self.interrupt = self.interrupt, None
+            raise e
+        raise_held()
+
+
+@contextlib.contextmanager
+def _new_h5(path: Path, shown: str | os.PathLike | None = None) -> Iterator[tuple[h5py.File, _WriteGuard]]:
+    """Create the HDF5 file ``path`` for writing through a ``_WriteGuard``; yields ``(file,
+    guard)``. The file is closed on leaving, then a failed write is raised as ``OSError``
+    naming ``shown`` (default ``path``), also when it caused the error the body raised
+    (HDF5 reading back what was never written). A SIGTERM meanwhile is raised at the end
+    (``interrupts_held``). The caller removes the file on failure."""
+    with interrupts_held():
+        guard = _WriteGuard(path, shown)
+        try:
+            f = h5py.File(guard, "w", libver="latest")
+        except BaseException:
+            guard.close()
+            raise
+        try:
+            yield f, guard
+        except Exception:
+            _close_h5(f, guard)
+            if guard.error is not None:
+                guard.check()  # the first cause
+            raise
+        except BaseException:
+            _close_h5(f, guard)
+            raise
+        _close_h5(f, guard)
+        guard.check()
+
+
+def _close_h5(f: h5py.File, guard: _WriteGuard) -> None:
+    try:
+        f.close()
+    finally:
+        guard.close()
+
+
+def _init_store_file(f: h5py.File, dtype: str) -> h5py.File:
+    """The root attributes and groups of a new store (``complete`` False until the end)."""
     f.attrs["format"] = FORMAT
     f.attrs["schema_version"] = SCHEMA_VERSION
     f.attrs["dtype"] = dtype
@@ -972,7 +1122,8 @@ def _assemble(out: Path, utterances: pd.DataFrame, provenance: Mapping[str, dict
                              "command again: what is finished is kept and the rest is extracted")
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     try:
-        with _create_store_file(tmp, dtype) as f:
+        with _new_h5(tmp, out) as (f, guard):
+            _init_store_file(f, dtype)
             for k, v in (extra_attrs or {}).items():
                 f.attrs[k] = v
             _write_table(f.create_group("utterances"), utterances.reset_index(drop=True))
@@ -994,7 +1145,7 @@ def _assemble(out: Path, utterances: pd.DataFrame, provenance: Mapping[str, dict
                         for src in sources:
                             src.hold(m)
                     _write_modality(f, m, dim, dtype, [(u, n) for u, n, _, _ in keys],
-                                    lambda u, m=m: sources[src_of[u]].read(m, u))
+                                    lambda u, m=m: sources[src_of[u]].read(m, u), check=guard.check)
                 finally:
                     for src in sources:
                         src.release(m)
@@ -1574,7 +1725,7 @@ class StoreWriter:
             else:
                 feats.setdefault(m, {})[utt] = (arr, meta)  # the newest result of a pair wins
         try:
-            with h5py.File(str(tmp), "w", libver="latest") as f:
+            with _new_h5(tmp, final) as (f, _):  # a failed write: OSError naming the chunk, HDF5 left sound
                 f.attrs["chunk_format"] = 2
                 fg = f.create_group("features")
                 for m, items in feats.items():
@@ -1871,6 +2022,7 @@ def validate_store(path: str | os.PathLike, manifest: pd.DataFrame | None = None
         bad = sorted(set(t["label"]) - set(LABELS))
         if bad:
             problems.append(f"labels outside {LABELS}: {bad}")
+    problems += [f"utterance table: {leak}" for leak in fold_leaks(t)]
     for m in store.modalities:
         prov = store.provenance.get(m)
         if prov is None:
@@ -1949,6 +2101,7 @@ def validate_store(path: str | os.PathLike, manifest: pd.DataFrame | None = None
             notes.append(f"{m}: {len(errored)} utterances missing, with reasons recorded "
                          f"({errors_hint(store.path)} lists them)")
     if manifest is not None:
+        problems += [f"manifest: {leak}" for leak in fold_leaks(manifest)]
         shard = parse_shard_tag(store.attrs.get("shard"))
         if shard is not None:
             share = select_shard(manifest.assign(utterance_id=manifest["utterance_id"].astype(str)), *shard)

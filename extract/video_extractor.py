@@ -100,6 +100,20 @@ class _Clip:
         self.end: ClipEnd | None = None
 
 
+def require_weights(config: "VideoConfig | None") -> None:
+    """Raise ``ExtractError`` unless ``config`` names a Denseface checkpoint or allows random
+    weights: checked before anything else of a run (it needs no file and no model)."""
+    if config is None or (config.checkpoint is None and not config.allow_random_weights):
+        # The message names the command-line flags (how most users get here) and the
+        # matching VideoConfig fields (for callers from Python).
+        raise ExtractError(
+            "video: no Denseface checkpoint. Train one with "
+            "`cm-arr-denseface train --fer2013 fer2013.csv --ferplus fer2013new.csv --out CKPT` "
+            "and pass it with --denseface-checkpoint CKPT (from Python: VideoConfig(checkpoint=...)); "
+            "random weights are only for tests and demos: --random-denseface "
+            "(VideoConfig(allow_random_weights=True)), recorded in provenance.")
+
+
 class VideoExtractor(Extractor):
     """Denseface features of face frames (see module doc); implements ``Extractor``.
 
@@ -130,15 +144,7 @@ class VideoExtractor(Extractor):
 
         self.device = torch.device(resolve_device(config.device or "auto"))  # ExtractError: bad or absent device
         if config.checkpoint is None:
-            if not config.allow_random_weights:
-                # The message names the command-line flags (how most users get here) and the
-                # matching VideoConfig fields (for callers from Python).
-                raise ExtractError(
-                    "video: no Denseface checkpoint. Train one with "
-                    "`cm-arr-denseface train --fer2013 fer2013.csv --ferplus fer2013new.csv --out CKPT` "
-                    "and pass it with --denseface-checkpoint CKPT (from Python: VideoConfig(checkpoint=...)); "
-                    "random weights are only for tests and demos: --random-denseface "
-                    "(VideoConfig(allow_random_weights=True)), recorded in provenance.")
+            require_weights(config)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_SEED)
                 self.model = DenseFace(DenseFaceConfig()).eval()

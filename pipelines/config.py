@@ -3,7 +3,9 @@
 Config flows one way: defaults below -> YAML file (``--config``) -> command-line flags.
 The resolved config is written beside every checkpoint and result (``RUN_DIR/config.yaml``
 and inside each checkpoint). A key the dataclasses do not know, or a value of the wrong
-type, raises :class:`ConfigError` naming the file and the key.
+type, raises :class:`ConfigError` naming the file and the key, from a file or from
+``--set KEY=VALUE`` (an unknown key lists its section's keys; an empty value is refused
+unless the key takes null). A config file must be UTF-8.
 
 Layout of a YAML file (every section optional)::
 
@@ -339,7 +341,14 @@ def load_config(path: str | Path | None) -> TrainConfig:
     if not p.is_file():
         raise ConfigError(f"{p}: no such config file")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a UTF-8 text file (byte {e.start} is 0x{e.object[e.start]:02x}); "
+                          "save it as UTF-8 YAML") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot be read ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
     if data is not None and not isinstance(data, Mapping):
@@ -347,29 +356,75 @@ def load_config(path: str | Path | None) -> TrainConfig:
     return config_from_dict(data, str(p))
 
 
+def _known_keys(section: str | None) -> list[str]:
+    """The keys of a config section (``None``: the top level; "model": CMARRConfig's fields)."""
+    if section == "model":
+        from cmarr.model import CMARRConfig
+
+        return sorted(f.name for f in dataclasses.fields(CMARRConfig) if f.name not in ("dims", "num_classes"))
+    cls = TrainConfig if section is None else typing.get_type_hints(TrainConfig).get(section)
+    return sorted(f.name for f in dataclasses.fields(cls))
+
+
+def _key_type(dotted: str, where: str) -> Any:
+    """The annotation of the config key ``dotted`` (``optim.lr``, ``model.beta``, ``seed``);
+    ``ConfigError`` listing the keys of its section when there is no such key."""
+    parts = dotted.split(".")
+    hints = typing.get_type_hints(TrainConfig)
+    if parts[0] not in hints:
+        raise ConfigError(f"{where}: unknown key {dotted!r} (top-level keys: {', '.join(_known_keys(None))})")
+    section, tp = parts[0], hints[parts[0]]
+    if len(parts) == 1:
+        return tp
+    if section == "model":
+        from cmarr.model import CMARRConfig
+
+        model_hints = typing.get_type_hints(CMARRConfig)
+        if len(parts) == 2 and parts[1] in ("dims", "num_classes", "variant"):
+            return Any  # refused with its own reason by _check_values
+        if len(parts) != 2 or parts[1] not in model_hints:
+            raise ConfigError(f"{where}: unknown key {dotted!r} (model keys: {', '.join(_known_keys('model'))})")
+        return model_hints[parts[1]]
+    if not dataclasses.is_dataclass(tp) or len(parts) != 2 or parts[1] not in typing.get_type_hints(tp):
+        raise ConfigError(f"{where}: unknown key {dotted!r}"
+                          + (f" ({section} keys: {', '.join(_known_keys(section))})" if dataclasses.is_dataclass(tp)
+                             else f" ({section} has no sub-keys)"))
+    return typing.get_type_hints(tp)[parts[1]]
+
+
+def _accepts_none(tp: Any) -> bool:
+    return tp is Any or tp is type(None) or (typing.get_origin(tp) in (typing.Union, types.UnionType)
+                                             and type(None) in typing.get_args(tp))
+
+
 def with_overrides(cfg: TrainConfig, overrides: Mapping[str, Any], where: str = "command line") -> TrainConfig:
-    """``cfg`` with dotted-key overrides applied (``{"optim.epochs": 3, "seed": 1}``)."""
+    """``cfg`` with dotted-key overrides applied (``{"optim.epochs": 3, "seed": 1}``). Every
+    key must exist (``ConfigError`` listing the keys of its section otherwise), and a value
+    of None (``--set optim.lr=``) is refused unless the key takes null."""
     data = cfg.to_dict()
     for dotted, value in overrides.items():
-        if value is None:
-            continue
+        tp = _key_type(dotted, where)
+        if value is None and not _accepts_none(tp):
+            wanted = "a mapping" if dataclasses.is_dataclass(tp) else _type_name(tp)
+            raise ConfigError(f"{where}: {dotted} needs a value ({wanted}), got none (e.g. --set optim.lr=1e-4)")
         node = data
         parts = dotted.split(".")
         for part in parts[:-1]:
-            if part not in node or not isinstance(node[part], dict):
-                raise ConfigError(f"{where}: unknown key {dotted!r}")
             node = node[part]
-        if parts[0] != "model" and parts[-1] not in node:
-            raise ConfigError(f"{where}: unknown key {dotted!r}")
+        if isinstance(value, Mapping) and isinstance(node.get(parts[-1]), dict):
+            value = {**node[parts[-1]], **value}  # a section's keys given at once: the others stay
         node[parts[-1]] = value
     return config_from_dict(data, where)
 
 
 def parse_set_option(text: str) -> tuple[str, Any]:
-    """``"optim.lr=1e-4"`` -> ``("optim.lr", 1e-4)`` (the value is read as YAML)."""
+    """``"optim.lr=1e-4"`` -> ``("optim.lr", 1e-4)`` (the value is read as YAML; an empty
+    one is None, which :func:`with_overrides` accepts only for keys that take null)."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. optim.lr=1e-4")
     key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set {text!r}: no key before '=' (e.g. optim.lr=1e-4)")
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:

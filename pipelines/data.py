@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -108,6 +108,7 @@ class StoreData:
                             f"(first: {self.ids[none[0]]!r}); remove them from the store's table or re-extract")
         if features is not None:
             self.features = features
+            bad = nonfinite_utterances(features)
         elif load == "memory":
             from cmarr.extract.store import StoreError
 
@@ -115,16 +116,19 @@ class StoreData:
                 self.features = self._store.load_all(MODALITIES, verify=True)
             except StoreError as e:
                 raise DataError(str(e)) from None
+            bad = nonfinite_utterances(self.features)  # in memory already: no second read
         elif load == "lazy":
             from cmarr.extract.store import StoreError
 
             try:  # one pass in bounded memory: lazy training never runs on altered frames either
-                self._store.verify(MODALITIES)
+                bad = verify_frames(self._store, MODALITIES)
             except StoreError as e:
                 raise DataError(str(e)) from None
             self.features = None
         else:
             raise DataError(f"{where}: unknown load mode {load!r}")
+        if bad:  # before any fold trains: a NaN frame would only show as a failed evaluation
+            raise DataError(nonfinite_message(where, bad))
 
     @staticmethod
     def _check_table(table: pd.DataFrame, where: str) -> pd.DataFrame:
@@ -171,6 +175,52 @@ class StoreData:
 
     def __getstate__(self):
         return self.__dict__.copy()
+
+
+def nonfinite_utterances(features: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, list[str]]:
+    """Per modality, the utterances whose ``(T, D)`` frames hold NaN or Inf (modalities
+    without any are left out). The store writer refuses such frames, so they come from a
+    file changed behind its back (with its checksums recomputed) or a foreign writer."""
+    out = {}
+    for m, mats in features.items():
+        bad = [u for u, a in mats.items() if not np.isfinite(a).all()]
+        if bad:
+            out[m] = bad
+    return out
+
+
+def verify_frames(store, modalities: Sequence[str], piece_bytes: int = 64 << 20) -> dict[str, list[str]]:
+    """One pass over the frames of ``modalities`` of ``store`` (a ``FeatureStore``) in pieces
+    of about ``piece_bytes``: the sha256 against the one recorded when the store was written
+    (``StoreError`` as ``FeatureStore.verify`` raises it) and whether any value is NaN or
+    Inf. Returns :func:`nonfinite_utterances` of them (the utterances are looked up, one by
+    one, only for a modality that has such values)."""
+    import hashlib
+
+    out = {}
+    for m in modalities:
+        recorded = store.checksums.get(m)
+        digest = hashlib.sha256()
+        finite = True
+        for _, block in store.pieces(m, piece_bytes):
+            if recorded:
+                digest.update(memoryview(block).cast("B"))
+            finite = finite and bool(np.isfinite(block).all())
+        if recorded and digest.hexdigest() != recorded:
+            store.verify([m])  # raises the store's own message
+        if not finite:
+            ids = sorted(store.ids(m))
+            out.update(nonfinite_utterances({m: {u: store.get(u, m) for u in ids}}))
+    return out
+
+
+def nonfinite_message(where: str, bad: Mapping[str, Sequence[str]], shown: int = 8) -> str:
+    """One line naming the utterances of :func:`nonfinite_utterances` (``shown`` per modality)."""
+    n = sum(len(v) for v in bad.values())
+    parts = [f"{m} of {', '.join(map(repr, us[:shown]))}{f' and {len(us) - shown} more' if len(us) > shown else ''}"
+             for m, us in bad.items()]
+    return (f"{where}: {n} feature matri{'ces hold' if n > 1 else 'x holds'} NaN/Inf values: {'; '.join(parts)} "
+            "(no model can train on or score them); re-extract these utterances or remove them from the store")
 
 
 # ----------------------------------------------------------------------------------------

@@ -22,12 +22,13 @@ a modality for some utterances or altogether: that is what the model is for.
   non-finite logits, which is an error). An utterance with no input under a condition gets
   a row with an empty prediction (never dropped).
 - **Several checkpoints** (e.g. the five folds of a run) must share one model config and one
-  training store; their class probabilities are averaged. A checkpoint is a pickle (it holds
-  configs and provenance besides weights): load only checkpoints from a source you trust.
+  training store; their class probabilities are averaged. A checkpoint holds tensors and
+  plain data only (configs, provenance) and is read with ``torch.load(weights_only=True)``:
+  a file that would need code to load (a crafted pickle) is refused and nothing in it runs.
 - **Shards** of an extraction can be predicted on one by one (rows are per utterance).
 - The modalities the requested conditions use are read into memory and their frames checked
   against the checksums recorded when the store was written (as training does): a damaged or
-  altered file is refused.
+  altered file is refused, and so is one whose frames hold NaN/Inf (naming the utterances).
 - **Output**: one CSV row per (utterance, condition): ``utterance_id, condition,
   available`` (the modalities used, e.g. ``s,t``), ``label`` (the store's, "" if not one of
   the four classes), ``prediction``, ``p_ang, p_hap, p_neu, p_sad``, and
@@ -49,7 +50,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import CONDITION_MASKS, CONDITION_NAMES, LABELS, MODALITIES, eager_loader, hide_unavailable
+from .data import (CONDITION_MASKS, CONDITION_NAMES, LABELS, MODALITIES, eager_loader, hide_unavailable,
+                   nonfinite_message, nonfinite_utterances)
 from .metrics import ROW_NAMES, TABLE_ROWS, score, with_average
 
 #: Provenance keys that may differ between the training store and a store to predict on:
@@ -96,7 +98,7 @@ def feature_differences(trained: Mapping[str, Any], store: Mapping[str, Any]) ->
 
 def load_checkpoints(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     """Read ``paths`` and check that they can be used together."""
-    from .train import TrainError, check_model_format
+    from .train import CheckpointError, TrainError, check_model_format, load_checkpoint
 
     if not paths:
         raise PredictError("no checkpoint given (--checkpoint RUN_DIR/fold1/best.pt)")
@@ -105,11 +107,11 @@ def load_checkpoints(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
         p = Path(p)
         if not p.is_file():
             raise PredictError(f"{p}: no such checkpoint file")
-        try:
-            ck = torch.load(p, map_location="cpu", weights_only=False)
-        except Exception as e:  # a truncated or foreign file
-            raise PredictError(f"{p}: not a readable cm-arr-train checkpoint ({type(e).__name__}: {e})") from None
-        if not isinstance(ck, dict) or not {"model", "model_config", "provenance"} <= set(ck):
+        try:  # tensors and plain data only: a file that would run code when loaded is refused unrun
+            ck = load_checkpoint(p)
+        except CheckpointError as e:  # a truncated, foreign or crafted file
+            raise PredictError(str(e) if e.unsafe else f"{p}: not a readable cm-arr-train checkpoint ({e.detail})") from None
+        if not {"model", "model_config", "provenance"} <= set(ck):
             raise PredictError(f"{p}: not a cm-arr-train checkpoint (no model, model_config or provenance)")
         try:
             check_model_format(ck, p)
@@ -202,6 +204,9 @@ def predict_store(checkpoints: Sequence[str | Path], features: str | Path, condi
             loaded = store.load_all(wanted, verify=True)
         except StoreError as e:
             raise PredictError(str(e)) from None
+        bad = nonfinite_utterances(loaded)
+        if bad:  # named now, not found as non-finite logits halfway through
+            raise PredictError(nonfinite_message(str(features), bad))
         view = _StoreView(store, dims, loaded)
         models = []
         for ck in cks:

@@ -12,6 +12,13 @@ data pipeline, resume), ``train_epoch``, ``evaluate``, ``save_checkpoint``, ``re
     RUN_DIR/metrics.json         per fold and condition WAR, UAR, confusion; mean/std; Avg
     RUN_DIR/results.md           Table 2 layout
 
+Checkpoints hold tensors and plain data only (:func:`plain`) and are read with
+``torch.load(weights_only=True)`` (:func:`load_checkpoint`): a file that would need code to
+load is refused, and nothing in it runs. A fold being trained is locked (:class:`FoldLock`,
+``fold<k>/lock``, removed when the fold ends). Ctrl-C or SIGTERM (:func:`sigterm_interrupts`)
+stops a run with :class:`TrainInterrupted`, which says where each fold stopped; rerunning
+the same command resumes.
+
 Choices the paper leaves open, made here (config fields in brackets):
 
 - Epoch selection on validation only [data.validation, protocol.select_metric,
@@ -32,9 +39,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
+import enum
 import hashlib
 import json
 import os
+import pickle
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -59,6 +71,24 @@ from .validation import FoldSplit, SplitError, split_fold
 
 class TrainError(Exception):
     """A run that cannot proceed (mismatched resume, bad folds, non-finite loss...)."""
+
+
+class CheckpointError(TrainError):
+    """A checkpoint file that cannot be read (``detail`` says why), or that would need code to
+    load (``unsafe``: refused, nothing in it run)."""
+
+    def __init__(self, path: str | Path, detail: str, unsafe: bool = False):
+        self.path, self.detail, self.unsafe = str(path), detail, unsafe
+        super().__init__(f"{path}: {detail}" if unsafe else f"{path}: cannot be read ({detail})")
+
+
+class TrainInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM during a run; ``str(e)`` says where each fold stopped, and
+    ``signum`` which signal it was. Rerunning the same command resumes."""
+
+    def __init__(self, where: str = "", signum: int = signal.SIGINT):
+        super().__init__(where)
+        self.signum = int(signum)
 
 
 # ----------------------------------------------------------------------------------------
@@ -111,11 +141,73 @@ def _seed(*parts: int) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
+def plain(obj: Any) -> Any:
+    """``obj`` as data that ``torch.load(weights_only=True)`` reads back without running code:
+    tensors, dicts, lists, tuples, strings, numbers, bools and None. NumPy arrays become lists,
+    NumPy scalars numbers, dataclasses dicts, paths strings; anything else is a ``TypeError``
+    (a checkpoint field this module should convert)."""
+    if obj is None or type(obj) in (bool, int, float, str) or isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, Mapping):
+        return {(k if type(k) in (str, int) else plain(k)): plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [plain(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, enum.Enum):
+        return plain(obj.value)
+    for base in (int, float, str):  # other subclasses: their plain value
+        if isinstance(obj, base):
+            return base(obj)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return plain(dataclasses.asdict(obj))
+    raise TypeError(f"a checkpoint field of type {type(obj).__name__} is not plain data")
+
+
+#: Why a checkpoint that would need code to load is refused (``CheckpointError.unsafe``).
+UNSAFE_CHECKPOINT = ("not a cm-arr checkpoint, or one that needs code to load (it holds objects other than "
+                     "tensors and plain data: written by another program, or by cm-arr 0.1.0 before checkpoints "
+                     "were plain data); nothing in it was run")
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint read with ``torch.load(weights_only=True)``: tensors and plain data only,
+    so a file whose unpickling would run code (a crafted pickle) is refused before anything
+    in it runs. ``CheckpointError`` naming the file when it cannot be read, needs code, or is
+    not a dict of a cm-arr checkpoint's fields."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():
+            raise CheckpointError(path, f"UnpicklingError: {_first_line(e)}") from None
+        operand = re.search(r"Unsupported operand (\d+)", str(e))
+        if operand:  # bytes that are no checkpoint pickle at all (junk, a damaged or foreign file)
+            raise CheckpointError(path, f"not a cm-arr checkpoint: unsupported pickle operand {operand.group(1)}; "
+                                  "nothing in it was run") from None
+        raise CheckpointError(path, UNSAFE_CHECKPOINT, unsafe=True) from None  # it names code to run
+    except Exception as e:  # torch raises many types for a damaged file
+        raise CheckpointError(path, f"{type(e).__name__}: {_first_line(e)}") from None
+    if not isinstance(ck, dict) or not {"model", "model_config"} <= set(ck):
+        raise CheckpointError(path, "not a cm-arr-train checkpoint: no model or model_config")
+    return ck
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:300]
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` under a temporary name, fsynced and renamed: ``path`` is always whole.
     A failed write (disk full, ...) leaves no partial file and is a ``TrainError``; the
     last checkpoint that was written stays the resume point."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    obj = plain(obj)  # loads with weights_only=True: reading a checkpoint never runs code
     try:
         torch.save(obj, tmp)
         durable_replace(tmp, path)
@@ -130,22 +222,36 @@ class FoldLock:
     """Exclusive right to train one fold into its folder: ``flock`` on ``fold<k>/lock``,
     held while the fold trains. A second process on the same fold (a rerun while the first
     still runs, or left-over ``--jobs`` processes) is refused instead of writing the same
-    checkpoints. The kernel drops the lock of a killed process."""
+    checkpoints. The kernel drops the lock of a killed process.
+
+    The holder removes the file when it releases the lock (still holding it), so a finished
+    or interrupted run leaves none. A process that opened the file just before it was
+    removed may then get a lock on the removed file: it checks that the path still names
+    the file it locked, and otherwise tries again on the new one, so two processes never
+    both hold "the" lock of a fold."""
 
     def __init__(self, folder: Path, fold: int):
         import fcntl
 
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / "lock"
-        self._f = open(self.path, "a+")
-        try:
-            fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._f.seek(0)
-            holder = self._f.read().strip() or "another process"
-            self._f.close()
-            raise TrainError(f"{folder}: fold {fold} is being trained by {holder}; wait for it to end, or stop it "
-                             "(a rerun resumes from its last checkpoint)") from None
+        while True:
+            self._f = open(self.path, "a+")
+            try:
+                fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self._f.seek(0)
+                holder = self._f.read().strip() or "another process"
+                self._f.close()
+                raise TrainError(f"{folder}: fold {fold} is being trained by {holder}; wait for it to end, or stop "
+                                 "it (a rerun resumes from its last checkpoint)") from None
+            try:
+                same = os.path.samestat(os.fstat(self._f.fileno()), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            self._f.close()  # locked a file its holder had just removed: lock the current one
         self._f.seek(0)
         self._f.truncate()
         self._f.write(f"pid {os.getpid()}\n")
@@ -153,6 +259,11 @@ class FoldLock:
 
     def release(self) -> None:
         if not self._f.closed:
+            try:  # while held, and only the file this process locked (not one made after it was removed)
+                if os.path.samestat(os.fstat(self._f.fileno()), os.stat(self.path)):
+                    self.path.unlink()
+            except FileNotFoundError:
+                pass
             self._f.close()  # closing drops the flock
 
 
@@ -238,6 +349,7 @@ class FoldRecipe:
         self.dist = dist
         self.log = log or (lambda s: None)
         self.epoch = 0  # epochs completed
+        self.saved = 0  # epochs completed and in last.pt (what a rerun resumes from)
         self.best_score = -float("inf")
         self.best_epoch = 0
         self.rows: list[dict[str, Any]] = []
@@ -476,9 +588,9 @@ class FoldRecipe:
         if not path.exists():
             return False
         try:
-            ck = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # a damaged file: say which and how to go on
-            raise TrainError(f"{path}: cannot be read ({type(e).__name__}: {e}); remove it to restart the fold") from None
+            ck = load_checkpoint(path)
+        except CheckpointError as e:  # damaged, or not ours: say which and how to go on
+            raise TrainError(f"{e}; remove it to restart the fold") from None
         check_model_format(ck, path)
         if _comparable(ck["train_config"]) != _comparable(self.cfg.to_dict()):
             raise TrainError(f"{path}: was made with another config; use another --out or the same config")
@@ -504,7 +616,7 @@ class FoldRecipe:
         torch.set_rng_state(ck["rng"]["torch"])
         if ck["rng"].get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-        self.epoch = int(ck["epoch"])
+        self.epoch = self.saved = int(ck["epoch"])
         self.best_score = float(ck["best_score"])
         self.best_epoch = int(ck["best_epoch"])
         self.rows = list(ck["rows"])
@@ -517,11 +629,14 @@ class FoldRecipe:
         self.dir.mkdir(parents=True, exist_ok=True)
         cols = list(self.rows[0].keys())
         tmp = self.dir / f"log.csv.tmp-{os.getpid()}"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            w.writerows(self.rows)
-        os.replace(tmp, self.dir / "log.csv")
+        try:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=cols)
+                w.writeheader()
+                w.writerows(self.rows)
+            os.replace(tmp, self.dir / "log.csv")
+        finally:  # interrupted or failed: no partial file left beside the log
+            tmp.unlink(missing_ok=True)
 
     # ---- the loop -------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -552,6 +667,7 @@ class FoldRecipe:
         self.rows.append(row)
         self._write_log()
         self.save_checkpoint("last")
+        self.saved = epoch
         self.log(f"fold {self.fold} epoch {epoch}/{epochs}: loss {losses['loss_total']:.4f} "
                  f"val UAR avg {val['avg']['uar']:.4f} full {val['svt']['uar']:.4f}{' *' if improved else ''}")
 
@@ -561,11 +677,11 @@ class FoldRecipe:
         if self.dist.enabled:
             torch.distributed.barrier()
         try:
-            ck = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # missing or damaged: the fold cannot be tested from it
-            raise TrainError(f"{path}: cannot be read ({type(e).__name__}); fold {self.fold}'s best checkpoint is "
-                             f"lost: remove {self.dir} and run the same command again to train the fold "
-                             "again") from None
+            ck = load_checkpoint(path)
+        except CheckpointError as e:  # missing, damaged or not ours: the fold cannot be tested from it
+            what = e if e.unsafe else f"{path}: cannot be read ({e.detail.split(':')[0]})"
+            raise TrainError(f"{what}; fold {self.fold}'s best checkpoint is lost: remove {self.dir} and run the "
+                             "same command again to train the fold again") from None
         check_model_format(ck, path)
         self.model.load_state_dict(ck["model"])
         test = self.evaluate("test")
@@ -574,8 +690,11 @@ class FoldRecipe:
                   "processes": self.dist.world, "conditions": test}
         if self.dist.main:
             tmp = self.dir / f"metrics.json.tmp-{os.getpid()}"
-            tmp.write_text(json.dumps(result, indent=1))
-            os.replace(tmp, self.dir / "metrics.json")
+            try:
+                tmp.write_text(json.dumps(result, indent=1))
+                os.replace(tmp, self.dir / "metrics.json")
+            finally:
+                tmp.unlink(missing_ok=True)
         if self.dist.enabled:
             torch.distributed.barrier()  # the other ranks read the fold's metrics.json next
         return result
@@ -596,8 +715,10 @@ def resolve_config(config: TrainConfig | str | Path | None = None, *, variant: s
     """Defaults -> YAML (or a TrainConfig) -> these arguments (CLI flags)."""
     cfg = config if isinstance(config, TrainConfig) else load_config(config)
     flags = {"variant": variant, "protocol.folds": list(folds) if folds else None, "device": device,
-             "seed": seed, "optim.epochs": epochs, **dict(overrides or {})}
-    return with_overrides(cfg, flags)
+             "seed": seed, "optim.epochs": epochs}
+    # a flag left out is None; an override's None is a value (refused unless its key takes null)
+    flags = {k: v for k, v in flags.items() if v is not None}
+    return with_overrides(cfg, {**flags, **dict(overrides or {})})
 
 
 #: What a fold's metrics.json holds (written by ``FoldRecipe.test_best``).
@@ -664,8 +785,8 @@ def summary_document(cfg: TrainConfig, fold_results: Mapping[int, Mapping[str, A
 def read_run_yaml(path: Path) -> dict:
     """A RUN_DIR YAML file that must be a mapping; ``TrainError`` naming it otherwise."""
     try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise TrainError(f"{path}: cannot be read ({str(e).splitlines()[0]}); this RUN_DIR's record of its "
                          "settings is damaged: restore it or use another --out") from None
     if doc is None:
@@ -733,7 +854,8 @@ def run_training(features_path: str | Path, config: TrainConfig | str | Path | N
     if jobs < 1:
         raise TrainError(f"--jobs {jobs}: must be >= 1")
     if data is None:
-        data = StoreData(features_path, load=cfg.data.load)
+        data = StoreData(features_path, load=cfg.data.load)  # refuses altered frames and NaN/Inf ones
+    check_store_folds(data)
     all_folds = data.fold_ids
     wanted = list(cfg.protocol.folds) or all_folds
     for k in wanted:
@@ -762,10 +884,11 @@ def run_training(features_path: str | Path, config: TrainConfig | str | Path | N
                   stack=cfg.optim.stack_folds, device=cfg.device)
     else:
         resident = None
-        for group in stack_groups(todo, cfg.optim.stack_folds):
+        groups = stack_groups(todo, cfg.optim.stack_folds)
+        for g, group in enumerate(groups):
             locks = [FoldLock(run_dir / f"fold{k}", k) for k in group] if dist.main else []
+            recipes = []
             try:
-                recipes = []
                 for k in group:
                     recipes.append(FoldRecipe(cfg, data, k, run_dir, dev, dist, log=log if dist.main else None)
                                    .setup(resident))
@@ -775,6 +898,10 @@ def run_training(features_path: str | Path, config: TrainConfig | str | Path | N
                 else:
                     log(f"folds {', '.join(map(str, group))}: trained together (optim.stack_folds)")
                     StackedFolds(recipes).fit()
+            except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see sigterm_interrupts): say where
+                later = [k for rest in groups[g + 1:] for k in rest]
+                raise TrainInterrupted(where_stopped(group, recipes, later, cfg.optim.epochs, run_dir),
+                                       getattr(e, "signum", signal.SIGINT)) from None
             finally:
                 for lock in locks:
                     lock.release()
@@ -792,6 +919,55 @@ def run_training(features_path: str | Path, config: TrainConfig | str | Path | N
     if dist.main:
         write_results(run_dir, metrics, title=f"{cfg.variant} on {Path(features_path).name}")
     return metrics
+
+
+def where_stopped(group: Sequence[int], recipes: Sequence[FoldRecipe], later: Sequence[int], epochs: int,
+                  run_dir: Path) -> str:
+    """Where an interrupted group of folds stopped, for the message of ``TrainInterrupted``."""
+    parts = []
+    for k, r in zip(group, [*recipes, *[None] * (len(group) - len(recipes))]):
+        if r is None:
+            parts.append(f"fold {k} stopped while being set up")
+        elif r.saved >= epochs:
+            parts.append(f"fold {k} stopped after its {epochs} epochs, while its best checkpoint was tested")
+        else:
+            kept = (f"epochs 1-{r.saved} are saved in {run_dir / f'fold{k}' / 'last.pt'}" if r.saved > 1 else
+                    f"epoch 1 is saved in {run_dir / f'fold{k}' / 'last.pt'}" if r.saved == 1 else "none saved yet")
+            parts.append(f"fold {k} stopped in epoch {r.saved + 1} of {epochs} ({kept})")
+    if later:
+        parts.append(f"fold{'s' if len(later) > 1 else ''} {', '.join(map(str, later))} not started")
+    return "; ".join(parts) + ". Run the same command again to resume"
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """Within: SIGTERM (what batch schedulers and ``--jobs`` send to stop a process) raises
+    ``TrainInterrupted`` as Ctrl-C raises ``KeyboardInterrupt``, so a stopped run says where
+    it stopped and releases its fold locks. The previous handler is restored after."""
+    def stop(signum, frame):
+        raise TrainInterrupted("", signum)  # where it stopped is added by whoever catches it
+
+    try:
+        before = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave SIGTERM as it is
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def check_store_folds(data: StoreData) -> None:
+    """``TrainError`` naming each session or speaker of the store that spans several folds:
+    a fold would test on speakers it also trains on (the leak leave-one-session-out exists
+    to prevent)."""
+    from cmarr.extract.manifest import fold_leaks
+
+    leaks = fold_leaks(data.table)
+    if leaks:
+        raise TrainError(f"{data.path}: {'; '.join(leaks)}; give every utterance of a session its session's fold "
+                         "(in the manifest, then extract again)")
 
 
 def check_fold_data(cfg: TrainConfig, data: StoreData, fold: int) -> FoldSplit:
@@ -875,6 +1051,12 @@ def _run_jobs(features_path, run_dir: Path, folds: Sequence[int], jobs: int, log
                     if p.returncode != 0:
                         failed.append(k)
                     log(f"{'folds' if ',' in k else 'fold'} {k}: process ended ({p.returncode})")
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the fold processes are stopped below and say where
+        stopped = ", ".join(k for k, _, _ in running) or "(none)"
+        later = f"; fold{'s' if len(pending) > 1 or ',' in ''.join(pending) else ''} {', '.join(pending)} not started" \
+            if pending else ""
+        raise TrainInterrupted(f"the processes of folds {stopped} were stopped (each says where above){later}. "
+                               "Run the same command again to resume", getattr(e, "signum", signal.SIGINT)) from None
     finally:  # interrupted (Ctrl-C, an error): the fold processes stop too; a rerun resumes them
         for _, p, _ in running:
             if p.poll() is None:
@@ -909,7 +1091,7 @@ def collect_reps(checkpoint: str | Path, store: str | Path | StoreData, fold: in
     """
     from cmarr.model import CMARR, CMARRConfig
 
-    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ck = load_checkpoint(checkpoint)
     check_model_format(ck, checkpoint)
     if fold is not None and int(fold) != int(ck["fold"]):
         raise TrainError(f"{checkpoint}: is the checkpoint of fold {ck['fold']}, not fold {fold}")

@@ -8,10 +8,14 @@
 Writes RUN_DIR (see :mod:`cmarr.pipelines.train`) and prints the Table 2 layout at the end.
 Under ``torchrun --nproc-per-node N -m cmarr.pipelines.train_cli ...`` it trains with
 distributed data parallel. Rerunning with the same RUN_DIR resumes an interrupted run.
+Ctrl-C (SIGINT) or SIGTERM stops it with a line saying which fold and epoch it stopped at,
+exit status 128 + the signal number (130, 143). Errors in the input (store, config, ``--set``,
+RUN_DIR) are one line, exit status 2.
 """
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import List, Optional
 
@@ -57,7 +61,7 @@ def train(
     from .config import ConfigError, parse_set_option
     from .data import DataError
     from .metrics import rich_table
-    from .train import TrainError, die_with_job_parent, run_training
+    from .train import TrainError, die_with_job_parent, run_training, sigterm_interrupts
 
     die_with_job_parent()  # a --jobs fold process ends with the process that started it
     from .validation import SplitError
@@ -71,12 +75,17 @@ def train(
             from .config import VARIANT_NAMES
             if variant not in VARIANT_NAMES:
                 raise ConfigError(f"--variant {variant!r}: choose one of {', '.join(VARIANT_NAMES)}")
-        metrics = run_training(features, config=config, variant=variant, out_dir=out_dir, folds=fold_list,
-                               device=device, seed=seed, epochs=epochs, overrides=overrides, jobs=jobs,
-                               log=None if quiet else (lambda s: err.print(s, highlight=False)))
+        with sigterm_interrupts():  # a scheduler's SIGTERM stops the run as Ctrl-C does
+            metrics = run_training(features, config=config, variant=variant, out_dir=out_dir, folds=fold_list,
+                                   device=device, seed=seed, epochs=epochs, overrides=overrides, jobs=jobs,
+                                   log=None if quiet else (lambda s: err.print(s, highlight=False)))
     except (ConfigError, DataError, SplitError, StoreError, TrainError, typer.BadParameter) as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(2)
+    except KeyboardInterrupt as e:  # Ctrl-C (SIGINT) or SIGTERM: where it stopped; 128 + the signal number
+        where = str(e) or "Run the same command again to resume (finished folds and saved epochs are kept)"
+        err.print(f"[bold yellow]interrupted:[/] {where}", highlight=False)
+        raise typer.Exit(128 + getattr(e, "signum", signal.SIGINT))
     if not quiet and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 only
         out.print(rich_table(metrics, title=f"{metrics['variant']}: WAR / UAR (%) on {features.name}"))
         out.print(f"results in {out_dir}/ (metrics.json, results.md, config.yaml, fold*/)")

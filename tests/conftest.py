@@ -1,3 +1,13 @@
+"""Shared fixtures. Environment variables the tests read:
+
+- ``CMARR_TEST_THREADS``: when set, ``torch.set_num_threads(int(value))`` at the start of
+  the session's tests (once collected, so it also overrides the count test_stacked.py and
+  test_predict.py set at import), e.g. to run the batching/process/thread comparisons
+  (tolerances in ``tests/tolerance.py``) under another intra-op thread count. The
+  ``one_thread`` fixture still sets one thread for its modules; subprocesses follow
+  ``OMP_NUM_THREADS``.
+- ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``: set to 1 unless given.
+"""
 import os
 
 # A forgotten model-hub download must fail at once, not hang or pass by luck.
@@ -8,6 +18,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import h5py  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def pytest_collection_finish(session):
+    threads = os.environ.get("CMARR_TEST_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from torch import nn
 
 from cmarr.model.grouped import (GroupAttention, GroupConv1d, GroupLayerNorm, GroupLinear, from_conv,
                                  group_masked_mean, to_conv)
+from tolerance import assert_float32_close
 
 G, B, T, C = 3, 2, 5, 8
 
@@ -27,8 +28,9 @@ def test_layout_round_trip() -> None:
     x = torch.randn(G, B, T, C)
     y = to_conv(x)
     assert y.shape == (B, G * C, T)
-    torch.testing.assert_close(y[:, C:2 * C], x[1].transpose(1, 2))  # group 1's channels
-    torch.testing.assert_close(from_conv(y, G), x)
+    # pure layout changes: exact
+    torch.testing.assert_close(y[:, C:2 * C], x[1].transpose(1, 2), rtol=0, atol=0)  # group 1's channels
+    torch.testing.assert_close(from_conv(y, G), x, rtol=0, atol=0)
 
 
 def test_group_linear_and_layer_norm_equal_torch_layers() -> None:
@@ -39,10 +41,11 @@ def test_group_linear_and_layer_norm_equal_torch_layers() -> None:
     for g in range(G):
         ref = nn.Linear(C, 4)
         ref.weight.data, ref.bias.data = lin.weight[g].T.clone(), lin.bias[g].clone()
-        torch.testing.assert_close(y[g], ref(x[g]))
+        # one batched matmul for all groups against torch's own kernel: another summation order
+        assert_float32_close(y[g], ref(x[g]), C + 1, f"linear group {g}")  # C products and the bias
         ln = nn.LayerNorm(C)
         ln.weight.data, ln.bias.data = norm.weight[g].clone(), norm.bias[g].clone()
-        torch.testing.assert_close(z[g], ln(x[g]))
+        assert_float32_close(z[g], ln(x[g]), C, f"layer norm group {g}")
 
 
 def test_group_conv_equals_torch_conv() -> None:
@@ -52,7 +55,7 @@ def test_group_conv_equals_torch_conv() -> None:
     y = from_conv(conv(to_conv(x)), G)  # (G, B, T, 6)
     for g in range(G):
         ref = F.conv1d(x[g].transpose(1, 2), conv.weight[g], conv.bias[g], padding=1).transpose(1, 2)
-        torch.testing.assert_close(y[g], ref)
+        assert_float32_close(y[g], ref, 3 * C + 1, f"conv group {g}")  # 3 taps of C channels and the bias
 
 
 @pytest.mark.parametrize("cross", [False, True])
@@ -75,7 +78,9 @@ def test_group_attention_equals_multihead_attention(cross: bool) -> None:
         ref.out_proj.bias.data = attn.out_proj.bias[g].clone()
         keep = mask[g] | ~mask[g].any(dim=1, keepdim=True)
         out, _ = ref(q[g], keys[g], keys[g], key_padding_mask=~keep, need_weights=False)
-        torch.testing.assert_close(y[g], out, atol=1e-6, rtol=1e-5)
+        # in and out projections (C + 1 each), scores (C / 2 per head), softmax and weighted
+        # sum over the keys (T + 2 each)
+        assert_float32_close(y[g], out, 2 * (C + 1) + C // 2 + 2 * (T + 2), f"attention group {g}")
 
 
 def test_group_masked_mean() -> None:
@@ -83,5 +88,6 @@ def test_group_masked_mean() -> None:
     mask = torch.zeros(G, B, T, dtype=torch.bool)
     mask[0, 0, :2] = True
     out = group_masked_mean(x, mask)
-    torch.testing.assert_close(out[0, 0], x[0, 0, :2].mean(dim=0))
+    # a sum of two values and masked zeros, halved: exact
+    torch.testing.assert_close(out[0, 0], x[0, 0, :2].mean(dim=0), rtol=0, atol=0)
     assert (out[1] == 0).all()  # rows without a valid step give zeros

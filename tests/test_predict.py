@@ -14,6 +14,7 @@ from cmarr.pipelines.predict import (PredictError, _app, feature_differences, pa
                                      predict_store)
 from cmarr.pipelines.synthetic import make_synthetic_store
 from cmarr.pipelines.train import run_training
+from tolerance import TINY_CMARR_DEPTH, assert_float32_close
 
 torch.set_num_threads(1)
 runner = CliRunner()
@@ -35,7 +36,7 @@ def test_predictions_on_the_training_store_reproduce_the_folds_test_evaluation(r
     root, store, rd = run
     table, accepted = predict_store([rd / "fold1" / "best.pt"], store, SEVEN, device="cpu")
     assert accepted == []
-    ck = torch.load(rd / "fold1" / "best.pt", map_location="cpu", weights_only=False)
+    ck = torch.load(rd / "fold1" / "best.pt", map_location="cpu", weights_only=True)
     seen = set(ck["split"]["train"]) | set(ck["split"]["val"])
     assert set(table.loc[~table["seen_in_training"], "utterance_id"]) == set(ck["split"]["test"])
     assert set(table.loc[table["seen_in_training"], "utterance_id"]) == seen
@@ -79,7 +80,12 @@ def test_a_store_that_lacks_video_altogether(run):
     assert (sv["available"] == "s").all() and (sv["prediction"] != "").all()
     # under {s, v} only speech is there: the same input as {s}, so the same probabilities
     s_only = predict_store([rd / "fold1" / "best.pt"], novideo, ["s"], device="cpu")[0]
-    np.testing.assert_allclose(sv[["p_ang", "p_sad"]].to_numpy(), s_only[["p_ang", "p_sad"]].to_numpy(), atol=1e-6)
+    # {s, v} ran in a batch with the "present" rows: another batch, so equal up to float32 reordering.
+    # A logit error d moves a probability by at most 2d; the logits' sums run at the scale of the
+    # normalised activations (order 1) or of the logits' spread, whichever is larger.
+    spread = np.ptp(np.log(s_only[["p_ang", "p_hap", "p_neu", "p_sad"]].to_numpy()), axis=1).max()
+    assert_float32_close(sv[["p_ang", "p_sad"]].to_numpy(), s_only[["p_ang", "p_sad"]].to_numpy(), TINY_CMARR_DEPTH,
+                         "{s, v} vs {s}", scale=2 * max(1.0, spread))
     m = prediction_metrics(table)
     assert set(m) <= {"present", "sv"} and "v" not in m
 

@@ -14,6 +14,7 @@ from cmarr.extract.audio import AudioError, read_audio
 from cmarr.extract.base import ExtractError
 from cmarr.extract.speech import SpeechConfig, SpeechExtractor
 from cmarr.extract.text import TextConfig, TextExtractor, apply_marker_rule
+from tolerance import MINILM_DEPTH, TINY_WAV2VEC2_DEPTH, assert_float32_close
 
 SR = 16000
 
@@ -133,7 +134,7 @@ def test_speech_frames_and_masked_batching_equal_batch_of_one(speech, tiny_wav2v
     for ex in (ragged, speech):
         for n, b, r in zip(LENGTHS, ex.embed(waves), ref):
             assert b.shape == ((n - 400) // 320 + 1, 32) == r.shape
-            np.testing.assert_allclose(b, r, atol=1e-4, rtol=0)
+            assert_float32_close(b, r, TINY_WAV2VEC2_DEPTH, f"{n} samples")
     batched = speech.embed(waves)
     # The masking is what makes this hold: plain zero padding changes the features.
     from transformers import Wav2Vec2Model
@@ -153,7 +154,7 @@ def test_speech_other_policies_agree(tiny_wav2vec2, speech, policy):
     other = SpeechExtractor(SpeechConfig(model=str(tiny_wav2vec2), device="cpu", batching=policy))
     assert other.provenance()["batching"] == policy
     for a, b in zip(other.embed(waves), speech.embed(waves)):
-        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+        assert_float32_close(a, b, TINY_WAV2VEC2_DEPTH, policy)
     # equal-length batches never mix lengths
     batches = list(other._batches((i, w) for i, w in enumerate(waves)))
     assert all(len({len(w) for _, w in b}) == 1 for b in batches)
@@ -167,7 +168,7 @@ def test_speech_layer_option(tiny_wav2vec2):
     ex = SpeechExtractor(SpeechConfig(model=str(tiny_wav2vec2), device="cpu", layer=1))
     assert ex.provenance()["layer_meaning"] == "output of transformer block 1 of 2"
     for a, r in zip(ex.embed(waves), _reference(tiny_wav2vec2, waves, ex, layer=1)):
-        np.testing.assert_allclose(a, r, atol=1e-4, rtol=0)
+        assert_float32_close(a, r, TINY_WAV2VEC2_DEPTH, "layer 1")
     with pytest.raises(ExtractError, match="layer 5 does not exist"):
         SpeechExtractor(SpeechConfig(model=str(tiny_wav2vec2), device="cpu", layer=5))
 
@@ -221,11 +222,11 @@ def test_text_batched_equals_unbatched_and_hf(text, minilm):
     model = AutoModel.from_pretrained(minilm).eval()
     for t, (m, tokens) in zip(texts, batched):
         alone, alone_tokens = text.embed([t])[0]
-        np.testing.assert_allclose(m, alone, atol=1e-5, rtol=0)
+        assert_float32_close(m, alone, MINILM_DEPTH, t)
         enc = tok(t, return_tensors="pt")
         with torch.no_grad():
             ref = model(**enc).last_hidden_state[0].numpy()
-        np.testing.assert_allclose(m, ref, atol=1e-5, rtol=0)
+        assert_float32_close(m, ref, MINILM_DEPTH, t)
         assert tokens == alone_tokens == tok.convert_ids_to_tokens(enc["input_ids"][0])
         assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]" and m.shape == (len(tokens), 384)
         assert "[" not in "".join(tokens[1:-1]) and "laughter" not in tokens
@@ -252,7 +253,7 @@ def test_text_long_transcripts(minilm, text):
     assert tokens == full_tokens  # every word piece once, one [CLS] and one [SEP]
     # the first window is encoded alone: its rows equal the 8-piece prefix encoded alone
     prefix, _ = text.embed([win.tokenizer.convert_tokens_to_string(full_tokens[1:9])])[0]
-    np.testing.assert_allclose(m[:9], prefix[:9], atol=1e-5, rtol=0)
+    assert_float32_close(m[:9], prefix[:9], MINILM_DEPTH, "first window")
     assert np.abs(m[1:9] - full[1:9]).max() > 1e-3  # context differs from the whole-text encoding
     strict = TextExtractor(TextConfig(model=minilm, device="cpu", max_length=10, long_text="error"))
     r = next(strict.extract(pd.DataFrame({"utterance_id": ["x"], "transcript": [t]}), Path(".")))
@@ -278,7 +279,7 @@ def test_text_layer_and_provenance(minilm, text):
     with torch.no_grad():
         ref = model(**tok("Do you have your forms?", return_tensors="pt"), output_hidden_states=True).hidden_states[2]
     m, _ = ex.embed(["Do you have your forms?"])[0]
-    np.testing.assert_allclose(m, ref[0].numpy(), atol=1e-5, rtol=0)
+    assert_float32_close(m, ref[0].numpy(), MINILM_DEPTH, "layer 2")
     p = text.provenance()
     assert p["markers"] == "remove" and p["layer"] == -1 and p["dim"] == 384
     assert p["tokenizer"]["do_lower_case"] is True and p["compute_dtype"] == "float32"
@@ -366,7 +367,7 @@ def test_speech_extract_records_truncated_and_mismatched_wavs(speech, tiny_wav2v
     want = speech.embed([read_audio(tmp_path / "good.wav")])[0]
     for utt in ("good", "near"):  # a whole wav within the tolerance is unaffected
         assert res[utt].error is None and res[utt].matrix.shape == ((14400 - 400) // 320 + 1, 32)
-        np.testing.assert_allclose(res[utt].matrix, want, atol=1e-4, rtol=0)
+        assert_float32_close(res[utt].matrix, want, TINY_WAV2VEC2_DEPTH, utt)
     for utt in ("cut", "cut_no_times"):  # the header check needs no times in the manifest
         assert res[utt].error.startswith(f"truncated audio: {tmp_path / 'cut.wav'}: truncated file"), res[utt].error
     assert res["short"].error == (f"audio duration mismatch: {tmp_path / 'short.wav'}: decoded 0.300 s of audio, "

@@ -14,14 +14,16 @@ from cmarr.pipelines.stacked import MemberAdam, StackedFolds, StackedParams, sta
 from cmarr.pipelines.synthetic import make_synthetic_store
 from cmarr.pipelines.train import FoldRecipe, run_training
 from cmarr.pipelines.train_cli import app
+from tolerance import assert_float32_close
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_config):
-    """A 3-session store whose folds differ in size (3 utterances of session 1 moved to fold 2),
-    so that the folds' epochs have different numbers of steps and final batch sizes."""
+    """A 3-session store whose folds differ in size (3 utterances of session 1 moved to fold 2,
+    as session 2's), so that the folds' epochs have different numbers of steps and final
+    batch sizes."""
     import h5py
 
     root = tmp_path_factory.mktemp("stacked")
@@ -29,6 +31,9 @@ def env(tmp_path_factory, tiny_config):
     with h5py.File(store, "r+") as f:
         table = _read_table(f["utterances"])
         moved = table.index[table["fold"] == 1][:3]
+        # into session 2 with its speakers: a session in two folds would be refused (a leak)
+        table.loc[moved, "session"] = table.loc[table["fold"] == 2, "session"].iloc[0]
+        table.loc[moved, "speaker"] = table.loc[moved, "speaker"].str.replace("Ses01", "Ses02")
         table.loc[moved, "fold"] = 2
         del f["utterances"]
         _write_table(f.create_group("utterances"), table)
@@ -73,9 +78,13 @@ def test_member_adam_is_torch_adam_for_each_member(kind, wd, clip):
                     torch.nn.utils.clip_grad_norm_(m.parameters(), clip)
                 opts[e].step()
     assert opt.steps.tolist() == [4, 4, 5]
+    # vmap'ed members against one model at a time: float64 sums in another order. Summed
+    # terms per value: 6 steps of forward (5 and 4 products, 2 biases), the loss's mean over
+    # 7 x 3 values and the gradient's sum over 7 samples (tests/tolerance.py).
+    depth = 6 * (5 + 4 + 2 + 7 * 3 + 7)
     for e, m in enumerate(alone):
         for n, p in m.named_parameters():
-            torch.testing.assert_close(stacked.params[n][e], p, rtol=1e-12, atol=1e-12)
+            assert_float32_close(stacked.params[n][e], p, depth, f"member {e} {n}")
     # a member's state goes out in torch.optim.Adam's layout, and back in
     e = 1
     out = cls(copy.deepcopy(alone[e]).parameters(), lr=1e-2, betas=(0.8, 0.99), weight_decay=wd)
@@ -85,12 +94,12 @@ def test_member_adam_is_torch_adam_for_each_member(kind, wd, clip):
     assert set(ref) == set(got)
     for i in ref:
         assert float(got[i]["step"]) == float(ref[i]["step"]) == 4
-        torch.testing.assert_close(got[i]["exp_avg"], ref[i]["exp_avg"], rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(got[i]["exp_avg_sq"], ref[i]["exp_avg_sq"], rtol=1e-12, atol=1e-12)
+        assert_float32_close(got[i]["exp_avg"], ref[i]["exp_avg"], depth, f"exp_avg {i}")
+        assert_float32_close(got[i]["exp_avg_sq"], ref[i]["exp_avg_sq"], depth, f"exp_avg_sq {i}")
     fresh = MemberAdam(StackedParams(models), lr=1e-2)
     fresh.import_member(2, opts[2])
     assert fresh.steps.tolist() == [0, 0, 5]
-    torch.testing.assert_close(fresh.exp_avg_sq[2], opt.exp_avg_sq[2], rtol=1e-12, atol=1e-12)
+    assert_float32_close(fresh.exp_avg_sq[2], opt.exp_avg_sq[2], depth, "imported exp_avg_sq")
     assert not fresh.exp_avg[:2].any()
 
 
@@ -98,7 +107,7 @@ def test_stacked_parameters_are_views_and_gradients_land_in_one_buffer():
     models = [torch.nn.Linear(3, 2) for _ in range(2)]
     sp = StackedParams(models)
     assert sp.flat.numel() == 2 * (6 + 2) and sp.params["weight"].is_leaf
-    torch.testing.assert_close(sp.params["weight"][1], models[1].weight)
+    torch.testing.assert_close(sp.params["weight"][1], models[1].weight, rtol=0, atol=0)  # a copy: exact
     sp.params["bias"].sum().backward()
     assert sp.flat_grad.sum().item() == 4  # the two biases' gradients, nothing else
     with torch.no_grad():
@@ -133,14 +142,16 @@ def test_stacked_run_is_the_one_fold_at_a_time_run_without_dropout(env):
             for col in ra:
                 if col.startswith("loss_"):
                     assert float(rb[col]) == pytest.approx(float(ra[col]), rel=1e-3, abs=1e-4), (k, col)
-        ca = torch.load(root / "alone" / f"fold{k}" / "last.pt", weights_only=False)
-        cb = torch.load(root / "together" / f"fold{k}" / "last.pt", weights_only=False)
+        ca = torch.load(root / "alone" / f"fold{k}" / "last.pt", weights_only=True)
+        cb = torch.load(root / "together" / f"fold{k}" / "last.pt", weights_only=True)
         assert ca.keys() == cb.keys() and ca["model"].keys() == cb["model"].keys()
         assert ca["split"] == cb["split"]
         sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
         assert {float(v["step"]) for v in sa.values()} == {float(v["step"]) for v in sb.values()}
-        for i in sa:
-            torch.testing.assert_close(sb[i]["exp_avg"], sa[i]["exp_avg"], rtol=1e-2, atol=1e-5)
+        for i in sa:  # rounding differences grown over 3 epochs of training: near-zero entries
+            # drift with the tensor's scale, not their own (seen: 9e-5 of the scale)
+            torch.testing.assert_close(sb[i]["exp_avg"], sa[i]["exp_avg"], rtol=1e-2,
+                                       atol=1e-3 * sa[i]["exp_avg"].abs().max().item())
         for n in ca["model"]:  # Adam moves a weight with a tiny gradient by about lr whatever its size
             torch.testing.assert_close(cb["model"][n], ca["model"][n], rtol=0, atol=3 * 3 * 1e-3)
     assert len(steps) > 1  # the folds' epochs have different numbers of steps
@@ -275,7 +286,7 @@ def test_stacked_variants_with_bf16_adamw_and_clipping(env, variant):
     assert not any("folds 3" in s for s in logs)
     assert set(m["folds"]) == {"1", "2", "3"}
     for k in (1, 2, 3):
-        ck = torch.load(root / f"var-{variant}" / f"fold{k}" / "last.pt", weights_only=False)
+        ck = torch.load(root / f"var-{variant}" / f"fold{k}" / "last.pt", weights_only=True)
         assert ck["variant"] == variant and all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
@@ -294,14 +305,14 @@ def test_a_fold_trained_alone_resumes_in_a_stacked_run(env, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_training(store, cfg, out_dir=out, folds=[1], device="cpu", log=None)
     monkeypatch.undo()
-    alone = torch.load(out / "fold1" / "last.pt", weights_only=False)
+    alone = torch.load(out / "fold1" / "last.pt", weights_only=True)
     logs = []
     run_training(store, cfg, out_dir=out, device="cpu", log=logs.append, overrides={"optim.stack_folds": 3})
     assert any("fold 1: resumed after epoch 1" in s for s in logs)
     assert any("folds 1, 2, 3: trained together" in s for s in logs)
     rows = _log(out / "fold1" / "log.csv")
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
-    after = torch.load(out / "fold1" / "last.pt", weights_only=False)
+    after = torch.load(out / "fold1" / "last.pt", weights_only=True)
     steps = [int(r["steps"]) for r in rows]
     # Adam's step count went on from the one-fold run's
     assert {float(v["step"]) for v in alone["optimizer"]["state"].values()} == {float(steps[0])}

@@ -23,7 +23,7 @@ runner = CliRunner()
 def table(ids, session=1):
     labels = ["ang", "hap", "neu", "sad"]
     return pd.DataFrame({
-        "utterance_id": ids, "corpus": "iemocap", "session": session, "speaker": "Ses01F",
+        "utterance_id": ids, "corpus": "iemocap", "session": session, "speaker": f"Ses0{session}F",
         "label": [labels[i % 4] for i in range(len(ids))], "fold": session,
         "start": 0.0, "end": 1.5,
     })
@@ -809,9 +809,9 @@ def test_validate_against_manifest(tmp_path):
         _write_table(f.create_group("utterances"), full.assign(wav_path=["a.wav", None]))
     code, text = cli("validate", p, "--manifest", ok)
     assert code == 0, text
-    full.assign(fold=[1, 3], start=[0.0, 0.25]).to_csv(ok, index=False)
+    full.assign(fold=[3, 3], start=[0.0, 0.25]).to_csv(ok, index=False)  # session 1 in one fold: no leak
     code, text = cli("validate", p, "--manifest", ok)
-    assert_clean_error(code, text, "1 utterances' fold disagree with the manifest (first: 'b': store 1, manifest 3)",
+    assert_clean_error(code, text, "2 utterances' fold disagree with the manifest (first: 'a': store 1, manifest 3)",
                        "1 utterances' start disagree", "2 problem(s)")
     code, text = cli("validate", p, "--manifest", tmp_path)  # a folder
     assert_clean_error(code, text, str(tmp_path), "cannot read the manifest")

@@ -65,7 +65,7 @@ def test_cli_writes_all_outputs(env, variant):
         assert 0 <= f1[c]["war"] <= 1 and np.asarray(f1[c]["confusion"]).shape == (4, 4)
         assert np.asarray(f1[c]["confusion"]).sum() + f1[c]["n_no_input"] == m["sizes"]["1"]["test"]
     assert f1["avg"]["uar"] == pytest.approx(np.mean([f1[c]["uar"] for c in ("t", "s", "v", "vt", "sv", "st")]))
-    ck = torch.load(out / "fold1" / "best.pt", map_location="cpu", weights_only=False)
+    ck = torch.load(out / "fold1" / "best.pt", map_location="cpu", weights_only=True)
     assert f1["s"]["n_reduced"] == 0  # the synthetic store never lacks speech
     assert all(f1[c]["n_reduced"] <= f1[c]["n"] for c in ("t", "s", "v", "vt", "sv", "st", "svt"))
     assert ck["provenance"]["speech"]["model"] == "synthetic" and ck["train_config"]["variant"] == variant
@@ -119,7 +119,7 @@ def test_resume_after_interruption_gives_the_same_result(env):
     run_training(store, cfg, out_dir=out, folds=[3], device="cpu", log=logs.append)
     assert any("already done" in s for s in logs)
     # a checkpoint written with another weight layout (no "model_format": per-modality layers) is refused
-    ck = torch.load(out / "fold3" / "last.pt", weights_only=False)
+    ck = torch.load(out / "fold3" / "last.pt", weights_only=True)
     del ck["model_format"]
     old = root / "old_layout"
     (old / "fold3").mkdir(parents=True)
@@ -415,7 +415,7 @@ def test_ddp_two_cpu_processes_gloo(env, tmp_path):
     n_single = int((tmp_path / "single" / "fold1" / "log.csv").read_text().splitlines()[1].split(",")[7])
     assert n_ddp == pytest.approx(n_single / 2, abs=1)
     # batch_size is per process: the checkpoint says how many, and a resume with another number is refused
-    assert torch.load(out / "fold1" / "best.pt", weights_only=False)["processes"] == 2
+    assert torch.load(out / "fold1" / "best.pt", weights_only=True)["processes"] == 2
     (out / "fold1" / "metrics.json").unlink()  # the fold not done: the rerun resumes from last.pt
     with pytest.raises(TrainError, match="trained with 2 process"):
         run_training(store, cfg, out_dir=out, folds=[1], device="cpu", epochs=1, log=None)
@@ -497,7 +497,7 @@ def test_a_resume_on_another_split_or_from_an_older_checkpoint(env, tmp_path):
     run_training(store, cfg, out_dir=out, folds=[1], epochs=1, log=None)
     (out / "fold1" / "metrics.json").unlink()
     last = out / "fold1" / "last.pt"
-    ck = torch.load(last, weights_only=False)
+    ck = torch.load(last, weights_only=True)
     torch.save({k: v for k, v in ck.items() if k != "processes"}, last)
     run_training(store, cfg, out_dir=out, folds=[1], epochs=1, log=None)  # no count recorded: resumes
     (out / "fold1" / "metrics.json").unlink()

@@ -328,9 +328,11 @@ def test_provenance_records_the_feature_width():
     assert ex.provenance()["dim"] == ex.model.out_dim == 342
 
 
-def test_a_corpus_copy_without_video_gives_a_store_of_the_video_width(tmp_path):
-    """Every utterance without video (accepted with allow_missing): the store's video block
-    still has the Denseface width, and validate finds nothing wrong with its provenance."""
+def test_a_corpus_whose_videos_all_fail_gives_a_store_of_the_video_width(tmp_path):
+    """Every utterance without video features (its avi cannot be decoded; accepted with
+    allow_missing): the store's video block still has the Denseface width, and validate
+    finds nothing wrong with its provenance. (A corpus copy without any avi file is refused
+    before models load: tests/test_extract_faults.py.)"""
     from cmarr.extract.features import run_features
     from cmarr.extract.fixtures import make_iemocap_tree
     from cmarr.extract.iemocap import prepare_iemocap
@@ -338,8 +340,10 @@ def test_a_corpus_copy_without_video_gives_a_store_of_the_video_width(tmp_path):
     from cmarr.extract.store import FeatureStore, validate_store
 
     root = tmp_path / "IEMOCAP_full_release"
-    make_iemocap_tree(root, sessions=(1,), dialogs_per_session=1, utts_per_dialog=2, quirks=False, video=False)
+    make_iemocap_tree(root, sessions=(1,), dialogs_per_session=1, utts_per_dialog=2, quirks=False)
     manifest = write_manifest(prepare_iemocap(root).df, tmp_path / "m.csv")
+    for avi in root.rglob("*.avi"):
+        avi.write_bytes(b"not a video")
     run = run_features("iemocap", root, manifest, tmp_path / "f.h5", modalities=("video",), log_every=0,
                        allow_missing=True, video=VideoConfig(allow_random_weights=True, device="cpu"))
     assert len(run.errors) == 2 and set(run.errors.modality) == {"video"}
