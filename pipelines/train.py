@@ -15,7 +15,7 @@ data pipeline, resume), ``train_epoch``, ``evaluate``, ``save_checkpoint``, ``re
 Checkpoints hold tensors and plain data only (:func:`plain`) and are read with
 ``torch.load(weights_only=True)`` (:func:`load_checkpoint`): a file that would need code to
 load is refused, and nothing in it runs. A fold being trained is locked (:class:`FoldLock`,
-``fold<k>/lock``, removed when the fold ends). Ctrl-C or SIGTERM (:func:`sigterm_interrupts`)
+``fold<k>/lock``, removed when the fold ends). Ctrl-C or SIGTERM (``cmarr.extract.base.sigterm_interrupts``)
 stops a run with :class:`TrainInterrupted`, which says where each fold stopped; rerunning
 the same command resumes.
 
@@ -898,10 +898,10 @@ def run_training(features_path: str | Path, config: TrainConfig | str | Path | N
                 else:
                     log(f"folds {', '.join(map(str, group))}: trained together (optim.stack_folds)")
                     StackedFolds(recipes).fit()
-            except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see sigterm_interrupts): say where
+            except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (extract.base.sigterm_interrupts): say where
                 later = [k for rest in groups[g + 1:] for k in rest]
                 raise TrainInterrupted(where_stopped(group, recipes, later, cfg.optim.epochs, run_dir),
-                                       getattr(e, "signum", signal.SIGINT)) from None
+                                       signal_number(e)) from None
             finally:
                 for lock in locks:
                     lock.release()
@@ -939,23 +939,12 @@ def where_stopped(group: Sequence[int], recipes: Sequence[FoldRecipe], later: Se
     return "; ".join(parts) + ". Run the same command again to resume"
 
 
-@contextlib.contextmanager
-def sigterm_interrupts():
-    """Within: SIGTERM (what batch schedulers and ``--jobs`` send to stop a process) raises
-    ``TrainInterrupted`` as Ctrl-C raises ``KeyboardInterrupt``, so a stopped run says where
-    it stopped and releases its fold locks. The previous handler is restored after."""
-    def stop(signum, frame):
-        raise TrainInterrupted("", signum)  # where it stopped is added by whoever catches it
+def signal_number(e: BaseException) -> int:
+    """The signal an interruption came from: SIGTERM for ``cmarr.extract.base.Terminated``
+    (raised by ``sigterm_interrupts``, which the CLIs install), else SIGINT (Ctrl-C)."""
+    from cmarr.extract.base import Terminated
 
-    try:
-        before = signal.signal(signal.SIGTERM, stop)
-    except ValueError:  # not the main thread: leave SIGTERM as it is
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    return int(getattr(e, "signum", signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT))
 
 
 def check_store_folds(data: StoreData) -> None:
@@ -1056,7 +1045,7 @@ def _run_jobs(features_path, run_dir: Path, folds: Sequence[int], jobs: int, log
         later = f"; fold{'s' if len(pending) > 1 or ',' in ''.join(pending) else ''} {', '.join(pending)} not started" \
             if pending else ""
         raise TrainInterrupted(f"the processes of folds {stopped} were stopped (each says where above){later}. "
-                               "Run the same command again to resume", getattr(e, "signum", signal.SIGINT)) from None
+                               "Run the same command again to resume", signal_number(e)) from None
     finally:  # interrupted (Ctrl-C, an error): the fold processes stop too; a rerun resumes them
         for _, p, _ in running:
             if p.poll() is None:

@@ -15,7 +15,6 @@ RUN_DIR) are one line, exit status 2.
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
 from typing import List, Optional
 
@@ -56,12 +55,13 @@ def train(
     set_: List[str] = typer.Option([], "--set", help="Override any config key: --set optim.lr=1e-4"),
     quiet: bool = typer.Option(False, "--quiet", help="No per-epoch lines."),
 ) -> None:
+    from cmarr.extract.base import sigterm_interrupts
     from cmarr.extract.store import StoreError
 
     from .config import ConfigError, parse_set_option
     from .data import DataError
     from .metrics import rich_table
-    from .train import TrainError, die_with_job_parent, run_training, sigterm_interrupts
+    from .train import TrainError, TrainInterrupted, die_with_job_parent, signal_number, run_training
 
     die_with_job_parent()  # a --jobs fold process ends with the process that started it
     from .validation import SplitError
@@ -83,9 +83,10 @@ def train(
         err.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(2)
     except KeyboardInterrupt as e:  # Ctrl-C (SIGINT) or SIGTERM: where it stopped; 128 + the signal number
-        where = str(e) or "Run the same command again to resume (finished folds and saved epochs are kept)"
+        where = (str(e) if isinstance(e, TrainInterrupted) else "") or \
+            "Run the same command again to resume (finished folds and saved epochs are kept)"
         err.print(f"[bold yellow]interrupted:[/] {where}", highlight=False)
-        raise typer.Exit(128 + getattr(e, "signum", signal.SIGINT))
+        raise typer.Exit(128 + signal_number(e))
     if not quiet and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 only
         out.print(rich_table(metrics, title=f"{metrics['variant']}: WAR / UAR (%) on {features.name}"))
         out.print(f"results in {out_dir}/ (metrics.json, results.md, config.yaml, fold*/)")
