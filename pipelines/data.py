@@ -195,22 +195,17 @@ def verify_frames(store, modalities: Sequence[str], piece_bytes: int = 64 << 20)
     (``StoreError`` as ``FeatureStore.verify`` raises it) and whether any value is NaN or
     Inf. Returns :func:`nonfinite_utterances` of them (the utterances are looked up, one by
     one, only for a modality that has such values)."""
-    import hashlib
+    nonfinite: set[str] = set()
 
-    out = {}
+    def check(m: str, _start: int, block: np.ndarray) -> None:
+        if m not in nonfinite and not np.isfinite(block).all():
+            nonfinite.add(m)
+
+    store.verify(modalities, piece_bytes, each=check)
+    out: dict[str, list[str]] = {}
     for m in modalities:
-        recorded = store.checksums.get(m)
-        digest = hashlib.sha256()
-        finite = True
-        for _, block in store.pieces(m, piece_bytes):
-            if recorded:
-                digest.update(memoryview(block).cast("B"))
-            finite = finite and bool(np.isfinite(block).all())
-        if recorded and digest.hexdigest() != recorded:
-            store.verify([m])  # raises the store's own message
-        if not finite:
-            ids = sorted(store.ids(m))
-            out.update(nonfinite_utterances({m: {u: store.get(u, m) for u in ids}}))
+        if m in nonfinite:
+            out.update(nonfinite_utterances({m: {u: store.get(u, m) for u in sorted(store.ids(m))}}))
     return out
 
 
