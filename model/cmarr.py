@@ -12,6 +12,11 @@ Data flow for one batch (``B`` samples, modalities ``n`` in ``MODALITIES``, ``S 
    available, ``Z~_m`` = mean of the available ``Z_n`` (Eq. 7; with one available modality it is
    that modality's ``Z``), ``X~_m = F_m^{-1}(Z~_m)`` (Eq. 8), ``X^_m`` = RCAN(``X~_m``); L_rec
    (Eq. 9) compares ``X^_m`` with ``X_m`` on rows where ``m`` is present in the data.
+   Gradients as in the reference code (DiCMoR) by default: ``X~_m`` is detached before RCAN
+   (``rec_detach_input``; the flows then learn from their likelihood only, and Eqs. 6-8 need
+   one flow pass forward, on the detached ``X``, and one inverse pass without a graph), and
+   the target ``X_m`` of Eq. 9 is detached (``rec_detach_target``). With
+   ``proj_grad="frozen"`` the projection is not trained and ``X_n`` carries no gradient.
 4. Refinement (Sec. 3.3): ``Y_m = X_m`` if available else ``X^_m``; L_spcl (SupCon) on the
    pooled ``Y_m`` of all modalities and instances; cross-modal fusion (Eqs. 10-13), pooling
    and a classifier give the logits.
@@ -61,11 +66,16 @@ class CMARROutput:
         (NaN on rows where ``m`` was available; for the baseline, the projection of the
         zero-filled input), ``reps["recon_mask"]`` (B, 3) bool = which were reconstructed
         (not available), ``reps["present_mask"]`` (B, 3) bool.
+    internals: only when ``forward(..., internals=True)``, else {}: detached step-level tensors
+        for diagnostics, ``internals["X"]`` (3, B, S, d) = ``X_n`` in ``MODALITIES`` order
+        (zeros on rows not read), ``internals["x_hat"]`` (3, B, S, d) = ``X^_n`` (meaningful on
+        rows where ``n`` is not available; for the baseline the projection of zero features).
     """
 
     logits: Tensor
     losses: dict[str, Tensor] = field(default_factory=dict)
     reps: dict = field(default_factory=dict)
+    internals: dict = field(default_factory=dict)
 
 
 def _learned_a_of_earlier_versions(state_dict, prefix, *args) -> None:
@@ -85,15 +95,17 @@ class CMARR(nn.Module):
 
     Choices the paper leaves open are :class:`CMARRConfig` fields; this class makes these:
     ``seq_len`` (pooling), ``proj_input`` / ``proj_kernel`` (what the 1-D convolution projects),
-    ``nll_weight`` / ``nll_prior`` / ``nll_detach_input`` (flow training),
-    ``rec_reduction`` / ``rec_detach_target`` (Eq. 9), ``udcl_*`` / ``learn_ab`` / ``learn_tau`` / ``tau_min``
+    ``nll_weight`` / ``nll_prior`` / ``nll_detach_input`` (flow training), ``proj_grad`` (whether
+    ``X_n`` carries gradient), ``rec_reduction`` / ``rec_detach_target`` / ``rec_detach_input``
+    (Eq. 9 and what it trains), ``udcl_*`` / ``learn_ab`` / ``learn_tau`` / ``tau_min``
     (Eqs. 2-5), ``fusion_queries`` (Eqs. 10-13), ``reconstruction`` (baseline). L_spcl is
     computed on the pooled fusion inputs ``Y_m`` (all three modalities of every instance, each
     L2-normalised inside the loss). L_udcl and the flow likelihood use every modality
     ``present`` in the data (in training that includes the true features of the modalities
     withheld as inputs; they never reach the logits); L_rec targets the rows present but not
-    available. Only layers that the config uses are built, so every parameter receives a
-    gradient.
+    available. Only layers that the config uses are built, so every parameter that requires
+    a gradient receives one (with ``proj_grad="frozen"`` the projection, and ``inp`` when no
+    UMC is built, do not require one).
     """
 
     # Layout of the state dict; saved with checkpoints so that a checkpoint of another layout is
@@ -128,6 +140,10 @@ class CMARR(nn.Module):
                 self.register_buffer("log_tau", log_tau)
         # the 1-D convolution of Sec. 3.2 that gives X_n, one per modality
         self.proj = GroupConv1d(n, d, d, cfg.proj_kernel, padding=cfg.proj_kernel // 2)
+        if cfg.proj_grad == "frozen":  # the reference's no_grad projection: stays at its init
+            self.proj.requires_grad_(False)
+            if not self.use_umc:  # nothing else would train the input layers
+                self.inp.requires_grad_(False)
         if cfg.reconstruction:
             self.flow = Flow(d, cfg.flow_steps, cfg.flow_hidden, cfg.flow_kernel, groups=n)
             self.rec = ReconstructionModule(d, cfg.rcan_blocks, cfg.rcan_kernel, cfg.rcan_reduction, groups=n)
@@ -136,6 +152,14 @@ class CMARR(nn.Module):
         self.fusion = CrossModalFusion(d, cfg.fusion_heads, cfg.fusion_ff_ratio, cfg.dropout, cfg.fusion_queries)
         self.classifier = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(cfg.dropout),
                                         nn.Linear(d, cfg.num_classes))
+
+    def shared_parameters(self) -> dict[str, nn.Parameter]:
+        """The trained layers upstream of every branch: ``inp``, the UMC and the projection
+        ``proj`` (those built and requiring a gradient), by name. Every loss term that reaches
+        the encoders passes through them, so the gradient norm each term sends into them
+        compares the terms' pull on the shared representation (the trainer's log)."""
+        return {n: p for n, p in self.named_parameters()
+                if n.startswith(("inp.", "umc.", "proj.")) and p.requires_grad}
 
     # ------------------------------------------------------------------ checks
     def udcl_scale(self) -> Tensor:
@@ -169,7 +193,7 @@ class CMARR(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, feats: dict[str, Tensor], masks: dict[str, Tensor], available: Tensor,
                 present: Tensor | None = None, labels: Tensor | None = None, validate: bool = True,
-                pooled: bool = False, reps: bool = False) -> CMARROutput:
+                pooled: bool = False, reps: bool = False, internals: bool = False) -> CMARROutput:
         """Run the model on one batch.
 
         Args:
@@ -188,6 +212,8 @@ class CMARR(nn.Module):
                 identity, is skipped (checked when ``validate``).
             reps: also return the representations of Fig. 5 (``CMARROutput.reps``); off in
                 training, where they would be wasted work.
+            internals: also return ``X`` and ``X^`` per step (``CMARROutput.internals``; no
+                extra computation, references to detached tensors).
         """
         cfg = self.cfg
         present = self._check_inputs(feats, masks, available, present)
@@ -232,12 +258,19 @@ class CMARR(nn.Module):
         src = mu if (self.use_umc and cfg.proj_input == "umc_mu") else H
         src = torch.where(M.unsqueeze(-1), src, torch.zeros((), dtype=src.dtype, device=src.device))  # padding steps are zero
         X = from_conv(self.proj(to_conv(src)), len(MODALITIES))  # (3, B, S, d)
+        if cfg.proj_grad == "frozen":  # the reference computes it under no_grad: no gradient upstream
+            X = X.detach()
 
         # ---- reconstruction (Eqs. 6-8) or zero-filled inputs (baseline)
         z_nll = logdet_nll = None
         if cfg.reconstruction:
             B = X.shape[1]
-            if cfg.nll_weight > 0 and cfg.nll_detach_input:
+            if cfg.rec_detach_input:
+                # Eqs. 6-8 carry no gradient (X~ is detached below): one flow pass gives Z and the
+                # likelihood terms (nll_weight > 0 is guaranteed by the config)
+                z_nll, logdet_nll = self.flow(X.detach() if cfg.nll_detach_input else X)  # (3, B, S, d), (3, B)
+                Z = z_nll.detach()
+            elif cfg.nll_weight > 0 and cfg.nll_detach_input:
                 # one flow pass for Eq. 6 and for the likelihood of the detached input
                 z_all, logdet_all = self.flow(torch.cat([X, X.detach()], dim=1))  # (3, 2B, S, d), (3, 2B)
                 Z, z_nll, logdet_nll = z_all[:, :B], z_all[:, B:], logdet_all[:, B:]
@@ -250,13 +283,19 @@ class CMARR(nn.Module):
             a = A[:, :, None, None]  # (3, B, 1, 1)
             z_avail = torch.where(a, Z, torch.zeros((), dtype=Z.dtype, device=Z.device))  # where, not a product: NaN * 0 is NaN
             z_tilde = z_avail.sum(dim=0) / a.sum(dim=0).clamp(min=1).to(Z.dtype)  # (B, S, d)
-            x_tilde, _ = self.flow.inverse(z_tilde.expand_as(Z))  # Eq. 8, (3, B, S, d)
+            if cfg.rec_detach_input:  # the reference detaches the flows' reverse output
+                with torch.no_grad():
+                    x_tilde, _ = self.flow.inverse(z_tilde.expand_as(Z))  # Eq. 8, (3, B, S, d)
+            else:
+                x_tilde, _ = self.flow.inverse(z_tilde.expand_as(Z))  # Eq. 8, (3, B, S, d)
             x_hat = self.rec(x_tilde)  # (3, B, S, d)
         else:
             # baseline: an unavailable modality is a zero-filled input (MMIN protocol), i.e. the
             # same layers applied to zero features
             zeros = torch.stack([self.inp[m](H.new_zeros((1, cfg.seq_len, cfg.dims[m]))) for m in MODALITIES])
             x_hat = from_conv(self.proj(to_conv(zeros)), len(MODALITIES)).expand_as(X)  # (3, B, S, d)
+            if cfg.proj_grad == "frozen":
+                x_hat = x_hat.detach()
         Y = torch.where(A[:, :, None, None], X, x_hat)  # (3, B, S, d)
         Y_mask = M | ~A.unsqueeze(-1)  # (3, B, S): every step of X^_m is valid
 
@@ -264,7 +303,8 @@ class CMARR(nn.Module):
         fused = self.fusion(Y, Y_mask, available)  # (B, d)
         logits = self.classifier(fused)  # (B, num_classes)
 
-        out = CMARROutput(logits=logits, reps=self._reps(X, x_hat, M, available, present) if reps else {})
+        out = CMARROutput(logits=logits, reps=self._reps(X, x_hat, M, available, present) if reps else {},
+                          internals={"X": X.detach(), "x_hat": x_hat.detach()} if internals else {})
         if labels is not None:
             out.losses = self._losses(labels, logits, mu, logsigma, X, x_hat, Y, Y_mask, M, z_nll, logdet_nll,
                                       available, present)

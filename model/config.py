@@ -25,8 +25,9 @@ CONDITIONS: dict[str, tuple[str, ...]] = {
     "svt": ("speech", "video", "text"),
 }
 
-# The rows of Table 3.
-VARIANTS: tuple[str, ...] = ("cm-arr", "baseline", "no-udcl", "no-spcl", "no-attention", "point")
+# The rows of Table 3, then "baseline-missing" (not in the paper: the baseline trained as CM-ARR is).
+VARIANTS: tuple[str, ...] = ("cm-arr", "baseline", "no-udcl", "no-spcl", "no-attention", "point",
+                             "baseline-missing")
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "variant": VARIANTS,
@@ -37,6 +38,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "proj_input": ("umc_mu", "features"),
     "nll_prior": ("standard", "class"),
     "rec_reduction": ("mean", "sum"),
+    "proj_grad": ("train", "frozen"),
     "fusion_queries": ("all", "missing"),
 }
 
@@ -88,12 +90,24 @@ class CMARRConfig:
         ``mu_n`` (so the alignment shapes what is reconstructed) or "features" (the
         common-width input features, the UMC then only feeds L_udcl).
       proj_kernel [3]: kernel size of that 1-D convolution (paper: not given).
+      proj_grad ["train"]: "train" = the projection and everything upstream of it learn
+        from every loss that reaches ``X_n``; "frozen" = the reference code's choice
+        (DiCMoR, trains/singleTask/model/dicmor.py computes its width-matching Conv1d
+        projections under ``torch.no_grad()``, so they stay at their random init): the
+        projection's weights are not trained and ``X_n`` is computed without gradient, so
+        nothing upstream (``inp``, UMC) learns through ``X_n``; the UMC then learns from
+        L_udcl only, and ``inp`` too when no UMC is built. The default departs from the
+        reference because in CM-ARR the projection reads the UMC's aligned ``mu_n``
+        (``proj_input="umc_mu"``): freezing it would cut the encoders off from L_cls. An
+        option for a measurement to decide.
       flow_steps [2]: steps of ActNorm -> invertible 1x1 convolution (LU) -> affine
         coupling per modality flow; flow_hidden [64] and flow_kernel [3]: width and
         temporal kernel of the coupling networks. (Each flow runs three times per training
         step: Eq. 6, Eq. 8 and the likelihood, so it dominates the cost.)
       nll_weight [1.0]: weight of the flow negative log-likelihood, which Eq. 14 lacks; the
-        flows are trained by it and by L_rec through ``F^{-1}``.
+        flows are trained by it, and by L_rec and L_cls through ``F^{-1}`` only when
+        ``rec_detach_input`` is False. The reference (DiCMoR) trains its flows by the
+        negative log-likelihood alone (bits per dimension, clamped at 0).
       nll_prior ["standard"]: prior of ``Z_n``: N(0, I), or "class" = N(mu_y, I) with a
         learned mean per class and modality (DiCMoR's class-conditional prior).
       nll_detach_input [True]: the NLL sees ``X_n`` detached, so it trains only the flows; a
@@ -103,8 +117,18 @@ class CMARRConfig:
         rcan_kernel [3].
       rec_reduction ["mean"]: Eq. 9 as a mean squared error over target rows, steps and
         channels ("sum" = the Frobenius norm squared per row, averaged over target rows);
-        with lambda = 10 only the mean gives a scale that does not depend on ``d``.
-      rec_detach_target [False]: stop the gradient into the target ``X_m`` of Eq. 9.
+        with lambda = 10 only the mean gives a scale that does not depend on ``d``. The
+        reference (DiCMoR) takes ``F.mse_loss(rec_feat, conv_feat.detach())``, also a mean
+        over all elements, so "mean" with ``lambda_rec`` = 10 is ten times the reference's
+        term (it averages over target rows only, the reference over its reconstructed batch).
+      rec_detach_target [True]: stop the gradient into the target ``X_m`` of Eq. 9, as the
+        reference does (``conv_feat.detach()``); False lets L_rec pull the target towards
+        the reconstruction (an outside check measured ~5 UAR points lost that way).
+      rec_detach_input [True]: the flows' inverse output ``X~_m`` (Eq. 8) is detached before
+        the reconstruction module, as in the reference (DiCMoR detaches the flows' reverse
+        output), so the flows learn from their likelihood only (``nll_weight`` > 0 is then
+        required) and L_rec and L_cls reach the reconstruction module but not the flows or
+        ``X_n`` through Eqs. 6-8. False = gradients flow through ``F^{-1}`` and ``F``.
       reconstruction [True]: False = the Table 3 baseline (missing inputs zero-filled, no
         flows, no reconstruction module).
 
@@ -159,7 +183,9 @@ class CMARRConfig:
     rcan_reduction: int = 16
     rcan_kernel: int = 3
     rec_reduction: str = "mean"
-    rec_detach_target: bool = False
+    rec_detach_target: bool = True
+    rec_detach_input: bool = True
+    proj_grad: str = "train"
     reconstruction: bool = True
     # refinement
     spcl_temperature: float = 0.07
@@ -210,6 +236,9 @@ class CMARRConfig:
                 raise ValueError(f"CMARRConfig.{name}: must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"CMARRConfig.dropout: must be in [0, 1), got {self.dropout}")
+        if self.reconstruction and self.rec_detach_input and self.nll_weight == 0:
+            raise ValueError("CMARRConfig: rec_detach_input=True trains the flows by their likelihood only; "
+                             "it needs nll_weight > 0 (or set rec_detach_input=False)")
         if not self.reconstruction and (self.alpha or self.beta or self.lambda_rec or self.nll_weight):
             # the baseline builds no UMC, flows or reconstruction module: their losses cannot be weighted
             raise ValueError("CMARRConfig: reconstruction=False (baseline) needs alpha = beta = lambda_rec = nll_weight = 0")
@@ -228,6 +257,10 @@ class CMARRConfig:
         - ``baseline``: feature extraction + cross-modal fusion only; no UMC, flows or
           reconstruction; missing inputs zero-filled; trained on full modalities
           (``train_missing=False``); only L_cls.
+        - ``baseline-missing`` (not in the paper): the baseline's network and loss, trained
+          under the random missing conditions CM-ARR is trained under (``train_missing=True``),
+          i.e. MMIN's training protocol without its imagination module. It separates what
+          reconstruction buys from what training on missing conditions buys.
         - ``no-udcl``: ``alpha = 0`` (the UMC still feeds ``X_n``; its sigma head is not built).
         - ``no-spcl``: ``beta = 0``.
         - ``no-attention``: ``umc_attention = False``.
@@ -244,6 +277,8 @@ class CMARRConfig:
             "cm-arr": {},
             "baseline": {"reconstruction": False, "alpha": 0.0, "beta": 0.0, "lambda_rec": 0.0,
                          "nll_weight": 0.0, "train_missing": False},
+            "baseline-missing": {"reconstruction": False, "alpha": 0.0, "beta": 0.0, "lambda_rec": 0.0,
+                                 "nll_weight": 0.0, "train_missing": True},
             "no-udcl": {"alpha": 0.0},
             "no-spcl": {"beta": 0.0},
             "no-attention": {"umc_attention": False},

@@ -9,7 +9,8 @@ unless the key takes null). A config file must be UTF-8.
 
 Layout of a YAML file (every section optional)::
 
-    variant: cm-arr          # a Table 3 row: cm-arr | baseline | no-udcl | no-spcl | no-attention | point
+    variant: cm-arr          # a Table 3 row: cm-arr | baseline | no-udcl | no-spcl | no-attention | point,
+                             # or baseline-missing (the baseline trained on random missing conditions)
     seed: 0
     device: auto             # auto | cpu | cuda | cuda:N
     model: {}                # CMARRConfig field overrides (cmarr.model.CMARRConfig), e.g. {beta: 0.5}
@@ -38,7 +39,9 @@ class ConfigError(Exception):
     """A configuration that cannot be used. ``str(e)`` names the file (or flag) and the key."""
 
 
-VARIANT_NAMES = ("cm-arr", "baseline", "no-udcl", "no-spcl", "no-attention", "point")
+#: The rows of Table 3, then "baseline-missing" (the baseline trained under random missing
+#: conditions, as CM-ARR is; not in the paper). Same order as ``cmarr.model.VARIANTS``.
+VARIANT_NAMES = ("cm-arr", "baseline", "no-udcl", "no-spcl", "no-attention", "point", "baseline-missing")
 
 
 @dataclass(frozen=True)
@@ -153,13 +156,14 @@ class ProtocolConfig:
 class TrainConfig:
     """Everything a training run needs besides the feature store.
 
-    variant ["cm-arr"]: the Table 3 row (``CMARRConfig.for_variant``).
+    variant ["cm-arr"]: the Table 3 row, or "baseline-missing" (``CMARRConfig.for_variant``).
     seed [0]: seeds weights, the validation split, batch order and condition sampling.
     device ["auto"]: "auto" = CUDA when available, else CPU.
     model [{}]: overrides of ``cmarr.model.CMARRConfig`` fields, applied after the variant.
     """
 
-    variant: Literal["cm-arr", "baseline", "no-udcl", "no-spcl", "no-attention", "point"] = "cm-arr"
+    variant: Literal["cm-arr", "baseline", "no-udcl", "no-spcl", "no-attention", "point",
+                     "baseline-missing"] = "cm-arr"
     seed: int = 0
     device: str = "auto"
     model: Mapping[str, Any] = field(default_factory=dict)

@@ -10,6 +10,10 @@ condition (an utterance that lacks every modality of a condition cannot be score
 counted, never silently dropped). "Avg" is the plain mean over the six missing conditions
 (Table 2); mean and std are over folds (std with ``ddof=1``, 0 for a single fold).
 
+Runs that differ only in ``seed`` (each over the same folds) are summarised by
+:func:`summarize_seeds`: per fold the mean over seeds, mean ± std over all fold x seed runs
+("summary"), and mean ± std over seeds of each seed's mean over folds ("seed_summary").
+
 A run on the paper's 4-class set of IEMOCAP or MSP-IMPROV (the store's corpus and its
 per-class counts equal Table 1's) carries the paper's reported numbers for its variant
 (``PAPER_RESULTS``: Table 2 for CM-ARR, Table 3 for the ablations on IEMOCAP) in
@@ -133,6 +137,61 @@ def summarize(per_fold: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[s
     return out
 
 
+def summarize_seeds(per_seed: Mapping[Any, Mapping[Any, Mapping[str, Mapping[str, Any]]]]) -> dict[str, Any]:
+    """Runs of one protocol that differ only in seed, each seed over the same folds.
+
+    ``per_seed``: seed -> fold -> row -> ``{"war", "uar", "confusion", "n", ...}`` (rows as in
+    ``build_metrics``' "folds", "avg" included). Returns
+
+    - ``"folds"``: fold -> row -> WAR and UAR averaged over seeds, their std over seeds
+      (``war_std``, ``uar_std``), the confusion summed over seeds, and the counts ``n``,
+      ``n_no_input``, ``n_reduced`` of one seed (the test data is the same for every seed);
+    - ``"summary"``: row -> mean and std (ddof=1) over all fold x seed runs, the confusion
+      summed over them (``confusion_total``), and ``n_runs``;
+    - ``"seed_summary"``: row -> mean and std (ddof=1, 0 for one seed) over seeds of each
+      seed's mean over folds, and ``n_seeds``.
+
+    ``ValueError`` when the seeds do not cover the same folds."""
+    seeds = list(per_seed)
+    if not seeds:
+        raise ValueError("no seeds to summarize")
+    folds = list(per_seed[seeds[0]])
+    for s in seeds:
+        if set(per_seed[s]) != set(folds):
+            raise ValueError(f"seed {s} covers folds {sorted(per_seed[s], key=int)}, seed {seeds[0]} covers "
+                             f"{sorted(folds, key=int)}; every seed must cover the same folds")
+    rows = [r for r in TABLE_ROWS if all(r in per_seed[s][f] for s in seeds for f in folds)]
+    folds_out: dict[str, Any] = {str(f): {} for f in folds}
+    summary: dict[str, Any] = {}
+    seed_summary: dict[str, Any] = {}
+    for r in rows:
+        entry: dict[str, Any] = {"n_runs": len(seeds) * len(folds)}
+        seed_entry: dict[str, Any] = {"n_seeds": len(seeds)}
+        for k in ("war", "uar"):
+            vals = np.array([[per_seed[s][f][r][k] for f in folds] for s in seeds], dtype=np.float64)  # (S, F)
+            entry[f"{k}_mean"] = float(vals.mean())
+            entry[f"{k}_std"] = float(vals.std(ddof=1)) if vals.size > 1 else 0.0
+            fold_means = vals.mean(axis=1)  # (S,) each seed's mean over folds
+            seed_entry[f"{k}_mean"] = float(fold_means.mean())
+            seed_entry[f"{k}_std"] = float(fold_means.std(ddof=1)) if len(seeds) > 1 else 0.0
+            for j, f in enumerate(folds):
+                e = folds_out[str(f)].setdefault(r, {})
+                e[k] = float(vals[:, j].mean())
+                e[f"{k}_std"] = float(vals[:, j].std(ddof=1)) if len(seeds) > 1 else 0.0
+        if r != "avg":
+            cms = {f: np.sum([np.asarray(per_seed[s][f][r]["confusion"]) for s in seeds], axis=0) for f in folds}
+            entry["confusion_total"] = np.sum(list(cms.values()), axis=0).tolist()
+            for f in folds:
+                e = folds_out[str(f)][r]
+                e["confusion"] = cms[f].tolist()
+                for key in ("n", "n_no_input", "n_reduced"):
+                    if key in per_seed[seeds[0]][f][r]:
+                        e[key] = int(per_seed[seeds[0]][f][r][key])
+        summary[r] = entry
+        seed_summary[r] = seed_entry
+    return {"folds": folds_out, "summary": summary, "seed_summary": seed_summary}
+
+
 def build_metrics(per_fold: Mapping[Any, Mapping[str, Any]], labels: Sequence[str],
                   extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``metrics.json`` document from per-fold condition scores."""
@@ -145,24 +204,38 @@ def build_metrics(per_fold: Mapping[Any, Mapping[str, Any]], labels: Sequence[st
 
 
 def results_markdown(metrics: Mapping[str, Any], title: str | None = None) -> str:
-    """Table 2 layout: conditions as rows, WAR / UAR (%) as columns, mean ± std over folds."""
+    """Table 2 layout: conditions as rows, WAR / UAR (%) as columns, mean ± std over folds.
+    A document of several seeds (``seed_summary``, see :func:`summarize_seeds`) gets two more
+    columns: mean ± std over seeds of each seed's mean over folds."""
     summary = metrics["summary"]
     n_folds = len(metrics["folds"])
+    seeds = metrics.get("seed_summary") and metrics.get("seeds")
     lines = []
     if title:
         lines += [f"# {title}", ""]
-    lines.append(f"WAR / UAR in %, mean ± std over {n_folds} fold{'s' if n_folds != 1 else ''} "
-                 f"({', '.join(metrics['folds'])}).")
+    fold_text = f"{n_folds} fold{'s' if n_folds != 1 else ''} ({', '.join(metrics['folds'])})"
+    if seeds:
+        n_runs = len(seeds) * n_folds
+        lines.append(f"WAR / UAR in %, {len(seeds)} seeds ({', '.join(map(str, seeds))}) x {fold_text}. "
+                     f"WAR, UAR: mean ± std over the {n_runs} fold x seed runs; over seeds: mean ± std over "
+                     "the seeds of each seed's mean over folds.")
+    else:
+        lines.append(f"WAR / UAR in %, mean ± std over {fold_text}.")
     paper = (metrics.get("paper") or {}).get("rows")
     lines.append("")
-    lines.append("| Avail. | WAR | UAR |" + (" paper WAR | paper UAR |" if paper else ""))
-    lines.append("|---|---:|---:|" + ("---:|---:|" if paper else ""))
+    lines.append("| Avail. | WAR | UAR |" + (" WAR over seeds | UAR over seeds |" if seeds else "")
+                 + (" paper WAR | paper UAR |" if paper else ""))
+    lines.append("|---|---:|---:|" + ("---:|---:|" if seeds else "") + ("---:|---:|" if paper else ""))
     for r in TABLE_ROWS:
         if r not in summary:
             continue
         e = summary[r]
         line = (f"| {ROW_NAMES[r]} | {100 * e['war_mean']:.2f} ± {100 * e['war_std']:.2f} "
                 f"| {100 * e['uar_mean']:.2f} ± {100 * e['uar_std']:.2f} |")
+        if seeds:
+            se = metrics["seed_summary"].get(r)
+            line += (f" {100 * se['war_mean']:.2f} ± {100 * se['war_std']:.2f} "
+                     f"| {100 * se['uar_mean']:.2f} ± {100 * se['uar_std']:.2f} |") if se else " - | - |"
         if paper:
             ref = paper.get(r)
             line += f" {100 * ref['war']:.2f} | {100 * ref['uar']:.2f} |" if ref else " - | - |"
@@ -199,10 +272,14 @@ def rich_table(metrics: Mapping[str, Any], title: str = "Results"):
     from rich.table import Table
 
     paper = (metrics.get("paper") or {}).get("rows")
+    seeds = metrics.get("seed_summary") and metrics.get("seeds")
     t = Table(title=title, caption=f"paper: {metrics['paper']['source']}" if paper else None)
     t.add_column("Avail.")
     t.add_column("WAR %", justify="right")
     t.add_column("UAR %", justify="right")
+    if seeds:
+        t.add_column(f"WAR % over {len(seeds)} seeds", justify="right")
+        t.add_column(f"UAR % over {len(seeds)} seeds", justify="right")
     if paper:
         t.add_column("paper WAR", justify="right")
         t.add_column("paper UAR", justify="right")
@@ -212,6 +289,10 @@ def rich_table(metrics: Mapping[str, Any], title: str = "Results"):
         e = metrics["summary"][r]
         cells = [ROW_NAMES[r], f"{100 * e['war_mean']:.2f} ± {100 * e['war_std']:.2f}",
                  f"{100 * e['uar_mean']:.2f} ± {100 * e['uar_std']:.2f}"]
+        if seeds:
+            se = metrics["seed_summary"].get(r)
+            cells += [f"{100 * se['war_mean']:.2f} ± {100 * se['war_std']:.2f}",
+                      f"{100 * se['uar_mean']:.2f} ± {100 * se['uar_std']:.2f}"] if se else ["-", "-"]
         if paper:
             ref = paper.get(r)
             cells += [f"{100 * ref['war']:.2f}", f"{100 * ref['uar']:.2f}"] if ref else ["-", "-"]

@@ -20,7 +20,8 @@ from .metrics import MISSING_CONDITIONS, ROW_NAMES, TABLE_ROWS
 
 LABELS = ("ang", "hap", "neu", "sad")
 MODALITIES = ("speech", "text", "video")
-VARIANT_NAMES = {"cm-arr": "CM-ARR", "baseline": "Baseline"}
+#: Display names in tables and figures (other variants show their own name).
+VARIANT_NAMES = {"cm-arr": "CM-ARR", "baseline": "Baseline", "baseline-missing": "Baseline (missing-trained)"}
 # One colour per emotion (colour-blind safe: Okabe-Ito)
 EMOTION_COLOURS = {"ang": "#D55E00", "hap": "#E69F00", "neu": "#0072B2", "sad": "#009E73"}
 

@@ -174,8 +174,10 @@ class StackedModels:
         self.E = len(models)
         self.params = StackedParams(models)
         # buffers equal in every model (constants, index tables) go in once, not per member: an
-        # index tensor with a member axis would turn plain indexing into a gather
-        per = [dict(m.named_buffers()) for m in models]
+        # index tensor with a member axis would turn plain indexing into a gather. Parameters
+        # that are not trained (CMARRConfig.proj_grad = "frozen") travel with the buffers.
+        per = [dict(m.named_buffers()) | {n: p.detach() for n, p in m.named_parameters() if not p.requires_grad}
+               for m in models]
         self.shared = {n: b for n, b in per[0].items() if all(torch.equal(b, d[n]) for d in per[1:])}
         self.buffers = {n: torch.stack([d[n] for d in per]) for n in per[0] if n not in self.shared}
         self.opt = MemberAdam(self.params, lr=lr, betas=betas, weight_decay=weight_decay, decoupled=decoupled,

@@ -16,6 +16,12 @@ Lengths vary per utterance and modality (speech about 50 frames/s, text one row 
 piece", video sampled frames with a face mask). A share of utterances has no face (video
 absent) or an empty transcript (text absent): those pairs are recorded as store errors,
 never as zero matrices. Sessions are folds; each session has two speakers.
+
+This is the ``kind="shared"`` store. ``make_synthetic_store(..., kind="crossmodal")`` writes
+one of another kind (:mod:`cmarr.pipelines.synthetic_crossmodal`): one modality carries the
+class, the others a shrunk, invertible linear code of its latent, so an absent carrier's
+class evidence is recoverable only through the cross-modal map. The store's provenance
+records the kind.
 """
 from __future__ import annotations
 
@@ -63,6 +69,9 @@ class SyntheticSpec:
     p_absent: Mapping[str, float] = field(default_factory=lambda: {"speech": 0.0, "text": 0.03, "video": 0.06})
     p_no_face_frame: float = 0.1
 
+
+#: Generator kinds of :func:`make_synthetic_store`.
+SYNTHETIC_KINDS = ("shared", "crossmodal")
 
 IEMOCAP_SHAPED = dict(dims={"speech": 768, "text": 768, "video": 342},
                       lengths={"speech": (225, 40, 1200), "text": (24, 3, 120), "video": (45, 8, 300)})
@@ -131,25 +140,43 @@ def make_synthetic_data(spec: SyntheticSpec = SyntheticSpec(), seed: int = 0,
 def make_synthetic_store(path: str | Path, n_per_class: int = 8, sessions: int = 5, seed: int = 0,
                          dims: Mapping[str, int] | None = None, spec: SyntheticSpec | None = None,
                          session_sizes: list[int] | None = None, modalities=SYN_MODALITIES,
-                         absent_folds: Mapping[str, Sequence[int]] | None = None) -> Path:
+                         absent_folds: Mapping[str, Sequence[int]] | None = None, kind: str = "shared") -> Path:
     """Write a synthetic store at ``path`` through :class:`cmarr.extract.store.StoreWriter`.
 
     ``n_per_class`` utterances per class per session; ``dims`` overrides the widths
     (default 8/8/6; 768/768/342 for IEMOCAP-shaped stores). ``modalities`` lets tests write
     a store that lacks one entirely; ``absent_folds`` (modality -> folds) one whose given folds
-    lack it.
+    lack it. ``kind``: "shared" (this module's generator, ``spec`` a :class:`SyntheticSpec`)
+    or "crossmodal" (:mod:`cmarr.pipelines.synthetic_crossmodal`, ``spec`` a
+    ``CrossModalSpec``); the provenance of every modality records it.
     """
+    import dataclasses
+
     from cmarr.extract.store import StoreWriter
 
-    base = spec or SyntheticSpec()
+    if kind not in SYNTHETIC_KINDS:
+        raise ValueError(f"make_synthetic_store: kind {kind!r} is not one of {SYNTHETIC_KINDS}")
     kw = {"n_per_class": n_per_class, "sessions": sessions}
     if dims is not None:
         kw["dims"] = dict(dims)
-    spec = SyntheticSpec(**{**base.__dict__, **kw})
-    table, feats, meta = make_synthetic_data(spec, seed=seed, session_sizes=session_sizes)
-    provenance = {m: {"model": "synthetic", "dim": int(spec.dims[m]), "seed": seed,
-                      "generator": "cmarr.pipelines.synthetic", "strength": float(spec.strength[m]),
-                      "latent": spec.latent}
+    if kind == "crossmodal":
+        from .synthetic_crossmodal import CrossModalSpec, make_crossmodal_data
+
+        base = spec or CrossModalSpec()
+        if not isinstance(base, CrossModalSpec):
+            raise TypeError(f"make_synthetic_store(kind='crossmodal'): spec must be a CrossModalSpec, got "
+                            f"{type(base).__name__}")
+        spec = dataclasses.replace(base, **kw)
+        table, feats, meta = make_crossmodal_data(spec, seed=seed, session_sizes=session_sizes)
+        about = {m: {"generator": "cmarr.pipelines.synthetic_crossmodal", "latent": spec.latent,
+                     "role": "carrier" if m == spec.carrier else "code"} for m in SYN_MODALITIES}
+    else:
+        base = spec or SyntheticSpec()
+        spec = SyntheticSpec(**{**base.__dict__, **kw})
+        table, feats, meta = make_synthetic_data(spec, seed=seed, session_sizes=session_sizes)
+        about = {m: {"generator": "cmarr.pipelines.synthetic", "strength": float(spec.strength[m]),
+                     "latent": spec.latent} for m in SYN_MODALITIES}
+    provenance = {m: {"model": "synthetic", "dim": int(spec.dims[m]), "seed": seed, "kind": kind, **about[m]}
                   for m in modalities}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

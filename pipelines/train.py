@@ -5,7 +5,8 @@ data pipeline, resume), ``train_epoch``, ``evaluate``, ``save_checkpoint``, ``re
 ``fit`` which runs them. :func:`run_training` runs the requested folds and writes RUN_DIR:
 
     RUN_DIR/config.yaml          the resolved TrainConfig (+ the model config it gives)
-    RUN_DIR/fold<k>/log.csv      one row per epoch: losses, validation WAR/UAR, selection
+    RUN_DIR/fold<k>/log.csv      one row per epoch: losses, validation WAR/UAR, selection,
+                                 diagnostics (:data:`DIAGNOSTIC_COLUMNS`)
     RUN_DIR/fold<k>/best.pt      best epoch on validation: weights, configs, store provenance
     RUN_DIR/fold<k>/last.pt      the resume point (weights, optimizer, RNG, log), every epoch
     RUN_DIR/fold<k>/metrics.json test metrics of best.pt under the seven conditions
@@ -336,6 +337,132 @@ def compile_with(fn, o):
     return torch.compile(fn, backend=o.compile_backend, dynamic=False)
 
 
+DIAG_TERMS: tuple[str, ...] = ("udcl", "spcl", "rec", "nll", "cls")
+
+#: The diagnostic columns of ``fold<k>/log.csv`` (written by :meth:`FoldRecipe.end_epoch`,
+#: before the last column ``seconds``; ``<t>`` is a loss term udcl, spcl, rec, nll, cls and
+#: ``<m>`` a modality speech, text, video). An empty cell = does not apply to the model; "nan"
+#: = applies, but there was nothing to measure (e.g. no validation row lacks the modality).
+#:
+#: - ``wloss_<t>``: the epoch's mean training loss term weighted by its Eq. 14 weight
+#:   (alpha, beta, lambda_rec, 1 for L_cls, nll_weight), i.e. its share of ``loss_total``
+#:   (``loss_<t>`` is the unweighted term).
+#: - ``gradnorm_<t>``: L2 norm of the gradient of the *weighted* term with respect to the
+#:   shared layers (:meth:`cmarr.model.CMARR.shared_parameters`: ``inp``, UMC, projection
+#:   ``proj``, those trained), measured once per epoch after training on one fixed training
+#:   batch (the first ``optim.batch_size`` utterances of the fold's training part, a fixed
+#:   draw of training conditions), with dropout off, in float32, by one
+#:   ``torch.autograd.grad`` per term; 0 = the term does not reach them (e.g. the detached
+#:   likelihood, or L_rec with the default detaches). Empty where the term's weight is 0.
+#: - ``x_norm_<m>``, ``x_var_<m>``: the scale of ``X_m`` (the projection, Sec. 3.2) on the
+#:   validation part (inputs of the full condition, rows where ``m`` exists): mean L2 norm of a
+#:   step's d-vector, and the variance of each of the d channels over rows and steps,
+#:   averaged over channels.
+#: - ``rec_cos_<m>``, ``rec_mse_<m>``: ``X^_m`` against ``X_m`` on validation, over the six
+#:   missing conditions' rows where ``m`` exists but is not an input (each such row once per
+#:   condition): cosine similarity of each step's d-vectors averaged over steps, and the mean
+#:   squared error over steps and channels (Eq. 9's "mean"), both averaged over those rows.
+#:   Empty for the baseline (``reconstruction=False``: ``X^_m`` is not a reconstruction).
+#: - ``triv_cos_<m>``, ``triv_mse_<m>``: the same for the trivial reconstruction, the mean of
+#:   the available modalities' ``X_n`` (per step) in that row.
+#:
+#: The stacked path (:mod:`.stacked`) writes the same columns: they are measured in
+#: :meth:`FoldRecipe.end_epoch` on the fold's own model, after its weights are synced.
+DIAGNOSTIC_COLUMNS: tuple[str, ...] = (
+    *(f"wloss_{t}" for t in DIAG_TERMS), *(f"gradnorm_{t}" for t in DIAG_TERMS),
+    *(f"x_{s}_{m}" for s in ("norm", "var") for m in MODALITIES),
+    *(f"{k}_{s}_{m}" for k in ("rec", "triv") for s in ("cos", "mse") for m in MODALITIES))
+
+
+def term_weights(mcfg) -> dict[str, float]:
+    """The Eq. 14 weight of each loss term (plus ``nll_weight``), as :func:`total_loss` uses them."""
+    return {"udcl": mcfg.alpha, "spcl": mcfg.beta, "rec": mcfg.lambda_rec, "nll": mcfg.nll_weight, "cls": 1.0}
+
+
+def _cell(v: float) -> float:
+    return float(f"{v:.6g}")
+
+
+class ValDiagnostics:
+    """Accumulates the validation-side diagnostics (``x_*``, ``rec_*``, ``triv_*`` of
+    :data:`DIAGNOSTIC_COLUMNS`) over the batches of one :meth:`FoldRecipe.predict` pass, from
+    the model's ``internals`` (no extra model call).
+
+    The target ``X_m`` of a row is taken from the same utterance's row of the full condition
+    "svt" in the same call (``X_m`` depends on modality ``m``'s input only, so it is the same
+    in every row where ``m`` is an input); without "svt" among the conditions nothing is
+    accumulated (NaN). Sums are kept on the device in float64 (one host copy per pass);
+    the per-row statistics are computed in float32.
+    """
+
+    N_SUMS = 7  # per modality: norm sum, steps, rec cos, rec mse, triv cos, triv mse, target rows
+
+    def __init__(self, reconstruction: bool):
+        self.reconstruction = reconstruction
+        self.sums = None  # (3, N_SUMS)
+        self.ch_sum = self.ch_sq = None  # (3, d) channel sums and sums of squares over rows and steps
+
+    def add(self, X: torch.Tensor, x_hat: torch.Tensor, avail: torch.Tensor, sample: torch.Tensor,
+            svt_row: torch.Tensor) -> None:
+        """X, x_hat (3, R, S, d): the model's internals for R stacked rows; avail (R, 3) their
+        inputs; sample (R,) the utterance of each row in the batch; svt_row (B,) the row of
+        each utterance under "svt" (-1 = none)."""
+        X, x_hat = X.float(), x_hat.float()
+        n, R, S, d = X.shape
+        if self.sums is None:
+            self.sums = X.new_zeros(n, self.N_SUMS, dtype=torch.float64)
+            self.ch_sum = X.new_zeros(n, d, dtype=torch.float64)
+            self.ch_sq = X.new_zeros(n, d, dtype=torch.float64)
+        svt = svt_row[svt_row >= 0]
+        a = avail.T  # (3, R)
+        zero = X.new_zeros(())
+        # scale of X_m: the full-condition rows where m exists
+        xs, ps = X[:, svt], a[:, svt]  # (3, R', S, d), (3, R')
+        xs = torch.where(ps[:, :, None, None], xs, zero).double()
+        self.sums[:, 0] += xs.norm(dim=-1).sum(dim=(1, 2))
+        self.sums[:, 1] += ps.sum(dim=1).double() * S
+        self.ch_sum += xs.sum(dim=(1, 2))
+        self.ch_sq += xs.pow(2).sum(dim=(1, 2))
+        # reconstruction: rows where m is not an input but exists (an input under "svt")
+        t = svt_row[sample]  # (R,)
+        has_t = t >= 0
+        tc = t.clamp(min=0)
+        target = ~a & a[:, tc] & has_t  # (3, R)
+        true = X[:, tc]  # (3, R, S, d)
+        triv = torch.where(a[:, :, None, None], X, zero).sum(dim=0) / a.sum(dim=0).clamp(min=1)[:, None, None]
+        for j, est in ((2, x_hat), (4, triv.expand_as(X))):
+            cos = torch.nn.functional.cosine_similarity(est, true, dim=-1).mean(dim=-1)  # (3, R)
+            mse = (est - true).pow(2).mean(dim=(-1, -2))  # (3, R)
+            self.sums[:, j] += torch.where(target, cos, zero).double().sum(dim=1)
+            self.sums[:, j + 1] += torch.where(target, mse, zero).double().sum(dim=1)
+        self.sums[:, 6] += target.sum(dim=1).double()
+
+    def columns(self) -> dict[str, Any]:
+        nan = float("nan")
+        out: dict[str, Any] = {}
+        if self.sums is None:
+            vals = [[nan] * self.N_SUMS] * len(MODALITIES)
+            var = [nan] * len(MODALITIES)
+        else:
+            vals = self.sums.tolist()
+            n = self.sums[:, 1:2].clamp(min=1)
+            var = torch.where(self.sums[:, 1] > 0, (self.ch_sq / n - (self.ch_sum / n) ** 2).mean(dim=1),
+                              torch.full_like(self.sums[:, 1], nan)).tolist()
+        for i, m in enumerate(MODALITIES):
+            v = vals[i]
+            out[f"x_norm_{m}"] = _cell(v[0] / v[1]) if v[1] > 0 else nan
+            out[f"x_var_{m}"] = _cell(var[i]) if var[i] == var[i] else nan
+        for kind, j in (("rec", 2), ("triv", 4)):
+            for stat, k in (("cos", 0), ("mse", 1)):
+                for i, m in enumerate(MODALITIES):
+                    rows = vals[i][6]
+                    if kind == "rec" and not self.reconstruction:
+                        out[f"{kind}_{stat}_{m}"] = ""
+                    else:
+                        out[f"{kind}_{stat}_{m}"] = _cell(vals[i][j + k] / rows) if rows > 0 else nan
+        return out
+
+
 class FoldRecipe:
     """Trains and evaluates one fold. Stages: setup, train_epoch, evaluate, save_checkpoint, resume."""
 
@@ -489,6 +616,59 @@ class FoldRecipe:
         if not np.isfinite(value):
             raise TrainError(f"fold {self.fold}, epoch {epoch}: the training loss is not finite ({value})")
 
+    # ---- diagnostics ----------------------------------------------------------------
+    def diagnostic_batch(self) -> tuple[Batch, torch.Tensor] | None:
+        """The fixed training batch of the gradient norms and its conditions: the first
+        ``optim.batch_size`` utterances of the training part (store order), conditions drawn
+        by a generator of their own (seed, fold), so the training RNG is not touched. None when
+        the training part has fewer than two utterances."""
+        if getattr(self, "_diag_batch", None) is None:
+            rows = self.split.train[:self.cfg.optim.batch_size]
+            if len(rows) < 2:
+                return None
+            if self.pipeline == "resident":
+                b = self.res_full.batch(self.train_index[:len(rows)])
+            else:
+                b = next(iter(eager_loader(self.data, rows, len(rows), shuffle=False, seed=0, fill=self.fill)))
+                b = b.to(self.device)
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(_seed(self.cfg.seed, self.fold, 0, 3))
+            self._diag_batch = (b, sample_conditions(b.present, self.mode, gen))
+        return self._diag_batch
+
+    def gradient_norms(self) -> dict[str, Any]:
+        """``gradnorm_<t>`` of :data:`DIAGNOSTIC_COLUMNS`: the norm of the gradient each
+        weighted loss term sends into the shared layers, on :meth:`diagnostic_batch`."""
+        weights = term_weights(self.mcfg)
+        out: dict[str, Any] = {f"gradnorm_{k}": "" if weights[k] == 0 else float("nan") for k in DIAG_TERMS}
+        found = self.diagnostic_batch()
+        model = self.model  # unwrapped (no DDP hooks); no autocast: float32
+        params = list(model.shared_parameters().values())
+        if found is None or not params:
+            return out
+        b, available = found
+        was = model.training
+        model.eval()  # no dropout: deterministic, and the global RNG is not drawn from
+        try:
+            with torch.enable_grad():
+                losses = model(b.feats, b.masks, available, present=b.present, labels=b.labels, validate=False,
+                               pooled=self.pipeline == "resident").losses
+                terms = [k for k in DIAG_TERMS if weights[k] > 0]
+                norms = []
+                for i, k in enumerate(terms):
+                    loss = weights[k] * losses[k]
+                    if not loss.requires_grad:
+                        norms.append(torch.zeros((), device=self.device))
+                        continue
+                    grads = torch.autograd.grad(loss, params, retain_graph=i < len(terms) - 1, allow_unused=True)
+                    sq = [g.float().pow(2).sum() for g in grads if g is not None]
+                    norms.append(torch.stack(sq).sum().sqrt() if sq else torch.zeros((), device=self.device))
+        finally:
+            model.train(was)
+        for k, v in zip(terms, torch.stack(norms).tolist()):
+            out[f"gradnorm_{k}"] = _cell(v)
+        return out
+
     # ---- evaluation -----------------------------------------------------------------
     def _eval_batches(self, part: str):
         bs = self.cfg.optim.eval_batch_size
@@ -501,12 +681,14 @@ class FoldRecipe:
                 yield b.to(self.device, non_blocking=True)
 
     @torch.no_grad()
-    def predict(self, part: str, conditions: Sequence[str] = CONDITION_NAMES) -> dict[str, tuple[np.ndarray, np.ndarray, int, int]]:
+    def predict(self, part: str, conditions: Sequence[str] = CONDITION_NAMES,
+                diag: ValDiagnostics | None = None) -> dict[str, tuple[np.ndarray, np.ndarray, int, int]]:
         """Predictions on ``part`` ("val" / "test") per condition: (labels, preds, n_no_input,
         n_reduced) (see the module docstring).
 
         All conditions of a batch go through the model in one call (rows stacked), with the
-        inputs of unavailable modalities filled with NaN."""
+        inputs of unavailable modalities filled with NaN. ``diag``: also accumulate the
+        validation diagnostics from the same call."""
         model = self.model  # unwrapped: every rank holds the same weights
         model.eval()
         ys = {c: [] for c in conditions}
@@ -524,7 +706,17 @@ class FoldRecipe:
             masks = {m: torch.cat([b.masks[m][k] for k in ok]) for m in MODALITIES}
             feats = hide_unavailable(feats, avail_all, self.fill)  # NaN: a leak would show
             with self._autocast():
-                logits = model(feats, masks, avail_all, present=avail_all, pooled=self.pipeline == "resident").logits
+                out = model(feats, masks, avail_all, present=avail_all, pooled=self.pipeline == "resident",
+                            internals=diag is not None)
+            logits = out.logits
+            if diag is not None and "svt" in conditions:
+                B = len(b.labels)
+                sample = torch.cat([torch.arange(B, device=avail_all.device)[k] for k in ok])  # (B',)
+                start = sum(int(k.sum()) for c, k in zip(conditions, ok) if conditions.index(c) < conditions.index("svt"))
+                k_svt = ok[conditions.index("svt")]
+                svt_row = torch.full((B,), -1, dtype=torch.long, device=avail_all.device)
+                svt_row[k_svt] = start + torch.arange(int(k_svt.sum()), device=avail_all.device)
+                diag.add(out.internals["X"], out.internals["x_hat"], avail_all, sample, svt_row)
             pred = logits.float().argmax(dim=1).cpu().numpy()
             if not torch.isfinite(logits).all():
                 raise TrainError(f"fold {self.fold}: non-finite logits in evaluation (a missing input leaked?)")
@@ -538,10 +730,11 @@ class FoldRecipe:
                     np.concatenate(ps[c]) if ps[c] else np.zeros(0, np.int64), skipped[c], reduced[c])
                 for c in conditions}
 
-    def evaluate(self, part: str = "val") -> dict[str, dict[str, Any]]:
-        """WAR, UAR, confusion per condition on ``part``, plus "avg" over the six missing ones."""
+    def evaluate(self, part: str = "val", diag: ValDiagnostics | None = None) -> dict[str, dict[str, Any]]:
+        """WAR, UAR, confusion per condition on ``part``, plus "avg" over the six missing ones
+        (``diag``: see :meth:`predict`)."""
         out = {}
-        for c, (y, p, skipped, reduced) in self.predict(part).items():
+        for c, (y, p, skipped, reduced) in self.predict(part, diag=diag).items():
             if len(y) == 0:
                 raise TrainError(f"fold {self.fold}: no {part} utterance has any input under condition {c}")
             out[c] = score(y, p, len(LABELS), skipped, reduced)
@@ -627,11 +820,13 @@ class FoldRecipe:
         if not self.dist.main or not self.rows:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        cols = list(self.rows[0].keys())
+        cols = list(dict.fromkeys(k for r in self.rows for k in r))  # rows of an older version may lack some
+        if "seconds" in cols:
+            cols.append(cols.pop(cols.index("seconds")))
         tmp = self.dir / f"log.csv.tmp-{os.getpid()}"
         try:
             with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=cols)
+                w = csv.DictWriter(f, fieldnames=cols, restval="")
                 w.writeheader()
                 w.writerows(self.rows)
             os.replace(tmp, self.dir / "log.csv")
@@ -651,7 +846,9 @@ class FoldRecipe:
         """After training epoch ``epoch``: validate, select, checkpoint, log. The log's
         seconds are ``seconds_before`` plus the time since ``t0``."""
         epochs = self.cfg.optim.epochs
-        val = self.evaluate("val")
+        grads = self.gradient_norms()
+        diag = ValDiagnostics(self.mcfg.reconstruction)
+        val = self.evaluate("val", diag=diag)
         sel = self.selection_score(val)
         self.epoch = epoch
         improved = sel > self.best_score
@@ -662,8 +859,11 @@ class FoldRecipe:
                "steps": losses["steps"],
                "val_war_avg": round(val["avg"]["war"], 6), "val_uar_avg": round(val["avg"]["uar"], 6),
                "val_war_full": round(val["svt"]["war"], 6), "val_uar_full": round(val["svt"]["uar"], 6),
-               "val_select": round(sel, 6), "best": int(improved),
-               "seconds": round(seconds_before + time.perf_counter() - t0, 3)}
+               "val_select": round(sel, 6), "best": int(improved)}
+        weights = term_weights(self.mcfg)
+        row |= {f"wloss_{k}": round(weights[k] * losses[f"loss_{k}"], 6) for k in DIAG_TERMS}
+        row |= grads | diag.columns()
+        row["seconds"] = round(seconds_before + time.perf_counter() - t0, 3)
         self.rows.append(row)
         self._write_log()
         self.save_checkpoint("last")

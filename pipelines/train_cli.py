@@ -1,7 +1,7 @@
 """``cm-arr-train``: train and evaluate CM-ARR (or a Table 3 variant) on a feature store.
 
     cm-arr-train --features FEATS.h5 [--config CONFIG.yaml] [--folds 1,2,...]
-                 [--variant cm-arr|baseline|no-udcl|no-spcl|no-attention|point]
+                 [--variant cm-arr|baseline|no-udcl|no-spcl|no-attention|point|baseline-missing]
                  [--out RUN_DIR] [--device auto|cpu|cuda] [--seed N] [--epochs N]
                  [--jobs N] [--stack-folds N] [--set optim.lr=1e-4 ...]
 
@@ -45,7 +45,7 @@ def train(
     features: Path = typer.Option(..., "--features", help="Feature store (HDF5) made by cm-arr-extract features (shards joined with cm-arr-features merge)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (see pipelines/configs/)."),
     folds: Optional[str] = typer.Option(None, "--folds", help="Comma-separated folds to run (default: all)."),
-    variant: Optional[str] = typer.Option(None, "--variant", help="cm-arr | baseline | no-udcl | no-spcl | no-attention | point"),
+    variant: Optional[str] = typer.Option(None, "--variant", help="cm-arr | baseline | no-udcl | no-spcl | no-attention | point (Table 3) | baseline-missing (the baseline trained on random missing conditions, as CM-ARR is)"),
     out_dir: Path = typer.Option(Path("runs/cm-arr"), "--out", help="RUN_DIR for config, logs, checkpoints, metrics."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
     seed: Optional[int] = typer.Option(None, "--seed"),
