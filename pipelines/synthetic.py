@@ -77,6 +77,29 @@ IEMOCAP_SHAPED = dict(dims={"speech": 768, "text": 768, "video": 342},
                       lengths={"speech": (225, 40, 1200), "text": (24, 3, 120), "video": (45, 8, 300)})
 
 
+def synthetic_frames(m: str, h: np.ndarray, T: int, W: np.ndarray, offset: float, frame_noise: float,
+                     p_no_face_frame: float, rng: np.random.Generator, dtype) -> tuple[np.ndarray, dict]:
+    """One utterance's ``(T, D_m)`` frames of modality ``m`` from its latent ``h`` (``k``):
+    ``tanh((h + drift_t) W) + offset`` plus frame noise, and the meta the store keeps for
+    ``m`` (speech: 50 frames/s; text: word pieces; video: 10 frames/s with ``p_no_face_frame``
+    of the sampled frames faceless). Shared by both generators."""
+    k = h.shape[0]
+    drift = np.cumsum(rng.standard_normal((T, k)) * 0.15, axis=0) / np.sqrt(np.arange(1, T + 1))[:, None]
+    x = np.tanh((h[None, :] + drift).astype(np.float32) @ W) + offset  # (T, D_m)
+    if frame_noise > 0:
+        x += frame_noise * rng.standard_normal(x.shape, dtype=np.float32)
+    if m == "speech":
+        meta = {"frame_rate": 50.0}
+    elif m == "text":
+        meta = {"tokens": [f"w{j}" for j in range(T)]}
+    else:
+        n_frames = T + int(rng.binomial(T, p_no_face_frame))
+        face = np.zeros(n_frames, dtype=bool)
+        face[rng.choice(n_frames, T, replace=False)] = True
+        meta = {"frame_times": np.arange(n_frames, dtype=np.float32) / 10.0, "face_mask": face}
+    return x.astype(dtype), meta
+
+
 def make_synthetic_data(spec: SyntheticSpec = SyntheticSpec(), seed: int = 0,
                         session_sizes: list[int] | None = None,
                         dtype=np.float16) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]], dict[str, dict[str, dict]]]:
@@ -117,21 +140,10 @@ def make_synthetic_data(spec: SyntheticSpec = SyntheticSpec(), seed: int = 0,
                 if m in absent:
                     continue
                 h = spec.strength[m] * e[y] + c + spec.noise[m] * rng.standard_normal(k)  # h_m
-                drift = np.cumsum(rng.standard_normal((T, k)) * 0.15, axis=0) / np.sqrt(np.arange(1, T + 1))[:, None]
-                x = np.tanh((h[None, :] + drift).astype(np.float32) @ W[m]) + offset[m]  # (T, D_m)
-                if spec.frame_noise > 0:
-                    x += spec.frame_noise * rng.standard_normal(x.shape, dtype=np.float32)
+                feats[m][utt], meta[m][utt] = synthetic_frames(m, h, T, W[m], offset[m], spec.frame_noise,
+                                                               spec.p_no_face_frame, rng, dtype)
                 if m == "speech":
-                    meta[m][utt] = {"frame_rate": 50.0}
                     duration = T / 50.0
-                elif m == "text":
-                    meta[m][utt] = {"tokens": [f"w{j}" for j in range(T)]}
-                else:
-                    n_frames = T + int(rng.binomial(T, spec.p_no_face_frame))
-                    face = np.zeros(n_frames, dtype=bool)
-                    face[rng.choice(n_frames, T, replace=False)] = True
-                    meta[m][utt] = {"frame_times": np.arange(n_frames, dtype=np.float32) / 10.0, "face_mask": face}
-                feats[m][utt] = x.astype(dtype)
             rows[-1]["end"] = duration or 1.0
     table = pd.DataFrame(rows)
     return table, feats, meta

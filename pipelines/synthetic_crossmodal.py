@@ -44,7 +44,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from .synthetic import LABELS, SYN_MODALITIES
+from .synthetic import LABELS, SYN_MODALITIES, synthetic_frames
 
 
 @dataclass(frozen=True)
@@ -157,21 +157,10 @@ def make_crossmodal_data(spec: CrossModalSpec = CrossModalSpec(), seed: int = 0,
                 T = int(np.clip(rng.lognormal(np.log(mean), 0.45), lo, hi))
                 if m in absent:
                     continue
-                drift = np.cumsum(rng.standard_normal((T, k)) * 0.15, axis=0) / np.sqrt(np.arange(1, T + 1))[:, None]
-                x = np.tanh((h[None, :] + drift).astype(np.float32) @ W[m]) + offset[m]  # (T, D_m)
-                if spec.frame_noise > 0:
-                    x += spec.frame_noise * rng.standard_normal(x.shape, dtype=np.float32)
+                feats[m][utt], meta[m][utt] = synthetic_frames(m, h, T, W[m], offset[m], spec.frame_noise,
+                                                               spec.p_no_face_frame, rng, dtype)
                 if m == "speech":
-                    meta[m][utt] = {"frame_rate": 50.0}
                     duration = T / 50.0
-                elif m == "text":
-                    meta[m][utt] = {"tokens": [f"w{j}" for j in range(T)]}
-                else:
-                    n_frames = T + int(rng.binomial(T, spec.p_no_face_frame))
-                    face = np.zeros(n_frames, dtype=bool)
-                    face[rng.choice(n_frames, T, replace=False)] = True
-                    meta[m][utt] = {"frame_times": np.arange(n_frames, dtype=np.float32) / 10.0, "face_mask": face}
-                feats[m][utt] = x.astype(dtype)
             rows[-1]["end"] = duration or 1.0
     table = pd.DataFrame(rows)
     if return_latents:
