@@ -20,6 +20,17 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 import numpy as np
 import pandas as pd
 
+#: The four emotion classes every store and model uses, in label-index order.
+LABELS: tuple[str, ...] = ("ang", "hap", "neu", "sad")
+#: The three modalities, in the order of every model input and store group.
+MODALITIES: tuple[str, ...] = ("speech", "text", "video")
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
 
 @dataclass
 class Result:
