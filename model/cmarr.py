@@ -96,8 +96,8 @@ class CMARR(nn.Module):
     Choices the paper leaves open are :class:`CMARRConfig` fields; this class makes these:
     ``seq_len`` (pooling), ``proj_input`` / ``proj_kernel`` (what the 1-D convolution projects),
     ``nll_weight`` / ``nll_prior`` / ``nll_detach_input`` (flow training), ``proj_grad`` (whether
-    ``X_n`` carries gradient), ``rec_reduction`` / ``rec_detach_target`` / ``rec_detach_input``
-    (Eq. 9 and what it trains), ``udcl_*`` / ``learn_ab`` / ``learn_tau`` / ``tau_min``
+    ``X_n`` carries gradient), ``rec_reduction`` / ``rec_detach_target`` / ``rec_detach_input`` /
+    ``rec_detach_output`` (Eq. 9 and what it trains), ``udcl_*`` / ``learn_ab`` / ``learn_tau`` / ``tau_min``
     (Eqs. 2-5), ``fusion_queries`` (Eqs. 10-13), ``reconstruction`` (baseline). L_spcl is
     computed on the pooled fusion inputs ``Y_m`` (all three modalities of every instance, each
     L2-normalised inside the loss). L_udcl and the flow likelihood use every modality
@@ -296,7 +296,10 @@ class CMARR(nn.Module):
             x_hat = from_conv(self.proj(to_conv(zeros)), len(MODALITIES)).expand_as(X)  # (3, B, S, d)
             if cfg.proj_grad == "frozen":
                 x_hat = x_hat.detach()
-        Y = torch.where(A[:, :, None, None], X, x_hat)  # (3, B, S, d)
+        if cfg.reconstruction and cfg.rec_detach_output:  # the reference: RCAN learns from L_rec only
+            Y = torch.where(A[:, :, None, None], X, x_hat.detach())  # (3, B, S, d)
+        else:
+            Y = torch.where(A[:, :, None, None], X, x_hat)  # (3, B, S, d)
         Y_mask = M | ~A.unsqueeze(-1)  # (3, B, S): every step of X^_m is valid
 
         # ---- fusion (Eqs. 10-13) and classification

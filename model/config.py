@@ -129,6 +129,10 @@ class CMARRConfig:
         output), so the flows learn from their likelihood only (``nll_weight`` > 0 is then
         required) and L_rec and L_cls reach the reconstruction module but not the flows or
         ``X_n`` through Eqs. 6-8. False = gradients flow through ``F^{-1}`` and ``F``.
+      rec_detach_output [False]: the reconstruction ``X^_m`` is detached where it enters the
+        refinement (Eqs. 10-13), so the reconstruction module learns from L_rec only, as in the
+        reference (DiCMoR). Off by default: the measurement in ``docs/training.md`` (3 seeds x 5
+        folds on both synthetic generators) decides it.
       reconstruction [True]: False = the Table 3 baseline (missing inputs zero-filled, no
         flows, no reconstruction module).
 
@@ -185,6 +189,7 @@ class CMARRConfig:
     rec_reduction: str = "mean"
     rec_detach_target: bool = True
     rec_detach_input: bool = True
+    rec_detach_output: bool = False
     proj_grad: str = "train"
     reconstruction: bool = True
     # refinement

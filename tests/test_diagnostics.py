@@ -112,6 +112,20 @@ def test_rec_detach_input_changes_gradients_not_values():
         torch.testing.assert_close(a.losses[k], b.losses[k])
 
 
+def test_rec_detach_output_trains_the_reconstruction_module_by_l_rec_only():
+    feats, masks, available, present, labels = batch()
+    model = small_model(rec_detach_output=True)
+    losses = model(feats, masks, available, present=present, labels=labels).losses
+    rec = params_of(model, "rec.")
+    assert grad_norm(losses["cls"], rec) == 0.0 and grad_norm(losses["spcl"], rec) == 0.0
+    assert grad_norm(losses["rec"], rec) > 0
+    assert grad_norm(losses["cls"], params_of(model, "proj.")) > 0  # the available modalities still train
+    # same values as without the detach (dropout draws the same masks: same seed, same order)
+    plain = small_model()(feats, masks, available, present=present, labels=labels)
+    for k in ("rec", "cls", "spcl", "total"):
+        torch.testing.assert_close(losses[k], plain.losses[k])
+
+
 def test_frozen_projection_gets_no_gradient_and_stacks():
     model = small_model(proj_grad="frozen")
     assert not any(p.requires_grad for p in model.proj.parameters())
