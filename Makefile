@@ -1,5 +1,6 @@
 # cm-arr: two stages meet through an HDF5 feature store.
 #   make test                      install into .venv (first time) and run the test suite
+#   make lint                      style and import order (ruff; CI runs it before the tests)
 #   make demo                      the whole pipeline on an embedded corpus (see README)
 #   make extract DATASET=iemocap IEMOCAP_DIR=/data/IEMOCAP_full_release [OUT=feats.h5]
 #   make train FEATURES=feats.h5 [CONFIG=...] [VARIANT=cm-arr] [FOLDS=1,2] [OUT=runs/x]
@@ -10,7 +11,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo extract train bench
+.PHONY: install test lint demo extract train bench
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ install: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
 bench: $(STAMP)
 	$(PY) benchmarks/store.py
 	$(PY) benchmarks/extract_speech_text.py
@@ -34,7 +38,7 @@ bench: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m cmarr.pipelines.demo --out demo_out $(DEMO_ARGS)
 
-# make train FEATURES=feats.h5 [CONFIG=pipelines/configs/iemocap.yaml] [VARIANT=cm-arr] [FOLDS=1,2] [OUT=runs/x]
+# make train FEATURES=feats.h5 [CONFIG=iemocap] [VARIANT=cm-arr] [FOLDS=1,2] [OUT=runs/x]
 train: $(STAMP)
 	@test -n "$(FEATURES)" || { echo "usage: make train FEATURES=feats.h5 [CONFIG=...] [VARIANT=...] [FOLDS=...] [OUT=...]" >&2; exit 2; }
 	$(VENV)/bin/cm-arr-train --features $(FEATURES) $(if $(CONFIG),--config $(CONFIG)) $(if $(VARIANT),--variant $(VARIANT)) $(if $(FOLDS),--folds $(FOLDS)) --out $(or $(OUT),runs/$(or $(VARIANT),cm-arr))

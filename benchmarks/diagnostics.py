@@ -30,7 +30,8 @@ TERMS = ("udcl", "spcl", "rec", "nll", "cls")
 TABLES = {
     "loss": [f"wloss_{t}" for t in TERMS] + ["val_uar_avg", "val_uar_full"],
     "grad": [f"gradnorm_{t}" for t in ("udcl", "spcl", "cls")] + [f"x_norm_{m}" for m in MODS],
-    "rec": [f"{k}_cos_{m}" for m in MODS for k in ("rec", "triv")] + [f"{k}_mse_{m}" for m in MODS for k in ("rec", "triv")],
+    "rec": [f"{k}_cos_{m}" for m in MODS for k in ("rec", "triv")]
+    + [f"{k}_mse_{m}" for m in MODS for k in ("rec", "triv")],
 }
 
 

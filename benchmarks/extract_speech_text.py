@@ -19,8 +19,8 @@ utterances/s on the machine's CPU, whatever the GPU. With ``--files`` (needs sou
 also ``extract`` on wav files, which adds reading, and extraction into a feature store
 (``StoreWriter``: float16 cast, NaN/Inf checks, chunk commits with fsync, then ``finalize``
 joining the chunks into the store; the time includes ``finalize``) in the ways of ``HOW``
-(``cm-arr-extract features`` commits chunks in the background, and on CUDA also runs the
-extractor in a worker thread ahead of the writing), for the default architectures and for
+(``cm-arr-extract features`` on CUDA runs the extractor in a worker thread ahead of the
+writing, on the CPU in the same thread), for the default architectures and for
 host-side-only models (a 1-layer, 32-wide wav2vec2 over ``--n-host`` utterances; the
 1-layer BERT): the ceiling of what one process writes into a store on this machine; for text
 also the whole ``cm-arr-extract features`` job (``run_features``: manifest, model loading,
@@ -89,7 +89,7 @@ def synth_transcripts(n: int, rng: np.random.Generator) -> list[str]:
 def speech_model(name: str, tmp: Path) -> tuple[str, str]:
     from transformers import Wav2Vec2Model
 
-    from cmarr.pipelines.demo import build_random_wav2vec2
+    from cmarr.pipelines.demo.models import build_random_wav2vec2
 
     try:
         Wav2Vec2Model.from_pretrained(name)
@@ -122,17 +122,16 @@ def text_model(name: str, tokenizer: str | None, tmp: Path) -> tuple[str, str]:
         return str(folder), "random weights, BertConfig() (bert-base architecture)"
 
 
-#: How results go into the store: one thread with chunks committed in the foreground; one
-#: thread with background commits (``cm-arr-extract`` on the CPU); the extractor in a worker
-#: thread (``run_ahead``) with background commits (``cm-arr-extract`` on CUDA).
-HOW = {"fg": "one thread, commits in the foreground", "bg": "one thread, background commits",
-       "ahead": "extractor in a worker thread, background commits"}
+#: How results go into the store: extractor and writer in one thread (``cm-arr-extract`` on
+#: the CPU); the extractor in a worker thread (``run_ahead``) ahead of the writer
+#: (``cm-arr-extract`` on CUDA).
+HOW = {"fg": "one thread", "ahead": "extractor in a worker thread"}
 
 
 def tiny_speech_model(tmp: Path) -> str:
     """A 1-layer, 32-wide wav2vec2 (random weights): its forward pass costs little, so
     what is timed is reading, batching, copies and writing."""
-    from cmarr.pipelines.demo import build_random_wav2vec2
+    from cmarr.pipelines.demo.models import build_random_wav2vec2
 
     sizes = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, conv_dim=(32,) * 7,
                  num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, feat_extract_norm="group",
@@ -148,7 +147,7 @@ def into_store(ex, modality: str, table, root: Path, tmp: Path, how: str, device
 
     out = tmp / f"bench-{modality}-{how}.h5"
     utts = table[["utterance_id", "start", "end"]].assign(corpus="iemocap", session=1, speaker="s", label="neu", fold=1)
-    w = StoreWriter(out, utts, {modality: ex.provenance()}, background=how != "fg")
+    w = StoreWriter(out, utts, {modality: ex.provenance()})
     t = time.perf_counter()
     for r in (run_ahead(ex.extract(table, root)) if how == "ahead" else ex.extract(table, root)):
         if r.error is not None:
@@ -170,11 +169,11 @@ def whole_command_text(texts: list[str], durations: np.ndarray, model: str, tmp:
 
     from rich.console import Console
 
+    from cmarr.extract.base import LABELS as labels
+    from cmarr.extract.corpora.manifest import make_manifest, write_manifest
     from cmarr.extract.features import run_features
-    from cmarr.extract.manifest import make_manifest, write_manifest
     from cmarr.extract.text import TextConfig
 
-    labels = ("ang", "hap", "neu", "sad")
     rows = []
     for i, (text, d) in enumerate(zip(texts, durations)):
         k = 1 + i % 5
@@ -205,7 +204,10 @@ def stored_changed(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
     """Share of the values the store would hold (float16) that differ between two runs. A
     compute error well inside the store's precision changes only the few values that sit
     near a rounding boundary; an error at or beyond it changes most of them."""
-    changed = sum(int((np.asarray(r, np.float32).astype(np.float16) != np.asarray(g, np.float32).astype(np.float16)).sum())
+    def stored(x):
+        return np.asarray(x, np.float32).astype(np.float16)
+
+    changed = sum(int((stored(r) != stored(g)).sum())
                   for r, g in zip(ref, got))
     return changed / max(sum(np.asarray(r).size for r in ref), 1)
 
@@ -293,9 +295,11 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    from cmarr.extract.speech import SpeechConfig, SpeechExtractor, check_dtype, resolve_device
-    from cmarr.extract.text import TextConfig, TextExtractor, apply_marker_rule
     from transformers import AutoTokenizer
+
+    from cmarr.extract.hf import check_dtype, resolve_device
+    from cmarr.extract.speech import SpeechConfig, SpeechExtractor
+    from cmarr.extract.text import TextConfig, TextExtractor, apply_marker_rule
 
     device = resolve_device(args.device)
     gpu = device.startswith("cuda")
@@ -360,7 +364,7 @@ def main() -> None:
             dt = time.perf_counter() - t
             assert all(r.error is None for r in got)
             rows.append(("speech", f"{dtypes[0]}: extract from wav files", n_speech / dt, audio_s / dt))
-            dt, fin = into_store(ex, "speech", table, wavdir, tmp, "ahead" if gpu else "bg", device)
+            dt, fin = into_store(ex, "speech", table, wavdir, tmp, "ahead" if gpu else "fg", device)
             rows.append(("speech", f"{dtypes[0]}: from wav files into a store, as cm-arr-extract "
                          f"(finalize {fin:.2f} s)", n_speech / dt, audio_s / dt))
             del ex, got
@@ -385,8 +389,10 @@ def main() -> None:
         if check_precision:
             # batching exactness on this device: masked batches against batch-of-one
             for d in ("float32", "float16") if gpu else ("float32",):
-                alone = SpeechExtractor(SpeechConfig(model=sm, device=device, dtype=d, batching="none")).embed(waves[:n_prec])
-                together = SpeechExtractor(SpeechConfig(model=sm, device=device, dtype=d, max_padding=1.0)).embed(waves[:n_prec])
+                alone = SpeechExtractor(SpeechConfig(model=sm, device=device, dtype=d,
+                                                     batching="none")).embed(waves[:n_prec])
+                together = SpeechExtractor(SpeechConfig(model=sm, device=device, dtype=d,
+                                                        max_padding=1.0)).embed(waves[:n_prec])
                 diff = max(float(np.abs(a - b).max()) for a, b in zip(alone, together))
                 print(f"speech, {d}: masked batches vs batch-of-one, max abs diff {diff:.3g}, "
                       f"stored values changed {100 * stored_changed(alone, together):.2f} %")
@@ -426,7 +432,8 @@ def main() -> None:
         ex.embed(texts)
         sync(device)
         dt = time.perf_counter() - t
-        rows.append(("text", f"{dtypes[0]}: host side only (1-layer, 32-wide BERT)", n_text / dt, float(tdur.sum()) / dt))
+        rows.append(("text", f"{dtypes[0]}: host side only (1-layer, 32-wide BERT)", n_text / dt,
+                     float(tdur.sum()) / dt))
         if args.files:
             ttable = pd.DataFrame({"utterance_id": [f"t{i:05d}" for i in range(n_text)], "transcript": texts,
                                    "start": 0.0, "end": tdur})
@@ -438,7 +445,7 @@ def main() -> None:
             rows.append(("text", "host side only: the whole `cm-arr-extract features --modalities text` job "
                          "(manifest, model loading, store, summary)", n_text / dt, float(tdur.sum()) / dt))
             ex = TextExtractor(TextConfig(model=tm, device=device, dtype=dtypes[0]))
-            dt, fin = into_store(ex, "text", ttable, tmp, tmp, "ahead" if gpu else "bg", device)
+            dt, fin = into_store(ex, "text", ttable, tmp, tmp, "ahead" if gpu else "fg", device)
             rows.append(("text", f"{dtypes[0]}: into a store, as cm-arr-extract (finalize {fin:.2f} s)",
                          n_text / dt, float(tdur.sum()) / dt))
         del ex

@@ -37,15 +37,15 @@ import pandas as pd
 import torch
 
 from cmarr.extract.faces import BatchedMTCNN, DetectorConfig, ReferenceMTCNN, agreement
-from cmarr.extract.video import ClipFrame, ClipRequest, iter_clips
-from cmarr.extract.video_extractor import VideoConfig, VideoExtractor
+from cmarr.extract.video import VideoConfig, VideoExtractor
+from cmarr.extract.video_decode import ClipFrame, ClipRequest, iter_clips
 
 H, W = 360, 480
 
 
 def photos() -> list[np.ndarray]:
-    from skimage import data as skdata
     import matplotlib
+    from skimage import data as skdata
 
     ast = skdata.astronaut()[10:240, 130:320]
     gh = cv2.imread(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg"))
@@ -106,7 +106,8 @@ def main(argv=None) -> dict:
     bs = a.batch_size or (256 if device.type == "cuda" else 32)
     frames = make_frames(a.frames, a.blank_every, a.seed)
     N = len(frames)
-    res: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    res: dict = {"device": name,
                  "frames": N, "frame_size": [H, W], "batch_size": bs, "half": a.half,
                  "files": a.files, "decode_workers": a.decode_workers}
 

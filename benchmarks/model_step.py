@@ -1,7 +1,7 @@
 """Where a CM-ARR training step spends its time: arithmetic or per-op overhead.
 
     python benchmarks/model_step.py [--device cpu|cuda] [--steps 20] [--models default,tiny]
-                                    [--compile [--compile-mode reduce-overhead]] [--stack 5]
+                                    [--compile [--compile-mode reduce-overhead]]
 
 Times one training step as the trainer's resident path runs it (``FoldRecipe.train_step``:
 condition sampling, forward on pooled inputs without per-step value checks, bf16 autocast
@@ -12,11 +12,6 @@ calls that are not views (each of these launches at least one kernel on a GPU). 
 tiny model is nearly as slow as the default one, the step is bound by the number of
 operators (Python, dispatcher, kernel launches), not by FLOPs: that is what CUDA graphs or
 fewer, larger operators fix.
-
-``--stack E`` (default 5; 0 = off) adds, per model, the step of ``E`` folds trained together
-(``optim.stack_folds``, :class:`cmarr.pipelines.stacked.StackedModels`: stacked weights, one
-vmapped call, per-member Adam), with its operators and time also given per fold-step (one
-step of one fold): what a step costs each fold when ``E`` share it.
 
 ``--compile`` adds, per model, the same step with the model under ``torch.compile``
 (inductor), compile time excluded; the
@@ -34,7 +29,7 @@ from rich.table import Table
 from torch.profiler import ProfilerActivity, profile
 
 from cmarr.model import CMARR, MODALITIES, CMARRConfig
-from cmarr.pipelines.data import sample_conditions
+from cmarr.pipelines.conditions import sample_conditions
 
 #: aten operators that return a view (no kernel on a GPU)
 VIEWS = {"aten::" + n for n in (
@@ -84,28 +79,6 @@ def make_step(cfg: CMARRConfig, device: str, batch: int = 16, compile_mode: str 
     return step
 
 
-def make_stacked_step(cfg: CMARRConfig, device: str, stack: int, batch: int = 16):
-    """The trainer's stacked step (:class:`StackedFolds.step` without the store): ``stack``
-    models, each its own batch and conditions."""
-    from cmarr.pipelines.stacked import StackedModels
-
-    torch.manual_seed(0)
-    models = [CMARR(cfg).to(device) for _ in range(stack)]
-    sm = StackedModels(models, lr=1e-4)
-    sm.train()
-    feats, masks, present, labels = batch_inputs(cfg, device, (stack, batch))
-    gens = [generator(device, e) for e in range(stack)]
-    amp = torch.device(device).type == "cuda"
-    members = list(range(stack))
-
-    def step():
-        available = torch.stack([sample_conditions(present[e], "missing", gens[e]) for e in members])
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
-            losses = sm.losses(members, feats, masks, available, present, labels)
-        sm.step(losses["total"].sum(), members)
-    return step
-
-
 def measure(step, device: str, steps: int) -> float:
     for _ in range(3):
         step()
@@ -146,7 +119,6 @@ def main() -> None:
     ap.add_argument("--models", default="default,tiny", help="which of: default, tiny")
     ap.add_argument("--compile", action="store_true", help="also time the step under torch.compile (inductor)")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode (default, reduce-overhead, ...)")
-    ap.add_argument("--stack", type=int, default=5, help="also the step of this many folds stacked (0: no)")
     args = ap.parse_args()
     wanted = {m.strip() for m in args.models.split(",")}
     configs = {
@@ -173,15 +145,6 @@ def main() -> None:
             tab.add_row(name, "eager" if mode is None else f"compiled ({mode})", f"{n_params:,}",
                         f"{n_all:,}", f"{n_top:,}", f"{n_kernels:,}", f"{sec * 1e3:.1f}", f"{1 / sec:.1f}",
                         "" if mode is None else f"{compile_s:.0f}")
-        if args.stack > 1:
-            step = make_stacked_step(cfg, args.device, args.stack)
-            sec = measure(step, args.device, max(2, args.steps // 2))
-            counts = count_ops(step)
-            E = args.stack
-            tab.add_row(name, f"stacked x{E}", f"{n_params * E:,}", *(f"{c:,}" for c in counts),
-                        f"{sec * 1e3:.1f}", f"{1 / sec:.1f}", "")
-            tab.add_row(name, "  per fold-step", "", *(f"{c / E:,.0f}" for c in counts),
-                        f"{sec * 1e3 / E:.1f}", f"{E / sec:.1f}", "")
     Console(width=200).print(tab)
 
 

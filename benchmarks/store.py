@@ -20,7 +20,8 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from cmarr.extract.store import LABELS, FeatureStore, StoreWriter
+from cmarr.extract.base import LABELS
+from cmarr.extract.store import FeatureStore, StoreWriter
 
 SHAPES = {"speech": (225, 768), "text": (25, 768), "video": (45, 342)}
 

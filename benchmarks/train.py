@@ -15,11 +15,6 @@ word pieces x 768 and 45 video frames x 342, means about 10 % higher), takes fol
   and kept on the device (``data.pipeline=resident``), bf16 autocast on CUDA, large eval
   batches; ``fast xJ``: the same with J folds trained concurrently as J processes on one
   device (``cm-arr-train --jobs J``), aggregate throughput.
-- ``stacked``: ``fast`` with ``--stack`` folds (default 5) trained together in one process,
-  weights stacked and each step run once for all of them (``optim.stack_folds``,
-  ``cmarr.pipelines.stacked``); "train steps/s" counts the steps of all stacked folds.
-  ``stacked-graphs``: the same step compiled in mode "reduce-overhead" (CUDA graphs on CUDA;
-  compilation counted as setup).
 
 Projection of the full protocol: 5 folds x 100 epochs at batch 16 over the real IEMOCAP fold
 sizes (training part = 90 % of the four training sessions), each epoch followed by the
@@ -62,7 +57,7 @@ def protocol_sizes(val_fraction: float = 0.1):
 
 def build_data(n_utts: int, seed: int = 0):
     from cmarr.pipelines.data import StoreData
-    from cmarr.pipelines.synthetic import IEMOCAP_SHAPED, SyntheticSpec, make_synthetic_data
+    from cmarr.pipelines.demo.synthetic import IEMOCAP_SHAPED, SyntheticSpec, make_synthetic_data
 
     scale = n_utts / sum(SESSIONS)
     sizes = [max(8, int(round(s * scale))) for s in SESSIONS]
@@ -72,7 +67,8 @@ def build_data(n_utts: int, seed: int = 0):
 
 
 def make_recipe(data, path: str, device: str, out: Path):
-    from cmarr.pipelines.train import FoldRecipe, resolve_config
+    from cmarr.pipelines.fold import FoldRecipe
+    from cmarr.pipelines.train import resolve_config
 
     over = {"data.pipeline": "eager" if path == "eager" else "resident",
             "optim.compile": "on" if path in ("compile", "graphs") else "off",
@@ -81,7 +77,8 @@ def make_recipe(data, path: str, device: str, out: Path):
             "optim.eval_batch_size": 512 if path == "eager" else 1024,  # 512: the config default
             "device": device}
     cfg = resolve_config(None, overrides=over)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                       else ("cpu" if device == "auto" else device))
     return FoldRecipe(cfg, data, 1, out, dev)
 
 
@@ -153,68 +150,6 @@ def measure(data, path: str, device: str, steps: int, warmup: int, out: Path, du
             "checkpoint_s": checkpoint_s, "ready_at": ready_at, "n_utts": len(data)}
 
 
-def measure_stacked(data, device: str, stack: int, steps: int, warmup: int, out: Path, graphs: bool = False) -> dict:
-    """Setup, lockstep training steps/s (each advances every stacked fold by one step),
-    evaluation rows/s and checkpoint time per fold of folds 1..``stack`` trained together;
-    with ``graphs``, the step compiled in mode "reduce-overhead" (compilation counted as setup)."""
-    from cmarr.pipelines.config import with_overrides
-    from cmarr.pipelines.stacked import StackedFolds
-    from cmarr.pipelines.train import FoldRecipe
-
-    out = out / f"stacked{stack}"
-    shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
-    plain = make_recipe(data, "fast", device, out)
-    over = {"optim.stack_folds": stack}
-    if graphs:
-        over |= {"optim.compile": "on", "optim.compile_mode": "reduce-overhead"}
-    cfg, dev = with_overrides(plain.cfg, over), plain.device
-    recipes, res = [], None
-    for k in range(1, stack + 1):
-        recipes.append(FoldRecipe(cfg, data, k, out, dev).setup(res))
-        res = recipes[-1].res_full
-    sf = StackedFolds(recipes)
-    sync(dev)
-    setup_s = time.perf_counter() - t0
-    sf.train()
-    gens = {e: r.condition_generator(1) for e, r in enumerate(recipes)}
-
-    def rows(r):
-        epoch = 1
-        while True:
-            yield from r.train_rows(epoch)
-            epoch += 1
-
-    its = {e: rows(r) for e, r in enumerate(recipes)}
-
-    def step():
-        sf.step({e: next(it) for e, it in its.items()}, gens)
-
-    t = time.perf_counter()
-    for _ in range(max(warmup, 3) if graphs else warmup):
-        step()
-    sync(dev)
-    if graphs:
-        setup_s += time.perf_counter() - t  # compilation
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(dev)
-    train_s = time.perf_counter() - t
-    t = time.perf_counter()
-    sf._sync_member(0)
-    recipes[0].save_checkpoint("last")
-    checkpoint_s = time.perf_counter() - t
-    t = time.perf_counter()
-    recipes[0].predict("val")
-    sync(dev)
-    eval_s = time.perf_counter() - t
-    r0 = recipes[0]
-    return {"path": f"stacked{'-graphs' if graphs else ''} x{stack}", "stack": stack, "setup_s": setup_s / stack, "steps": steps * stack,
-            "train_s": train_s, "steps_per_s": steps / train_s, "eval_rows": len(r0.split.val) * 7, "eval_s": eval_s,
-            "eval_rows_per_s": len(r0.split.val) * 7 / eval_s, "checkpoint_s": checkpoint_s, "n_utts": len(data)}
-
-
 def project(m: dict, jobs: int = 1, full_setup_scale: float = 1.0) -> dict:
     """Projected wall time of the full protocol from one path's measurements.
 
@@ -227,14 +162,6 @@ def project(m: dict, jobs: int = 1, full_setup_scale: float = 1.0) -> dict:
     sizes = protocol_sizes()
     steps = [EPOCHS * (tr // BATCH + (tr % BATCH >= 2)) for tr, _, _ in sizes]
     eval_rows = [EPOCHS * va * 7 + te * 7 for _, va, te in sizes]
-    if m.get("stack"):  # groups of `stack` folds in lockstep (as long as the longest), then each one's evaluation
-        total = 0.0
-        for g in range(0, FOLDS, m["stack"]):
-            idx = range(g, min(g + m["stack"], FOLDS))
-            total += (len(idx) * m["setup_s"] * full_setup_scale + max(steps[i] for i in idx) / m["steps_per_s"]
-                      + sum(eval_rows[i] / m["eval_rows_per_s"] + EPOCHS * m["checkpoint_s"] for i in idx))
-        return {"train_steps": sum(steps), "eval_rows": sum(eval_rows), "projected_s": total,
-                "overall_steps_per_s": sum(steps) / total}
     fold_s = [m["setup_s"] * full_setup_scale + n / m["steps_per_s"] + e / m["eval_rows_per_s"]
               + EPOCHS * m.get("checkpoint_s", 0.0) for n, e in zip(steps, eval_rows)]
     free = [0.0] * jobs  # when each of the concurrent slots is free again
@@ -258,9 +185,9 @@ def concurrent(args, jobs: int) -> dict:
     start_at = time.time() + args.concurrent_start
     procs = []
     for j in range(jobs):
-        cmd = [sys.executable, __file__, "--worker", "--path", args.path, "--device", args.device, "--utterances", str(args.utterances),
-               "--warmup", str(args.warmup), "--duration", str(args.duration), "--start-at", str(start_at),
-               "--seed", str(j), "--tmp", str(Path(args.tmp) / f"w{j}")]
+        cmd = [sys.executable, __file__, "--worker", "--path", args.path, "--device", args.device,
+               "--utterances", str(args.utterances), "--warmup", str(args.warmup), "--duration", str(args.duration),
+               "--start-at", str(start_at), "--seed", str(j), "--tmp", str(Path(args.tmp) / f"w{j}")]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
     results = []
     for p in procs:
@@ -284,15 +211,16 @@ def main() -> None:
     ap.add_argument("--utterances", type=int, default=None, help="default: 5531 on CUDA, 1106 on CPU")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 200 CUDA, 6 CPU)")
     ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--jobs", type=str, default=None, help="concurrent fold processes to try, e.g. 5 (default: 5 on CUDA, none on CPU)")
+    ap.add_argument("--jobs", type=str, default=None,
+                    help="concurrent fold processes to try, e.g. 5 (default: 5 on CUDA, none on CPU)")
     ap.add_argument("--duration", type=float, default=20.0, help="timed window of concurrent workers (s)")
     ap.add_argument("--concurrent-start", type=float, default=90.0, help="seconds allowed for worker setup")
     ap.add_argument("--json", type=str, default=None, help="write the measurements here")
     ap.add_argument("--tmp", type=str, default="/tmp/cmarr-bench")
-    ap.add_argument("--paths", type=str, default="eager,fast,stacked",
-                    help="single-process paths: eager, fast, compile, graphs, stacked, stacked-graphs")
-    ap.add_argument("--stack", type=int, default=5, help="folds trained together on the stacked path")
-    ap.add_argument("--path", type=str, default=None, help="path of the concurrent workers (default: the fastest measured)")
+    ap.add_argument("--paths", type=str, default="eager,fast",
+                    help="single-process paths: eager, fast, compile, graphs")
+    ap.add_argument("--path", type=str, default=None,
+                    help="path of the concurrent workers (default: the fastest measured)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--start-at", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -309,26 +237,22 @@ def main() -> None:
     t = time.perf_counter()
     data = build_data(args.utterances)
     gen_s = time.perf_counter() - t
-    dev_name = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    dev_name = (torch.cuda.get_device_name() if cuda
+                else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
     print(f"device: {dev_name}; torch {torch.__version__}; corpus: {args.utterances} IEMOCAP-shaped utterances "
           f"(generated in {gen_s:.1f} s)", flush=True)
     rows = []
     eager_steps = max(3, args.steps // 5) if cuda else args.steps
     for path in args.paths.split(","):
         steps = eager_steps if path == "eager" else args.steps
-        if path in ("stacked", "stacked-graphs"):
-            m = measure_stacked(data, args.device, args.stack, max(2, steps // 2) if not cuda else steps,
-                                args.warmup, Path(args.tmp), graphs=path == "stacked-graphs")
-            rows.append(m)
-            print(f"  {m['path']}: {m['steps_per_s']:.2f} lockstep steps/s, eval {m['eval_rows_per_s']:.0f} rows/s, "
-                  f"setup {m['setup_s']:.1f} s per fold", flush=True)
-            continue
-        m = measure(data, path, args.device, steps, args.warmup if path not in ("compile", "graphs") else max(args.warmup, 3), Path(args.tmp))
+        m = measure(data, path, args.device, steps,
+                    args.warmup if path not in ("compile", "graphs") else max(args.warmup, 3), Path(args.tmp))
         rows.append(m)
-        print(f"  {path}: {m['steps_per_s']:.1f} steps/s, eval {m['eval_rows_per_s']:.0f} rows/s, setup {m['setup_s']:.1f} s", flush=True)
+        print(f"  {path}: {m['steps_per_s']:.1f} steps/s, eval {m['eval_rows_per_s']:.0f} rows/s, "
+              f"setup {m['setup_s']:.1f} s", flush=True)
     del data
     if args.path is None:
-        args.path = max((m for m in rows if m["path"] not in ("eager",) and not m.get("stack")), key=lambda m: m["steps_per_s"],
+        args.path = max((m for m in rows if m["path"] != "eager"), key=lambda m: m["steps_per_s"],
                         default={"path": "fast"})["path"]
     for j in jobs:
         m = concurrent(args, j)
@@ -340,22 +264,26 @@ def main() -> None:
     from rich.table import Table
 
     tab = Table(title=f"Full protocol projection (5 folds x 100 epochs, batch 16, 5,531 utterances, 7-condition "
-                      f"validation and a checkpoint each epoch; measured on {args.utterances} utterances) on {dev_name}")
+                      f"validation and a checkpoint each epoch; measured on {args.utterances} utterances) "
+                      f"on {dev_name}")
     for c in ("path", "measured steps", "train steps/s", "eval rows/s", "setup/fold s", "projected total",
               "steps/s overall"):
         tab.add_column(c, justify="right" if c != "path" else "left")
     results = []
     for m in rows:
         p = project(m, jobs=m.get("jobs", 1), full_setup_scale=scale)
-        agg = m["steps_per_s"] * m.get("jobs", 1) * m.get("stack", 1)
-        fmt = lambda x: f"{x:.1f}" if x >= 10 else f"{x:.3g}"
+        agg = m["steps_per_s"] * m.get("jobs", 1)
+        def fmt(x):
+            return f"{x:.1f}" if x >= 10 else f"{x:.3g}"
+
         label = m["path"] + (f" ({m['late_start']} late: rate overstated)" if m.get("late_start") else "")
         tab.add_row(label, str(m["steps"]), fmt(agg), f"{m['eval_rows_per_s'] * m.get('jobs', 1):.0f}",
                     f"{m['setup_s'] * scale:.1f}", f"{p['projected_s'] / 60:.1f} min", fmt(p['overall_steps_per_s']))
         results.append({**m, **p})
     Console(width=200).print(tab)
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": dev_name, "torch": torch.__version__, "rows": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"device": dev_name, "torch": torch.__version__, "rows": results},
+                                              indent=1))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ wav2vec2). Choices the paper leaves open, and the defaults taken here:
   The header's count is exact for an intact file: audio passes the header check when at
   most ``tolerance_s`` is missing (not a share of the duration, so a long file that lost
   its end fails however long it is). It passes the expected-duration check when within
-  ``max(tolerance_s, tolerance_fraction * expected)``; the defaults (``DURATION_TOLERANCE_S`` = 50 ms, ``DURATION_TOLERANCE_FRACTION``
+  ``max(tolerance_s, tolerance_fraction * expected)``; the defaults (``DURATION_TOLERANCE_S`` = 50 ms,
+  ``DURATION_TOLERANCE_FRACTION``
   = 5 %) allow for the rounding of label times and for a few frames that a recording
   tool or resampler adds or drops at the edges, while a cut that loses a word (a few
   hundred ms) fails. A decoded duration
@@ -46,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import PathError
+from cmarr.extract.base import PathError, first_line
 
 #: The rate wav2vec2 models are trained on.
 TARGET_SAMPLE_RATE = 16_000
@@ -121,11 +122,6 @@ def wav_declared_frames(path: str | os.PathLike) -> tuple[int, int] | None:
     return None
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _decode(path: Path) -> tuple[np.ndarray, int]:
     """``(samples (N, C) float32, sample rate)`` with soundfile, else librosa."""
     try:
@@ -136,7 +132,7 @@ def _decode(path: Path) -> tuple[np.ndarray, int]:
     except ImportError:
         first_error = "soundfile is not installed"
     except Exception as e:  # libsndfile raises LibsndfileError / RuntimeError / TypeError
-        first_error = _first_line(e)
+        first_error = first_line(e)
     try:
         import warnings
 
@@ -149,7 +145,7 @@ def _decode(path: Path) -> tuple[np.ndarray, int]:
     except ImportError:
         raise AudioError(path, f"unreadable audio ({first_error}; librosa is not installed)") from None
     except Exception as e:
-        raise AudioError(path, f"unreadable audio ({first_error}; librosa: {_first_line(e)})") from None
+        raise AudioError(path, f"unreadable audio ({first_error}; librosa: {first_line(e)})") from None
     data = np.asarray(data, dtype=np.float32)
     data = data[:, None] if data.ndim == 1 else data.T  # librosa gives (C, N)
     return data, int(rate)

@@ -1,17 +1,18 @@
-"""The contract every per-modality extractor follows.
+"""The contract every per-modality extractor follows, and what all of ``cmarr.extract`` shares.
 
-An extractor turns manifest rows (one row per utterance, see ``cmarr.extract.manifest``)
-into per-utterance frame matrices. It never writes files itself: the orchestration in
-``cmarr.extract.features`` hands its results to a ``StoreWriter``.
+An extractor turns manifest rows (one row per utterance, see
+``cmarr.extract.corpora.manifest``) into per-utterance frame matrices. It never writes files
+itself: the orchestration in ``cmarr.extract.features`` hands its results to a
+``StoreWriter``. Also here: the labels and modalities every store and model uses, the
+errors that name a file or an option, and ``run_ahead``, which runs an extractor ahead of
+the code storing its results.
 
 Legend: ``T`` frames of one utterance, ``D`` feature width of the modality.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
-import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,68 +131,6 @@ def run_ahead(items: Iterable[T], depth: int = 2, group: int = 64, setup: Callab
         stop.set()
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what batch schedulers and ``kill`` send), raised in the main thread while
-    ``sigterm_interrupts`` is in force: an interruption like Ctrl-C, so the same cleanup runs
-    (an extraction commits its finished utterances; a rerun resumes from them)."""
-
-
-_held = {"depth": 0, "pending": None}  # main thread only: see interrupts_held
-
-
-@contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """Within the block, the first SIGTERM raises ``Terminated`` in the main thread (at the
-    end of an ``interrupts_held`` block when it comes during one); later ones are ignored, so
-    that they do not interrupt the cleanup (committing what is finished) that the first one
-    set off; a scheduler's SIGKILL still ends the process. The previous handler is restored
-    on leaving. Outside the main thread: no change."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_sigterm(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        e = Terminated(f"signal {signum} (SIGTERM)")
-        if _held["depth"]:
-            _held["pending"] = e
-            return
-        raise e
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def interrupts_held() -> Iterator[None]:
-    """A block that a SIGTERM (``sigterm_interrupts``) must not break into, such as HDF5
-    calling back into Python to write a file (an exception there leaves the HDF5 library in
-    a broken state): ``Terminated`` is raised when the block ends instead. Only the main
-    thread is affected (signal handlers run there)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    _held["depth"] += 1
-    try:
-        yield
-    finally:
-        _held["depth"] -= 1
-        if not _held["depth"]:
-            raise_held()
-
-
-def raise_held() -> None:
-    """Raise a SIGTERM held by ``interrupts_held``, if one came: called where the block can
-    stop cleanly (between HDF5 calls), so that a long write is not finished in vain."""
-    pending = _held["pending"]
-    if pending is not None and threading.current_thread() is threading.main_thread():
-        _held["pending"] = None
-        raise pending
-
-
 class PathError(Exception):
     """A problem with one file or folder. ``str(e) == f"{path}: {problem}"``; ``path`` and
     ``problem`` are kept for callers that format their own message."""
@@ -206,25 +145,3 @@ class ExtractError(Exception):
     """A setup problem that stops an extraction before it starts (missing checkpoint, model
     path that does not load, ...). ``str(e)`` names the file or option and the problem.
     Per-utterance problems are not raised: they become ``Result.error``."""
-
-
-def durable_replace(tmp: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Move the finished file ``tmp`` to ``dst`` so that after a crash or power loss ``dst``
-    is either the old file or the complete new one: the data reach the disk (fsync) before
-    the rename, and the rename itself is flushed with the folder."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, dst)
-    try:
-        dfd = os.open(os.path.dirname(os.path.abspath(dst)), os.O_RDONLY)
-    except OSError:  # a folder that cannot be opened (some platforms): the file itself is safe
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)

@@ -37,7 +37,6 @@ feature store records.
 from __future__ import annotations
 
 import csv
-import hashlib
 import math
 import os
 import platform
@@ -51,8 +50,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cmarr.extract.base import ExtractError, durable_replace
+from cmarr.extract.base import ExtractError
 from cmarr.extract.faces import normalise
+from cmarr.extract.files import durable_replace, file_sha256
 from cmarr.model.denseface import FERPLUS_CLASSES, DenseFace, DenseFaceConfig
 
 FER2013_COLUMNS = ("emotion", "pixels", "Usage")
@@ -114,14 +114,6 @@ class FerData:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _open_rows(path: Path, expected: tuple[str, ...]):
     if not path.is_file():
         raise FerDataError(f"{path}: file not found")
@@ -131,7 +123,7 @@ def _open_rows(path: Path, expected: tuple[str, ...]):
         header = next(reader)
     except StopIteration:
         f.close()
-        raise FerDataError(f"{path}:1: empty file, expected header {','.join(expected)}")
+        raise FerDataError(f"{path}:1: empty file, expected header {','.join(expected)}") from None
     if tuple(h.strip() for h in header) != expected:
         f.close()
         raise FerDataError(f"{path}:1: header {header} is not {list(expected)}")
@@ -215,7 +207,8 @@ def read_ferplus(fer2013: str | Path, ferplus: str | Path, label_rule: str = "ma
             if usage not in SPLITS:
                 raise FerDataError(f"{p1}:{r1.line_num}: Usage {usage!r} is not one of {list(SPLITS)}")
             if b[0].strip() != usage:
-                raise FerDataError(f"{p2}:{r2.line_num}: Usage {b[0]!r} differs from {usage!r} at {p1.name}:{r1.line_num}")
+                raise FerDataError(f"{p2}:{r2.line_num}: Usage {b[0]!r} differs from {usage!r} at "
+                                   f"{p1.name}:{r1.line_num}")
             try:
                 px = np.array(a[1].split(), dtype=np.int64)
             except ValueError:
@@ -309,7 +302,7 @@ def train_denseface(fer2013: str | Path, ferplus: str | Path, out: str | Path,
                     device: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train on FER+ and write the checkpoint ``out``. Returns the checkpoint's record
     (without the weights) plus ``checkpoint_sha256``."""
-    from cmarr.extract.speech import resolve_device
+    from cmarr.extract.hf import resolve_device
 
     dev = torch.device(resolve_device(device or "auto"))  # ExtractError for a bad or absent device
     out = Path(out)
@@ -370,7 +363,8 @@ def train_denseface(fer2013: str | Path, ferplus: str | Path, out: str | Path,
             n += len(b)
         val = evaluate(model, x_va, y_va, mean, std, config.eval_batch_size, dev)
         history.append({"epoch": epoch, "train_loss": tot / max(n, 1), "val_acc": val, "seconds": time.time() - t0})
-        log(f"epoch {epoch}/{config.epochs}: train loss {tot / max(n, 1):.4f}, val acc {val:.4f} ({time.time() - t0:.1f} s)")
+        log(f"epoch {epoch}/{config.epochs}: train loss {tot / max(n, 1):.4f}, val acc {val:.4f} "
+            f"({time.time() - t0:.1f} s)")
         score = val if not math.isnan(val) else -0.5
         if select == "last" or score > best[0]:
             best = (score, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, epoch)
@@ -441,7 +435,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file
-        raise ExtractError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise ExtractError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200]})") from None
     if not isinstance(ck, dict) or "record" not in ck or "state_dict" not in ck \
             or ck["record"].get("format") != CHECKPOINT_FORMAT:
         raise ExtractError(f"{path}: not a Denseface checkpoint (expected format {CHECKPOINT_FORMAT})")
@@ -450,7 +445,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         model = DenseFace(DenseFaceConfig(**rec["model_config"]))
         model.load_state_dict(ck["state_dict"])
     except (TypeError, RuntimeError, KeyError) as e:
-        raise ExtractError(f"{path}: weights do not fit the recorded architecture: {str(e).splitlines()[0][:200]}") from None
+        raise ExtractError(f"{path}: weights do not fit the recorded architecture: "
+                           f"{str(e).splitlines()[0][:200]}") from None
     return model.to(device).eval(), rec
 
 

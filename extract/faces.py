@@ -275,7 +275,8 @@ class BatchedMTCNN:
         B, _, H, W = x.shape
         t0, t1, t2 = self.config.thresholds
         dev = x.device
-        empty = (torch.empty(0, 4, device=dev), torch.empty(0, device=dev), torch.empty(0, dtype=torch.long, device=dev))
+        empty = (torch.empty(0, 4, device=dev), torch.empty(0, device=dev),
+                 torch.empty(0, dtype=torch.long, device=dev))
         sizes, grid_q, grid_s = self._grid(H, W)
         if not sizes:
             return empty
@@ -452,7 +453,9 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     x2 = np.minimum(a[:, 2], b[:, 2])
     y2 = np.minimum(a[:, 3], b[:, 3])
     inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = lambda z: (z[:, 2] - z[:, 0]) * (z[:, 3] - z[:, 1])
+    def area(z: np.ndarray) -> np.ndarray:
+        return (z[:, 2] - z[:, 0]) * (z[:, 3] - z[:, 1])
+
     return inter / (area(a) + area(b) - inter)
 
 

@@ -18,9 +18,11 @@
 - **Resume**: the writer commits finished utterances in chunks beside the output; a rerun
   of the same command skips every (utterance, modality) whose features are already
   committed and says how many it skipped. Pairs recorded as errors are tried again (the
-  media may have been fixed since); the newest outcome is kept. One run at a time writes an
-  output: a second run on the same ``--out`` (or shard file) is refused while the first
-  holds the writer's lock, and a killed run's lock is released by the kernel.
+  media may have been fixed since); the newest outcome is kept. A rerun with a manifest
+  whose utterances differ (a rebuilt manifest) is refused, saying which were added, removed
+  or changed. One run at a time writes an output: a second run on the same ``--out`` (or
+  shard file) is refused while the first holds the writer's lock, and a killed run's lock
+  is released by the kernel.
 - **Coverage**: the store is written only when every (utterance, modality) of the job has
   features or a recorded error; otherwise the run fails naming the uncovered pairs, and a
   rerun extracts them.
@@ -32,9 +34,8 @@
   store's error table and listed in a summary at the end. ``FeaturesRun.ok`` is False
   when such errors exist, unless ``allow_missing`` accepts them as missing modalities.
   Nothing is skipped silently and no zeros stand in for data.
-- **Overlap**: the writer commits chunks from a background thread; on CUDA the extractor
-  also runs in a worker thread ahead of the writing (``run_ahead``), so the GPU computes
-  the next batch while the last one is stored.
+- **Overlap**: on CUDA the extractor runs in a worker thread ahead of the writing
+  (``run_ahead``), so the GPU computes the next batch while the last one is stored.
 """
 from __future__ import annotations
 
@@ -53,16 +54,20 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cmarr.extract.base import Extractor, ExtractError, run_ahead
-from cmarr.extract.store import (CHUNK_SIZE, COMMIT_SECONDS, MODALITIES, FeatureStore, StoreWriter, errors_hint,
-                                 file_sha256, lock_output, make_folder, select_shard, utterance_order)
+from cmarr.extract.base import MODALITIES, ExtractError, Extractor, run_ahead
+from cmarr.extract.files import file_sha256
+from cmarr.extract.store import (
+    CHUNK_SIZE,
+    FeatureStore,
+    OutputLock,
+    StoreWriter,
+    errors_hint,
+    make_folder,
+    select_shard,
+    utterance_order,
+)
 
 DATASETS = ("iemocap", "msp-improv")
-#: The manifest columns each modality's features are computed from. A rerun with a rebuilt
-#: manifest computes again the pairs whose columns changed (a wav or transcript that was
-#: missing and is now there) and keeps the rest (``StoreWriter``'s ``media``).
-MEDIA_COLUMNS = {"speech": ("wav_path", "start", "end"), "text": ("transcript",),
-                 "video": ("video_path", "video_start", "video_end", "video_half")}
 #: Rows of the error summary printed at the end (all are in the store's error table).
 SUMMARY_ROWS = 50
 
@@ -122,8 +127,14 @@ class _Progress:
         self._tasks: dict[str, Any] = {}
         self._state: dict[str, dict] = {}
         if self.live:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._bar = Progress(TextColumn("[bold]{task.description:<6}"), BarColumn(),
                                  MofNCompleteColumn(), TextColumn("{task.fields[rates]}"),
@@ -207,7 +218,7 @@ class FeaturesRun:
 
 
 def _manifest(path: Path, dataset: str) -> pd.DataFrame:
-    from cmarr.extract.manifest import ManifestError, read_manifest
+    from cmarr.extract.corpora.manifest import ManifestError, read_manifest
 
     if not path.exists():
         raise ExtractError(f"{path}: no such manifest (build it with `cm-arr-extract manifest {dataset} "
@@ -238,7 +249,7 @@ def build_extractors(modalities: Sequence[str], speech=None, text=None, video=No
 
             out[m] = TextExtractor(text or TextConfig())
         elif m == "video":
-            from cmarr.extract.video_extractor import VideoConfig, VideoExtractor
+            from cmarr.extract.video import VideoConfig, VideoExtractor
 
             out[m] = VideoExtractor(video or VideoConfig())
         else:
@@ -273,7 +284,6 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
                  device: str = "auto", shard: tuple[int, int] | None = None,
                  allow_missing: bool = False, speech=None, text=None, video=None,
                  chunk_size: int = CHUNK_SIZE, store_dtype: str = "float16",
-                 commit_seconds: float | None = COMMIT_SECONDS,
                  console: Console | None = None, log_every: float = 10.0,
                  env: Mapping[str, str] | None = None, overlap: bool | None = None) -> FeaturesRun:
     """Extract ``modalities`` for the utterances of ``manifest`` into the store ``out``
@@ -302,8 +312,6 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
         raise ExtractError(f"{root}: corpus root is not a folder")
     if chunk_size < 1:
         raise ExtractError(f"chunk size {chunk_size}: must be >= 1")
-    if commit_seconds is not None and not commit_seconds > 0:
-        raise ExtractError(f"commit interval {commit_seconds} s: must be > 0")
     shard = shard if shard is not None else shard_from_env(env)
     if device == "auto" and "LOCAL_RANK" in env:
         import torch
@@ -320,13 +328,13 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
     console.print(f"{dataset}: {len(rows)} utterances from {manifest}{where} -> {target}", highlight=False)
 
     if "video" in modalities:
-        from cmarr.extract.video_extractor import require_weights
+        from cmarr.extract.video import require_weights
 
         require_weights(video)  # a missing option first: it is wrong whatever the media
     check_media_root(rows, root, modalities, manifest)  # a wrong --root: said now, not as N errors
 
     # the output is locked before the models load: a second run on it is refused at once
-    lock = lock_output(target)
+    lock = OutputLock(target)
     try:
         if device != "auto":
             from cmarr.extract.speech import SpeechConfig
@@ -339,15 +347,13 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
         provenance = {m: {**ex.provenance(), "corpus": dataset, "manifest_sha256": manifest_sha}
                       for m, ex in extractors.items()}
 
-        writer = StoreWriter(target, rows, provenance, chunk_size=chunk_size, commit_seconds=commit_seconds,
-                             dtype=store_dtype, media=MEDIA_COLUMNS, lock=lock,
+        writer = StoreWriter(target, rows, provenance, chunk_size=chunk_size, dtype=store_dtype, lock=lock,
                              extra_attrs={"shard": f"{shard[0]}/{shard[1]}"} if shard and shard[1] > 1 else None)
     except BaseException:
         lock.release(remove_folder=lock.created)  # a folder made just now holds nothing
         raise
     done = writer.done()
     retried = writer.retried()
-    changed = writer.changed()
     duration = dict(zip(rows["utterance_id"], (rows["end"] - rows["start"]).clip(lower=0.0).to_numpy()))
     computed: dict[str, int] = {}
     resumed: dict[str, int] = {}
@@ -358,12 +364,10 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
                 todo = rows[todo_mask]
                 resumed[m] = int((~todo_mask).sum())
                 again = sum((u, m) in retried for u in todo["utterance_id"])
-                moved = sum((u, m) in changed for u in todo["utterance_id"])
-                if resumed[m] or again or moved:
+                if resumed[m] or again:
                     console.print(f"{m}: {resumed[m]} of {len(rows)} utterances already in the store "
                                   f"(resumed), {len(todo)} to extract"
-                                  + (f", of which {again} recorded as errors before and tried again" if again else "")
-                                  + (f", {moved} whose media in the manifest changed" if moved else ""),
+                                  + (f", of which {again} recorded as errors before and tried again" if again else ""),
                                   highlight=False)
                 progress.start(m, len(rows), resumed[m])
                 expected = set(todo["utterance_id"])
@@ -396,11 +400,7 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
         finally:
             writer.close()
         raise
-    try:
-        writer.finalize()  # raises, writing nothing, unless every (utterance, modality) is covered
-    except BaseException:
-        writer._abandon()  # e.g. a failed last commit: what is committed stays for the rerun
-        raise
+    writer.finalize()  # raises, writing nothing, unless every (utterance, modality) is covered
 
     store = FeatureStore(target)
     errors = store.errors[store.errors["modality"].isin(modalities)].reset_index(drop=True)  # this job's
@@ -409,7 +409,8 @@ def run_features(dataset: str, root: str | os.PathLike, manifest: str | os.PathL
     empty = [m for m in modalities if len(rows) and counts[m] == 0]
     short = {}
     if "video" in modalities:
-        short = {u: n for u in sorted(store.ids("video")) if (n := int(store.meta(u, "video").get("frames_missing", 0))) > 0}
+        missing = {u: int(store.meta(u, "video").get("frames_missing", 0)) for u in sorted(store.ids("video"))}
+        short = {u: n for u, n in missing.items() if n > 0}
     store.close()
     run = FeaturesRun(out=target, shard=shard, computed=computed, resumed=resumed, errors=errors,
                       ok=(errors.empty or allow_missing) and not empty, seconds=time.monotonic() - t_start,

@@ -53,10 +53,7 @@ Legend: ``B`` utterances in a batch, ``N`` samples, ``T`` frames, ``D`` hidden w
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -68,12 +65,20 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from cmarr.extract.audio import (DURATION_TOLERANCE_FRACTION, DURATION_TOLERANCE_S, RESAMPLER, AudioError,
-                                 read_audio)
-from cmarr.extract.base import Extractor, ExtractError, Result
+from cmarr.extract.audio import DURATION_TOLERANCE_FRACTION, DURATION_TOLERANCE_S, RESAMPLER, AudioError, read_audio
+from cmarr.extract.base import ExtractError, Extractor, Result, first_line
+from cmarr.extract.hf import (
+    BlockOutput,
+    autocast,
+    check_dtype,
+    model_folder,
+    model_identity,
+    read_model_config,
+    resolve_device,
+    resolve_layer,
+)
 
 BATCHING_POLICIES = ("masked", "equal-length", "none")
-DTYPES = ("float32", "float16", "bfloat16")
 
 # Written into provenance (so the text stays as it is: resume compares it). Batched
 # arithmetic may sum in another order than a batch of one, so only "none" gives the
@@ -93,134 +98,6 @@ _BATCHING_RULES = {
 }
 
 
-# --------------------------------------------------------------------------------------
-# Shared with the text extractor: device, precision, model identity, layer choice.
-
-
-def resolve_device(device: str) -> str:
-    """``"auto"`` is the first CUDA device when one is present, else the CPU."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ExtractError(f"--device {device}: CUDA is not available on this machine")
-    try:
-        torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise ExtractError(f"--device {device}: not a device torch knows ({e})") from None
-    return device
-
-
-def check_dtype(dtype: str) -> str:
-    """``dtype``, checked (see the module docstring on precision)."""
-    if dtype not in DTYPES:
-        raise ExtractError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    return dtype
-
-
-def autocast(device: str, dtype: str):
-    """The autocast context for ``dtype``. For float32 on CUDA it turns off TF32 in cuDNN
-    convolutions (PyTorch enables it by default), so that float32 means float32."""
-    if dtype == "float32":
-        if torch.device(device).type != "cuda":
-            return contextlib.nullcontext()
-        b = torch.backends.cudnn
-        return b.flags(enabled=b.enabled, benchmark=b.benchmark, deterministic=b.deterministic, allow_tf32=False)
-    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
-
-
-#: Files besides the weights whose content decides the features: the architecture
-#: (``config.json``: layers, norms, ...), the audio preprocessing (``preprocessor_config.json``:
-#: normalisation) and the tokenizer.
-DEFINING_FILES = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
-                  "vocab.txt", "special_tokens_map.json", "added_tokens.json")
-
-
-def hub_snapshot(name: str, revision: str | None) -> Path | None:
-    """The hub-cache folder (``.../snapshots/<commit>``) that hub id ``name`` at ``revision``
-    was loaded from, or None (not in the cache, not a hub id)."""
-    try:
-        from transformers.utils import cached_file
-
-        found = cached_file(name, "config.json", revision=revision, _raise_exceptions_for_missing_entries=False,
-                            _raise_exceptions_for_connection_errors=False)
-    except Exception:
-        return None
-    return Path(found).parent if found else None
-
-
-def model_identity(name: str, revision: str | None, hf_config: Any,
-                   folder: Path | None = None) -> dict[str, Any]:
-    """What pins a checkpoint down: the name as given, the requested revision, the commit it
-    resolved to (for a hub id, the hub-cache snapshot it was loaded from), and for the folder
-    its files are in (``folder``, ``name`` when it is one, or that snapshot) the sha256 of its
-    weight files (``weights_sha256``) and of the other files that decide the features
-    (``files_sha256``: ``DEFINING_FILES``)."""
-    from cmarr.extract.store import file_sha256
-
-    out: dict[str, Any] = {"model": str(name), "revision": revision}
-    commit = getattr(hf_config, "_commit_hash", None)  # set by older transformers versions
-    path = folder if folder is not None else Path(name)
-    if not path.is_dir():
-        snapshot = hub_snapshot(name, revision)
-        if snapshot is not None:
-            path = snapshot
-            commit = commit or snapshot.name
-    out["commit_hash"] = commit if commit else None
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-        out["weights_sha256"] = {f.name: file_sha256(f) for f in files}
-        out["files_sha256"] = {n: file_sha256(path / n) for n in DEFINING_FILES if (path / n).is_file()}
-    return out
-
-
-_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
-
-
-def model_folder(name: str, what: str) -> Path | None:
-    """The local folder that the model name ``name`` stands for, or ``None`` for a hub id.
-
-    ``transformers`` loads any existing folder as a local model and takes every other name
-    for a hub id, so a mistyped path came back as a complaint about hub-id syntax. The rule
-    here, which keeps hub ids (``bert-base-uncased``, ``facebook/wav2vec2-base``) as they were:
-
-    - an existing folder (after ``~`` expansion) is a local model;
-    - an existing file is an error: a model is a folder;
-    - a name no hub id can have (absolute, starting with ``.`` or ``~``, holding a
-      backslash or more than one ``/``) is a path, and it does not exist: "no such folder";
-    - anything else is a hub id (a relative ``org/name`` that is not a folder here included).
-
-    ``what`` names the model in messages (``"speech model"``, ``"text model"``).
-    """
-    path = Path(os.path.expanduser(name))
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ExtractError(f"{name}: cannot load the {what}: it is a file, not a model folder")
-    if (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or name.count("/") > 1
-            or (os.sep != "/" and os.sep in name)):
-        raise ExtractError(f"{name}: cannot load the {what}: no such folder")
-    return None
-
-
-def read_model_config(folder: Path, what: str) -> dict[str, Any]:
-    """The ``config.json`` of a local model folder, checked to name a ``model_type`` and
-    to sit beside weight files; ``ExtractError`` naming the folder and what is wrong."""
-    cfg = folder / "config.json"
-    if not cfg.is_file():
-        raise ExtractError(f"{folder}: cannot load the {what}: no config.json in this folder (a model folder "
-                           "holds the config.json and weights that transformers' save_pretrained writes)")
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ExtractError(f"{cfg}: cannot load the {what}: config.json is not readable JSON ({e})") from None
-    if not isinstance(data, dict) or not data.get("model_type"):
-        raise ExtractError(f"{cfg}: cannot load the {what}: config.json names no model_type")
-    if not any(next(folder.glob(g), None) for g in _WEIGHT_FILES):
-        raise ExtractError(f"{folder}: cannot load the {what}: no weight file in this folder "
-                           "(model.safetensors or pytorch_model.bin)")
-    return data
-
-
 def _check_speech_folder(folder: Path) -> None:
     """A local speech model folder must hold a wav2vec2 config, weights and the
     feature-extractor settings (``preprocessor_config.json``)."""
@@ -231,37 +108,6 @@ def _check_speech_folder(folder: Path) -> None:
     if not (folder / "preprocessor_config.json").is_file():
         raise ExtractError(f"{folder}: cannot load the speech model: no preprocessor_config.json in this folder "
                            "(the feature-extractor settings of a wav2vec2 checkpoint: sampling rate, normalisation)")
-
-
-def resolve_layer(layer: int, num_layers: int, what: str) -> int | None:
-    """``None`` for the model's last hidden state (``layer == -1``), else the 1-based block."""
-    if layer == -1:
-        return None
-    k = layer if layer > 0 else num_layers + 1 + layer
-    if not 1 <= k <= num_layers:
-        raise ExtractError(f"{what}: layer {layer} does not exist (the model has {num_layers} "
-                           f"blocks: use 1..{num_layers}, or -1..-{num_layers} from the end)")
-    return k
-
-
-class BlockOutput:
-    """Keeps the output of one transformer block (a forward hook)."""
-
-    def __init__(self, module):
-        self.value = None
-        self._handle = module.register_forward_hook(self._hook)
-
-    def _hook(self, module, inputs, output):
-        self.value = output[0] if isinstance(output, (tuple, list)) else output
-
-    def pop(self):
-        value, self.value = self.value, None
-        return value
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # --------------------------------------------------------------------------------------
@@ -365,11 +211,11 @@ class SpeechExtractor(Extractor):
             self.feature_extractor = AutoFeatureExtractor.from_pretrained(source, revision=config.revision)
         except Exception as e:  # OSError, ValueError, EnvironmentError from the hub client
             raise ExtractError(f"{config.model}: cannot load the speech feature-extractor config "
-                               f"(preprocessor_config.json): {_first_line(e)}") from None
+                               f"(preprocessor_config.json): {first_line(e)}") from None
         try:
             self.model = Wav2Vec2Model.from_pretrained(source, revision=config.revision)
         except Exception as e:
-            raise ExtractError(f"{config.model}: cannot load a wav2vec2 model: {_first_line(e)}") from None
+            raise ExtractError(f"{config.model}: cannot load a wav2vec2 model: {first_line(e)}") from None
         self.model.eval().to(self.device)
         hf = self.model.config
         self.sample_rate = int(getattr(self.feature_extractor, "sampling_rate", 16_000))
@@ -412,7 +258,7 @@ class SpeechExtractor(Extractor):
     def provenance(self) -> dict[str, Any]:
         c = self.config
         return {
-            **model_identity(c.model, c.revision, self.model.config, self.folder),
+            **model_identity(c.model, c.revision, self.folder),
             "architecture": "wav2vec2",
             "layer": c.layer,
             "layer_meaning": ("last_hidden_state" if self.block is None
@@ -580,10 +426,11 @@ class SpeechExtractor(Extractor):
         except AudioError as e:
             return None, f"{e.kind}: {e}"
         except Exception as e:  # a decoder bug must not stop the whole run
-            return None, f"unreadable audio: {path}: {_first_line(e)}"
+            return None, f"unreadable audio: {path}: {first_line(e)}"
         if len(wave) < self.receptive_field:
             return None, (f"audio too short: {path}: {len(wave)} samples at {self.sample_rate} Hz, the model "
-                          f"needs at least {self.receptive_field} ({1000 * self.receptive_field / self.sample_rate:.0f} ms)")
+                          f"needs at least {self.receptive_field} "
+                          f"({1000 * self.receptive_field / self.sample_rate:.0f} ms)")
         return self._prepare(wave), None
 
     def _read_ahead(self, jobs: list[tuple[str, Path, float | None]]
@@ -628,7 +475,7 @@ class SpeechExtractor(Extractor):
         jobs.sort(key=lambda j: -(j[2] or 0.0))
 
         def prepared() -> Iterator[tuple[Any, np.ndarray]]:
-            for utt, path, x, err in self._read_ahead(jobs):
+            for utt, _, x, err in self._read_ahead(jobs):
                 if err is not None:
                     errors.append(Result(utt, error=err))
                     continue

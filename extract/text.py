@@ -41,9 +41,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cmarr.extract.base import Extractor, ExtractError, Result
-from cmarr.extract.speech import (BlockOutput, autocast, model_folder, model_identity, read_model_config,
-                                  resolve_device, check_dtype, resolve_layer)
+from cmarr.extract.base import ExtractError, Extractor, Result, first_line
+from cmarr.extract.hf import (
+    BlockOutput,
+    autocast,
+    check_dtype,
+    model_folder,
+    model_identity,
+    read_model_config,
+    resolve_device,
+    resolve_layer,
+)
 
 MARKER_RULES = ("remove", "keep")
 LONG_TEXT_RULES = ("windows", "error")
@@ -85,11 +93,6 @@ class TextConfig:
     long_text: str = "windows"
     max_batch_tokens: int = 16384
     max_batch_size: int = 512
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # Files a tokenizer can be loaded from: the fast tokenizer's own file, or the vocabulary a
@@ -148,11 +151,11 @@ class TextExtractor(Extractor):
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source, revision=config.revision)
         except Exception as e:
-            raise ExtractError(f"{config.model}: cannot load the tokenizer: {_first_line(e)}") from None
+            raise ExtractError(f"{config.model}: cannot load the tokenizer: {first_line(e)}") from None
         try:
             self.model = AutoModel.from_pretrained(source, revision=config.revision)
         except Exception as e:
-            raise ExtractError(f"{config.model}: cannot load the text model: {_first_line(e)}") from None
+            raise ExtractError(f"{config.model}: cannot load the text model: {first_line(e)}") from None
         if not getattr(self.tokenizer, "is_fast", False):
             raise ExtractError(f"{config.model}: the text extractor needs a fast (Rust) tokenizer, "
                                f"got {type(self.tokenizer).__name__}")
@@ -184,7 +187,7 @@ class TextExtractor(Extractor):
         c = self.config
         tok = self.tokenizer
         return {
-            **model_identity(c.model, c.revision, self.model.config, self.folder),
+            **model_identity(c.model, c.revision, self.folder),
             "architecture": str(self.model.config.model_type),
             "layer": c.layer,
             "layer_meaning": ("last_hidden_state" if self.block is None
@@ -238,7 +241,7 @@ class TextExtractor(Extractor):
             return [np.arange(len(windows[0][0]))]
         keep = []
         last = len(windows) - 1
-        for w, (ids, special, _) in enumerate(windows):
+        for w, (_, special, _) in enumerate(windows):
             special = np.asarray(special, dtype=bool)
             rows = ~special
             if self.config.special_tokens:
@@ -295,7 +298,8 @@ class TextExtractor(Extractor):
             out[i] = (matrix, tokens)
         return out
 
-    def _embed_many(self, items: list[tuple[Any, str]]) -> Iterator[tuple[Any, np.ndarray | None, list[str] | None, str | None]]:
+    def _embed_many(self, items: list[tuple[Any, str]]
+                    ) -> Iterator[tuple[Any, np.ndarray | None, list[str] | None, str | None]]:
         plans = []  # (key, windows, keep)
         for (key, _), wins in zip(items, self.windows([text for _, text in items])):
             if not wins or all(0 not in s for _, s, _ in wins):  # only special tokens

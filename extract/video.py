@@ -1,319 +1,334 @@
-"""Utterance clips from video files, decoded once per file, frames sampled at a fixed rate.
+"""Video features: Denseface features of the speaker's face, frame by frame.
 
-IEMOCAP: one ``.avi`` per dialog holds both actors side by side; an utterance is the span
-``[video_start, video_end)`` of it, on the speaker's half (``video_half`` "left"/"right",
-rule in ``docs/corpora.md``). All utterances of a dialog are cut in ONE sequential pass over
-the file. MSP-IMPROV: one video per utterance (``video_half`` "full"); when the manifest
-gives no span the whole file is the clip.
+For each utterance: frames sampled from its clip (``cmarr.extract.video_decode``), MTCNN on every
+sampled frame (``cmarr.extract.faces.BatchedMTCNN``), one face per frame cropped to 64x64
+grayscale and normalised as in training, Denseface's 342-d pooled feature per face frame.
 
-Sampling: sample ``k`` of a clip is at ``t_k = start + k / sample_fps`` (default 10/s) for
-``t_k < end``; it takes frame ``floor(t_k * fps)``, the frame shown at that time, with ``fps``
-read from the file. When ``sample_fps`` exceeds the file's fps a frame is taken once (the
-effective rate is then the file's). A frame's time is that of the sample that took it,
-``t_k - start = k / sample_fps`` (on the sample grid, from the clip start).
+Result per utterance: ``matrix`` (n_face_frames, 342), the features of the frames WITH a
+face, in time order; ``meta`` ``frame_times`` (seconds from the clip start, every sampled
+frame), ``face_mask`` (bool per sampled frame; ``face_mask.sum() == len(matrix)``) and
+``frames_missing`` (sampled times past the end of a short video; 0 normally). An utterance
+without any face frame, without a video, or whose video cannot be read gets
+``Result.error`` (a missing modality), never zeros.
 
-A file that ends before a clip's span does (a short or truncated video): the sampled frames
-that exist are emitted, and the clip's ``ClipEnd`` records the number missing
-(``n_missing``) and where the video ends (``video_end``), so that the caller can decide
-whether what exists is enough (the video extractor's ``max_missing_seconds``); a clip with
-no decodable sampled frame at all ends with an error, as does every clip of a file that
-cannot be opened or whose fps cannot be read. Nothing is ever filled with blank frames.
+**Short videos.** A video that ends before the utterance's span does, by more than
+``VideoConfig.max_missing_seconds``, is a per-utterance error (``"short video: ..."``,
+naming the file, the span and where the video ends), not features of part of the
+utterance: the rule the speech extractor applies to a wav shorter than its span. Within the
+tolerance the frames that exist are kept and ``frames_missing`` counts the rest.
 
-Legend: ``H x W`` frame size (of the chosen half).
+Each video file is decoded once, in background threads (several files at a time) while
+the device detects faces;
+frames of all clips are batched together (``batch_size`` frames of one size per detector
+call).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-import queue
-import threading
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterator
 
-import cv2
 import numpy as np
+import pandas as pd
+import torch
 
-HALVES = ("left", "right", "full")
+from cmarr.extract.base import ExtractError, Extractor, Result
+from cmarr.extract.faces import BatchedMTCNN, DetectorConfig, normalise
+from cmarr.extract.video_decode import HALVES, ClipEnd, ClipFrame, ClipRequest, decode_parallel
+from cmarr.model.denseface import DenseFace, DenseFaceConfig
 
-
-@dataclass(frozen=True)
-class ClipRequest:
-    """One utterance's clip: ``key`` (the utterance id), span in seconds (``end`` may be
-    ``math.inf``: to the end of the file), and which half of the frame."""
-
-    key: str
-    start: float
-    end: float
-    half: str = "full"
-
-
-@dataclass
-class ClipFrame:
-    """A sampled frame of a clip: ``index`` its position in the clip, ``time`` the time of
-    the sample that took it (``k / sample_fps``, from the clip start), ``image`` uint8 RGB
-    (H, W, 3) of the chosen half."""
-
-    key: str
-    index: int
-    time: float
-    image: np.ndarray
-
-
-@dataclass
-class ClipEnd:
-    """A clip is complete: ``n_frames`` sampled frames were emitted, ``n_missing`` sampled
-    times lay past the last decodable frame; ``error`` set when the clip has no frame.
-    ``video_end``: seconds (from the start of the file) at which the last decoded frame
-    ends, set when the file ended before the clip's span did (None otherwise)."""
-
-    key: str
-    n_frames: int
-    n_missing: int = 0
-    error: str | None = None
-    video_end: float | None = None
+RANDOM_SEED = 0
 
 
 @dataclass(frozen=True)
-class VideoInfo:
-    fps: float
-    n_frames: int  # as the container states it (may be wrong for truncated files)
-    width: int
-    height: int
+class VideoConfig:
+    """Settings of the video extractor.
 
+    - ``checkpoint``: Denseface checkpoint written by ``cm-arr-denseface train``. Required
+      unless ``allow_random_weights`` (tests and demos only: seeded random weights,
+      normalisation mean 0 / std 1, both recorded in provenance).
+    - ``sample_fps``: frames sampled per second of clip (10, as the paper's lineage).
+    - ``detector``: the face detector's settings (``DetectorConfig``: min face size 20 px,
+      thresholds (0.6, 0.7, 0.7), factor 0.709, selection "largest", margin 0.1); its
+      ``half`` and ``crop_size`` are set from this config.
+    - ``batch_size``: frames per detector call (64); ``face_batch_size``: faces per
+      Denseface call (256); ``device``: None or "auto" = CUDA when present, else CPU; ``half``:
+      float16 MTCNN and Denseface on CUDA (default off).
+    - ``prefetch``: decoded frames buffered ahead of the detector (256);
+      ``decode_workers``: video files decoded at the same time, one thread each (4; each
+      file is still decoded once, front to back).
+    - ``max_missing_seconds``: a video that ends more than this before the end of the
+      utterance's span (a truncated or wrong file) is a per-utterance error, never
+      features of part of the utterance; within it the frames that exist are kept and
+      ``frames_missing`` counts the sampled times past the end. Default 0.2 s (two sampled
+      frames at 10/s): room for a video track that stops a few frames before its audio
+      (containers end their tracks separately; the spans come from the audio's label
+      times) and for the rounding of those times, while a cut that loses a word (a few
+      hundred ms) fails, as it does for speech. The speech check's own 50 ms would be finer
+      than the 0.1 s between sampled frames. Recorded in provenance.
+    """
 
-def probe(path: Path) -> VideoInfo:
-    """Read fps, frame count and size from the file; ``ValueError`` naming the file when it
-    cannot be opened or states no usable fps / size."""
-    cap = cv2.VideoCapture(str(path))
-    try:
-        if not cap.isOpened():
-            raise ValueError(f"unreadable video: {path}: cannot be opened")
-        fps = float(cap.get(cv2.CAP_PROP_FPS))
-        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
-        w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
-    finally:
-        cap.release()
-    if not math.isfinite(fps) or fps <= 0:
-        raise ValueError(f"unreadable video: {path}: no frame rate in the file (read {fps})")
-    if w <= 0 or h <= 0:
-        raise ValueError(f"unreadable video: {path}: no frame size in the file")
-    return VideoInfo(fps, n, w, h)
+    checkpoint: str | None = None
+    allow_random_weights: bool = False
+    sample_fps: float = 10.0
+    detector: DetectorConfig = DetectorConfig()
+    batch_size: int = 64
+    face_batch_size: int = 256
+    device: str | None = None
+    half: bool = False
+    prefetch: int = 256
+    decode_workers: int = 4
+    max_missing_seconds: float = 0.2
 
-
-def cut_half(frame: np.ndarray, half: str) -> np.ndarray:
-    """The speaker's half of a side-by-side frame: left = columns [0, W//2), right =
-    [W//2, W), full = all."""
-    if half == "full":
-        return frame
-    w2 = frame.shape[1] // 2
-    if half == "left":
-        return frame[:, :w2]
-    if half == "right":
-        return frame[:, w2:]
-    raise ValueError(f"video_half must be one of {HALVES}, got {half!r}")
+    def detector_config(self) -> DetectorConfig:
+        return dataclasses.replace(self.detector, crop_size=64, half=self.half)
 
 
 class _Clip:
-    """Sampling state of one request while the file streams by."""
+    """Per-utterance accumulation while its frames are in flight."""
 
-    def __init__(self, req: ClipRequest, sample_fps: float, fps: float):
-        self.req = req
-        self.k = 0  # next sample
-        self.n = 0  # frames emitted
-        self.last_frame = -1
-        self.step = 1.0 / sample_fps
-        self.fps = fps
+    __slots__ = ("times", "feats", "face", "done", "end")
 
-    def next_time(self) -> float:
-        return self.req.start + self.k * self.step
-
-    def next_frame(self) -> int:
-        # 1e-9: a time exactly on a frame boundary belongs to that frame despite rounding
-        return int(math.floor(self.next_time() * self.fps + 1e-9))
-
-    def exhausted(self) -> bool:
-        # 1e-9: start + k * step rounded just below end is end (no sample at t == end)
-        return self.next_time() >= self.req.end - 1e-9
+    def __init__(self):
+        self.times: dict[int, float] = {}
+        self.feats: dict[int, np.ndarray] = {}
+        self.face: dict[int, bool] = {}
+        self.done = 0
+        self.end: ClipEnd | None = None
 
 
-def iter_clips(path: Path, requests: Iterable[ClipRequest], sample_fps: float = 10.0
-               ) -> Iterator[ClipFrame | ClipEnd]:
-    """Decode ``path`` once, front to back, and yield every sampled frame of every request
-    (``ClipFrame``) and, once a request is complete, its ``ClipEnd``. Each request yields
-    exactly one ``ClipEnd``. Frames no request needs are only grabbed, not converted."""
-    if sample_fps <= 0:
-        raise ValueError(f"sample_fps must be > 0, got {sample_fps}")
-    reqs = sorted(requests, key=lambda r: (r.start, r.key))
-    for r in reqs:
-        if r.half not in HALVES:
-            raise ValueError(f"{r.key}: video_half must be one of {HALVES}, got {r.half!r}")
-    try:
-        info = probe(path)
-    except ValueError as e:
-        for r in reqs:
-            yield ClipEnd(r.key, 0, error=str(e))
-        return
-    fps = info.fps
-    pending: list[_Clip] = []  # not started yet, by start time
-    for r in reqs:
-        if r.end > r.start >= 0:
-            pending.append(_Clip(r, sample_fps, fps))
+def require_weights(config: "VideoConfig | None") -> None:
+    """Raise ``ExtractError`` unless ``config`` names a Denseface checkpoint or allows random
+    weights: checked before anything else of a run (it needs no file and no model)."""
+    if config is None or (config.checkpoint is None and not config.allow_random_weights):
+        # The message names the command-line flags (how most users get here) and the
+        # matching VideoConfig fields (for callers from Python).
+        raise ExtractError(
+            "video: no Denseface checkpoint. Train one with "
+            "`cm-arr-denseface train --fer2013 fer2013.csv --ferplus fer2013new.csv --out CKPT` "
+            "and pass it with --denseface-checkpoint CKPT (from Python: VideoConfig(checkpoint=...)); "
+            "random weights are only for tests and demos: --random-denseface "
+            "(VideoConfig(allow_random_weights=True)), recorded in provenance.")
+
+
+class VideoExtractor(Extractor):
+    """Denseface features of face frames (see module doc); implements ``Extractor``.
+
+    ``dim``: the width the trainer's video input expects (342, the paper's Denseface); a
+    checkpoint whose Denseface has another output width is refused. The instance's ``dim``
+    is read from the loaded model and recorded in provenance, so that a store in which no
+    utterance has video still says how wide its video features are.
+    """
+
+    modality = "video"
+    dim = 342
+
+    def __init__(self, config: VideoConfig = VideoConfig()):
+        from cmarr.extract.denseface_train import load_checkpoint
+        from cmarr.extract.files import file_sha256
+
+        self.config = config
+        if config.sample_fps <= 0:
+            raise ExtractError(f"sample_fps must be > 0, got {config.sample_fps}")
+        if config.batch_size < 1 or config.face_batch_size < 1:
+            raise ExtractError("batch_size and face_batch_size must be >= 1")
+        if not config.max_missing_seconds >= 0:  # NaN fails too
+            raise ExtractError(f"video max_missing_seconds {config.max_missing_seconds}: must be >= 0")
+        try:
+            det_cfg = config.detector_config()
+        except ValueError as e:
+            raise ExtractError(f"video detector settings: {e}") from None
+        from cmarr.extract.hf import resolve_device
+
+        self.device = torch.device(resolve_device(config.device or "auto"))  # ExtractError: bad or absent device
+        if config.checkpoint is None:
+            require_weights(config)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_SEED)
+                self.model = DenseFace(DenseFaceConfig()).eval()
+            self.record: dict[str, Any] = {}
+            self.sha256 = None
+            self.mean, self.std = 0.0, 1.0
         else:
-            yield ClipEnd(r.key, 0, error=f"invalid video span [{r.start}, {r.end}] for {path}")
-    active: list[_Clip] = []
-    cap = cv2.VideoCapture(str(path))
-    i = -1  # index of the frame last grabbed
-    try:
-        while pending or active:
-            # Start clips whose first sample lies at or before the next frame.
-            while pending and pending[0].next_frame() <= i + 1:
-                active.append(pending.pop(0))
-            if not active:
-                # Skip ahead by grabbing (decode without colour conversion) to the next start.
-                target = pending[0].next_frame()
-                ok = True
-                while i + 1 < target:
-                    ok = cap.grab()
-                    if not ok:
-                        break
-                    i += 1
-                if not ok:
-                    break
+            self.model, self.record = load_checkpoint(config.checkpoint)
+            self.sha256 = file_sha256(config.checkpoint)
+            norm = self.record.get("normalisation", {})
+            self.mean, self.std = float(norm.get("mean", math.nan)), float(norm.get("std", math.nan))
+            if not (math.isfinite(self.mean) and math.isfinite(self.std) and self.std > 0):
+                raise ExtractError(f"{config.checkpoint}: checkpoint records no usable normalisation ({norm})")
+            if self.record.get("input", {}).get("size", 64) != 64:
+                raise ExtractError(f"{config.checkpoint}: checkpoint input size {self.record['input']['size']}, "
+                                   "expected 64")
+        self.dtype = torch.float16 if (config.half and self.device.type == "cuda") else torch.float32
+        self.model = self.model.to(self.device, self.dtype)
+        if self.model.out_dim != self.dim:
+            raise ExtractError(f"{config.checkpoint or 'random weights'}: Denseface output width "
+                               f"{self.model.out_dim}, expected {self.dim}")
+        self.dim = int(self.model.out_dim)
+        self.detector = BatchedMTCNN(det_cfg, self.device)
+
+    def provenance(self) -> dict[str, Any]:
+        c = self.config
+        p: dict[str, Any] = {
+            "extractor": "denseface",
+            "random_weights": self.config.checkpoint is None,
+            "denseface_checkpoint": None if c.checkpoint is None else str(c.checkpoint),
+            "denseface_checkpoint_sha256": self.sha256,
+            "denseface_config": asdict(self.model.config),
+            "dim": self.dim,
+            "feature": f"last BN + ReLU + global average pool ({self.dim})",
+            "sample_fps": c.sample_fps,
+            "frame_rule": "sample k at start + k/sample_fps takes frame floor(t*fps), fps read from the file",
+            "frame_times": ("seconds from the clip start of the sample that took each frame (k / sample_fps), every "
+                            "sampled frame; face_mask marks face frames"),
+            "short_video_rule": (f"a video that ends more than {c.max_missing_seconds:g} s before the end of the "
+                                 "span is a per-utterance error; within that the frames that exist are kept and "
+                                 "frames_missing counts the rest; no frame -> error"),
+            "max_missing_seconds": c.max_missing_seconds,
+            "crop": {"size": 64, "channels": "gray (BT.601 luma)", "margin": c.detector.margin,
+                     "resample": "bilinear ROI average"},
+            "normalisation": {"rule": "(gray/255 - mean) / std", "mean": self.mean, "std": self.std,
+                              "source": "random weights: identity" if c.checkpoint is None else "checkpoint"},
+            "detector": self.detector.provenance(),
+            "batch_size": c.batch_size,
+            "face_batch_size": c.face_batch_size,
+            "half": self.dtype == torch.float16,  # what ran: float16 only on CUDA, whatever was asked
+            "device": self.device.type,
+        }
+        if c.checkpoint is None:
+            p["random_weights_seed"] = RANDOM_SEED
+        else:
+            r = self.record
+            p["checkpoint_record"] = {k: r.get(k) for k in ("epochs", "kept_epoch", "val_accuracy", "test_accuracy",
+                                                            "n_test", "created", "versions")}
+            p["checkpoint_record"]["data"] = {k: r.get("data", {}).get(k) for k in ("fer2013", "ferplus")}
+            p["checkpoint_record"]["label_rule"] = r.get("train_config", {}).get("label_rule")
+        return p
+
+    # -- feature computation ------------------------------------------------------------
+    @torch.no_grad()
+    def features(self, crops01: torch.Tensor) -> torch.Tensor:
+        """(F, 1, 64, 64) grayscale faces in [0, 1] -> (F, 342) float32 features."""
+        out = []
+        for i in range(0, len(crops01), self.config.face_batch_size):
+            x = normalise(crops01[i:i + self.config.face_batch_size], self.mean, self.std).to(self.dtype)
+            f, _ = self.model(x)
+            out.append(f.float())
+        if not out:
+            return torch.empty(0, self.dim, device=crops01.device)
+        return torch.cat(out)
+
+    def _process(self, batch: list[tuple[str, int, np.ndarray]], clips: dict[str, _Clip]) -> None:
+        frames = np.stack([b[2] for b in batch])  # (B, H, W, 3)
+        det, crops = self.detector.detect_and_crop(frames)
+        feats = self.features(crops).cpu().numpy()  # (F, 342)
+        j = 0
+        for (key, idx, _), has in zip(batch, det.found):
+            c = clips[key]
+            c.face[idx] = bool(has)
+            if has:
+                c.feats[idx] = feats[j]
+                j += 1
+            c.done += 1
+
+    def _finish(self, key: str, c: _Clip, path: Path, r: ClipRequest) -> Result:
+        """The result of a complete clip: ``path`` its video file, ``r`` the span asked for."""
+        end = c.end
+        if end.error is not None:
+            return Result(key, error=end.error)
+        if end.video_end is not None and math.isfinite(r.end):
+            short = r.end - end.video_end
+            # 1e-9: a video ending exactly at the tolerance passes despite rounding
+            if short > self.config.max_missing_seconds + 1e-9:
+                return Result(key, error=(
+                    f"short video: {path}: ends at {end.video_end:.3f} s, {short:.3f} s before the end of the "
+                    f"span [{r.start:.3f}, {r.end:.3f}] s (tolerance max_missing_seconds "
+                    f"{self.config.max_missing_seconds:g} s; {end.n_missing} of {end.n_frames + end.n_missing} "
+                    "sampled frames lie past its end)"))
+        order = sorted(c.times)
+        mask = np.array([c.face[i] for i in order], dtype=bool)
+        times = np.array([c.times[i] for i in order], dtype=np.float32)
+        if not mask.any():
+            return Result(key, error=f"no face detected in any of {len(order)} sampled frames")
+        mat = np.stack([c.feats[i] for i in order if c.face[i]]).astype(np.float32)  # (n_face, 342)
+        return Result(key, matrix=mat, meta={"frame_times": times, "face_mask": mask,
+                                             "frames_missing": int(end.n_missing)})
+
+    def extract(self, rows: pd.DataFrame, root: Path) -> Iterator[Result]:
+        root = Path(root)
+        jobs: dict[Path, list[ClipRequest]] = defaultdict(list)
+        asked: dict[str, tuple[Path, ClipRequest]] = {}
+        for r in rows.itertuples(index=False):
+            uid = str(r.utterance_id)
+            vp = getattr(r, "video_path", None)
+            if vp is None or (isinstance(vp, float) and math.isnan(vp)) or not str(vp).strip():
+                yield Result(uid, error="no video for this utterance in the manifest")
                 continue
-            if not cap.grab():
-                break
-            i += 1
-            wanted = [c for c in active if c.next_frame() == i]
-            if wanted:
-                ok, bgr = cap.retrieve()
-                if not ok or bgr is None:
-                    break
-                rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-                for c in wanted:
-                    t = c.k * c.step  # the time of the sample that took this frame, from the clip start
-                    yield ClipFrame(c.req.key, c.n, t, np.ascontiguousarray(cut_half(rgb, c.req.half)))
-                    c.n += 1
-                    # advance past every sample that falls on this same frame
-                    while not c.exhausted() and c.next_frame() <= i:
-                        c.k += 1
-            done = [c for c in active if c.exhausted()]
-            for c in done:
-                active.remove(c)
-                yield ClipEnd(c.req.key, c.n)
-    finally:
-        cap.release()
-    # The file ended (or stopped decoding) first: what is left is short or missing.
-    last_t = (i + 1) / fps  # end of the last decoded frame
-    for c in active + pending:
-        missing = 0
-        if math.isfinite(c.req.end):
-            missing = max(0, math.ceil((c.req.end - c.next_time()) * sample_fps - 1e-9))
-        if c.n == 0:
-            what = "no decodable frame" if i < 0 else f"the video ends at {last_t:.3f} s"
-            yield ClipEnd(c.req.key, 0, missing,
-                          error=f"no video frame for span [{c.req.start:.3f}, {c.req.end:.3f}] s: {path}: {what}",
-                          video_end=last_t)
-        elif math.isfinite(c.req.end):
-            yield ClipEnd(c.req.key, c.n, missing, video_end=last_t)
-        else:  # the clip is the rest of the file: it ends where the file does
-            yield ClipEnd(c.req.key, c.n)
+            path = root / str(vp)
+            if not path.is_file():
+                yield Result(uid, error=f"video not found: {path}")
+                continue
+            half = getattr(r, "video_half", "full")
+            blank = half is None or (isinstance(half, float) and math.isnan(half)) or not str(half)
+            half = "full" if blank else str(half)
+            if half not in HALVES:
+                yield Result(uid, error=f"video_half {half!r} is not one of {HALVES}")
+                continue
+            start, end = _num(getattr(r, "video_start", None)), _num(getattr(r, "video_end", None))
+            start = 0.0 if start is None else start
+            end = math.inf if end is None else end  # no span: the whole file is the clip
+            req = ClipRequest(uid, start, end, half)
+            jobs[path].append(req)
+            asked[uid] = (path, req)
 
+        clips: dict[str, _Clip] = {}
+        pending: dict[tuple, list] = defaultdict(list)
+        n_pending = 0
+        bs = self.config.batch_size
 
-def prefetch(it: Iterator, maxsize: int = 256) -> Iterator:
-    """Run ``it`` in a background thread (OpenCV releases the GIL while decoding) and yield
-    its items; an exception in the thread is re-raised here."""
-    q: queue.Queue = queue.Queue(maxsize)
-    sentinel = object()
-    stop = threading.Event()
+        def ready() -> Iterator[Result]:
+            for key in [k for k, c in clips.items() if c.end is not None and c.done == c.end.n_frames]:
+                yield self._finish(key, clips.pop(key), *asked[key])
 
-    def work():
-        try:
-            for item in it:
-                if stop.is_set():
-                    return
-                q.put(item)
-        except BaseException as e:  # handed to the consumer
-            q.put(_Raised(e))
-        finally:
-            q.put(sentinel)
-
-    th = threading.Thread(target=work, daemon=True)
-    th.start()
-    try:
-        while True:
-            item = q.get()
-            if item is sentinel:
-                break
-            if isinstance(item, _Raised):
-                raise item.exc
-            yield item
-    finally:
-        stop.set()
-        # drain so that the worker is not blocked on a full queue
-        while th.is_alive():
-            try:
-                q.get(timeout=0.05)
-            except queue.Empty:
-                pass
-
-
-@dataclass
-class _Raised:
-    exc: BaseException
-
-
-def decode_parallel(jobs: list[tuple[Path, list[ClipRequest]]], sample_fps: float = 10.0, workers: int = 4,
-                    maxsize: int = 256) -> Iterator[ClipFrame | ClipEnd]:
-    """``iter_clips`` over many files, ``workers`` files at a time, each in its own thread
-    (a file is still decoded once, front to back, by one thread). Events of different files
-    interleave; those of one file keep their order. An exception in a worker is re-raised
-    here."""
-    if workers <= 1:
-        def one():
-            for path, reqs in jobs:
-                yield from iter_clips(path, reqs, sample_fps)
-        yield from prefetch(one(), maxsize)
-        return
-    q: queue.Queue = queue.Queue(maxsize)
-    todo: queue.Queue = queue.Queue()
-    for j in jobs:
-        todo.put(j)
-    stop = threading.Event()
-    done = object()
-
-    def work():
-        try:
-            while not stop.is_set():
-                try:
-                    path, reqs = todo.get_nowait()
-                except queue.Empty:
-                    return
-                for ev in iter_clips(path, reqs, sample_fps):
-                    if stop.is_set():
-                        return
-                    q.put(ev)
-        except BaseException as e:
-            q.put(_Raised(e))
-        finally:
-            q.put(done)
-
-    threads = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, max(len(jobs), 1)))]
-    for t in threads:
-        t.start()
-    live = len(threads)
-    try:
-        while live:
-            item = q.get()
-            if item is done:
-                live -= 1
-            elif isinstance(item, _Raised):
-                raise item.exc
+        for ev in decode_parallel(list(jobs.items()), self.config.sample_fps, self.config.decode_workers,
+                                  self.config.prefetch):
+            if isinstance(ev, ClipFrame):
+                c = clips.setdefault(ev.key, _Clip())
+                c.times[ev.index] = ev.time
+                pending[ev.image.shape].append((ev.key, ev.index, ev.image))
+                n_pending += 1
+                shape = ev.image.shape
+                if len(pending[shape]) >= bs:
+                    batch = pending.pop(shape)
+                    n_pending -= len(batch)
+                    self._process(batch, clips)
+                    yield from ready()
+                elif n_pending >= 4 * bs:  # many sizes in flight: flush the largest group
+                    shape = max(pending, key=lambda s: len(pending[s]))
+                    batch = pending.pop(shape)
+                    n_pending -= len(batch)
+                    self._process(batch, clips)
+                    yield from ready()
             else:
-                yield item
-    finally:
-        stop.set()
-        while any(t.is_alive() for t in threads):
-            try:
-                q.get(timeout=0.05)
-            except queue.Empty:
-                pass
+                c = clips.setdefault(ev.key, _Clip())
+                c.end = ev
+                yield from ready()
+        for shape in list(pending):
+            batch = pending.pop(shape)
+            for i in range(0, len(batch), bs):
+                self._process(batch[i:i + bs], clips)
+        yield from ready()
+        assert not clips, f"clips left unfinished: {list(clips)[:5]}"
+
+
+def _num(v) -> float | None:
+    if v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f

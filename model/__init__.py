@@ -9,8 +9,7 @@ from .cmarr import CMARR, CMARROutput
 from .config import CONDITIONS, MODALITIES, VARIANTS, CMARRConfig
 from .flows import ActNorm, AffineCoupling, CompositeTransform, Flow, InvertibleConv1x1LU
 from .fusion import CrossModalFusion
-from .losses import (LOSS_NAMES, info_nce, loss_cls, loss_nll, loss_rec, loss_spcl, loss_udcl, total_loss,
-                     wasserstein2)
+from .losses import LOSS_NAMES, info_nce, loss_cls, loss_nll, loss_rec, loss_spcl, loss_udcl, total_loss, wasserstein2
 from .pooling import pool_to_steps
 from .reconstruction import ReconstructionModule
 from .umc import UMC

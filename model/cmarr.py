@@ -78,18 +78,6 @@ class CMARROutput:
     internals: dict = field(default_factory=dict)
 
 
-def _learned_a_of_earlier_versions(state_dict, prefix, *args) -> None:
-    """Checkpoints from before ``a`` was learned as ``-exp(.)`` hold ``udcl_a`` itself:
-    converted on loading (a value that training had made non-negative cannot be)."""
-    old, new = prefix + "udcl_a", prefix + "udcl_log_neg_a"
-    if old in state_dict and new not in state_dict:
-        a = state_dict.pop(old)
-        if not bool((a < 0).all()):
-            raise ValueError(f"the checkpoint's learned a of Eq. 5 is {a.tolist()}, not negative (trained by an "
-                             "earlier version, which did not keep it negative); it cannot be loaded")
-        state_dict[new] = torch.log(-a)
-
-
 class CMARR(nn.Module):
     """Cross-modal alignment, reconstruction and refinement (Sun et al. 2024), see module docstring.
 
@@ -129,7 +117,6 @@ class CMARR(nn.Module):
             if cfg.learn_ab and ab_used:  # a = -exp(.): learned, it stays the negative scale Eq. 5 needs
                 self.udcl_log_neg_a = nn.Parameter(torch.tensor(math.log(-float(cfg.udcl_a))))
                 self.udcl_b = nn.Parameter(torch.tensor(float(cfg.udcl_b)))
-                self._register_load_state_dict_pre_hook(_learned_a_of_earlier_versions)
             else:
                 self.register_buffer("udcl_a", torch.tensor(float(cfg.udcl_a)))
                 self.register_buffer("udcl_b", torch.tensor(float(cfg.udcl_b)))
@@ -173,7 +160,8 @@ class CMARR(nn.Module):
                       present: Tensor | None) -> Tensor:
         n_mod = len(MODALITIES)
         if available.dtype != torch.bool or available.dim() != 2 or available.shape[1] != n_mod:
-            raise ValueError(f"CMARR: available must be a bool (B, {n_mod}) tensor, got {available.dtype} {tuple(available.shape)}")
+            raise ValueError(f"CMARR: available must be a bool (B, {n_mod}) tensor, "
+                             f"got {available.dtype} {tuple(available.shape)}")
         B = available.shape[0]
         if present is None:
             present = available
@@ -187,7 +175,8 @@ class CMARR(nn.Module):
             if x.dim() != 3 or x.shape[0] != B or x.shape[2] != self.cfg.dims[m]:
                 raise ValueError(f"CMARR: feats[{m!r}] must be (B={B}, T, {self.cfg.dims[m]}), got {tuple(x.shape)}")
             if mask.dtype != torch.bool or mask.shape != x.shape[:2]:
-                raise ValueError(f"CMARR: masks[{m!r}] must be bool {tuple(x.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+                raise ValueError(f"CMARR: masks[{m!r}] must be bool {tuple(x.shape[:2])}, "
+                                 f"got {mask.dtype} {tuple(mask.shape)}")
         return present
 
     # ------------------------------------------------------------------ forward
@@ -227,7 +216,8 @@ class CMARR(nn.Module):
             x = torch.where(keep.unsqueeze(-1), feats[m], torch.zeros((), dtype=feats[m].dtype, device=feats[m].device))
             if pooled:
                 if x.shape[1] != cfg.seq_len:
-                    raise ValueError(f"CMARR: pooled feats[{m!r}] must have seq_len={cfg.seq_len} steps, got {x.shape[1]}")
+                    raise ValueError(f"CMARR: pooled feats[{m!r}] must have seq_len={cfg.seq_len} steps, "
+                                     f"got {x.shape[1]}")
                 sm = keep  # (B, S)
             else:
                 x, sm = pool_to_steps(x, keep, cfg.seq_len)  # (B, S, D_m), (B, S)
@@ -256,7 +246,8 @@ class CMARR(nn.Module):
 
         # ---- projection to X_n (Sec. 3.2)
         src = mu if (self.use_umc and cfg.proj_input == "umc_mu") else H
-        src = torch.where(M.unsqueeze(-1), src, torch.zeros((), dtype=src.dtype, device=src.device))  # padding steps are zero
+        # padding steps are zero
+        src = torch.where(M.unsqueeze(-1), src, torch.zeros((), dtype=src.dtype, device=src.device))
         X = from_conv(self.proj(to_conv(src)), len(MODALITIES))  # (3, B, S, d)
         if cfg.proj_grad == "frozen":  # the reference computes it under no_grad: no gradient upstream
             X = X.detach()
@@ -281,7 +272,8 @@ class CMARR(nn.Module):
             # Eq. 7: Z~ = mean of the available Z_n. For a modality m that is not available this
             # is the mean over the other modalities; rows where m is available are discarded below.
             a = A[:, :, None, None]  # (3, B, 1, 1)
-            z_avail = torch.where(a, Z, torch.zeros((), dtype=Z.dtype, device=Z.device))  # where, not a product: NaN * 0 is NaN
+            # where, not a product: NaN * 0 is NaN
+            z_avail = torch.where(a, Z, torch.zeros((), dtype=Z.dtype, device=Z.device))
             z_tilde = z_avail.sum(dim=0) / a.sum(dim=0).clamp(min=1).to(Z.dtype)  # (B, S, d)
             if cfg.rec_detach_input:  # the reference detaches the flows' reverse output
                 with torch.no_grad():
@@ -336,7 +328,8 @@ class CMARR(nn.Module):
             if cfg.udcl_representation == "distribution":
                 sigma_bar = group_masked_mean(torch.exp(logsigma), M).transpose(0, 1)  # (B, 3, d)
             losses["udcl"] = loss_udcl(
-                mu_bar, sigma_bar, present, a=self.udcl_scale(), b=self.udcl_b, tau=torch.exp(self.log_tau).clamp(min=cfg.tau_min),
+                mu_bar, sigma_bar, present, a=self.udcl_scale(), b=self.udcl_b,
+                tau=torch.exp(self.log_tau).clamp(min=cfg.tau_min),
                 point_similarity=cfg.point_similarity, direction_reduction=cfg.udcl_direction_reduction,
                 pair_reduction=cfg.udcl_pair_reduction)
 

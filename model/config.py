@@ -246,7 +246,8 @@ class CMARRConfig:
                              "it needs nll_weight > 0 (or set rec_detach_input=False)")
         if not self.reconstruction and (self.alpha or self.beta or self.lambda_rec or self.nll_weight):
             # the baseline builds no UMC, flows or reconstruction module: their losses cannot be weighted
-            raise ValueError("CMARRConfig: reconstruction=False (baseline) needs alpha = beta = lambda_rec = nll_weight = 0")
+            raise ValueError("CMARRConfig: reconstruction=False (baseline) needs "
+                             "alpha = beta = lambda_rec = nll_weight = 0")
 
     # ------------------------------------------------------------------ variants
     @property

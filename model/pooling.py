@@ -34,7 +34,8 @@ def pool_to_steps(x: Tensor, mask: Tensor, steps: int) -> tuple[Tensor, Tensor]:
         step_mask: (B, steps) bool, True on every step of rows with at least one valid frame.
     """
     if x.dim() != 3 or mask.shape != x.shape[:2]:
-        raise ValueError(f"pool_to_steps: need x (B, T, D) and mask (B, T), got {tuple(x.shape)} and {tuple(mask.shape)}")
+        raise ValueError(f"pool_to_steps: need x (B, T, D) and mask (B, T), "
+                         f"got {tuple(x.shape)} and {tuple(mask.shape)}")
     if mask.dtype != torch.bool:
         raise ValueError(f"pool_to_steps: mask must be bool, got {mask.dtype}")
     if steps < 1:

@@ -1,6 +1,5 @@
-"""``cm-arr-results``: combine per-fold RUN_DIRs of separate jobs into one result.
-
-    cm-arr-results RUN_DIR_A RUN_DIR_B ... --out COMBINED_DIR
+"""Per-fold RUN_DIRs of separate jobs combined into one result (``cm-arr-results``,
+:mod:`cmarr.pipelines.cli.results`).
 
 Each RUN_DIR was written by ``cm-arr-train --folds k`` (one or more folds each). The runs
 must share one config (apart from folds, device and seed) and one store; a fold present in
@@ -18,18 +17,23 @@ names the seeds and folds and shows both spreads.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Sequence
+from typing import Sequence
 
-import typer
-from rich.console import Console
-
-app = typer.Typer(add_completion=False, help="Combine per-fold cm-arr-train RUN_DIRs into one metrics.json / results.md.")
-err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+from .config import config_from_dict, with_overrides
+from .metrics import summarize_seeds, write_results
+from .run_dir import (
+    check_same_processes,
+    read_fold_result,
+    read_run_record,
+    read_run_yaml,
+    run_identity,
+    store_difference,
+    summary_document,
+)
 
 
 class CombineError(Exception):
-    pass
+    """RUN_DIRs that cannot be combined; ``str(e)`` names the RUN_DIR and why."""
 
 
 def combine_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, overwrite: bool = False,
@@ -41,11 +45,6 @@ def combine_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, overwrite:
     more than folds, device and seed, seeds that do not cover the same folds, folds trained
     with different numbers of processes, and an ``out_dir`` that already holds results unless
     ``overwrite``."""
-    from .config import config_from_dict
-    from .metrics import summarize_seeds, write_results
-    from .train import (_comparable, check_same_processes, read_fold_result, read_run_yaml, store_difference,
-                        summary_document)
-
     if not run_dirs:
         raise CombineError("no RUN_DIRs given")
     held = [n for n in ("metrics.json", "results.md") if (Path(out_dir) / n).exists()]
@@ -62,26 +61,24 @@ def combine_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, overwrite:
         side_path = d / "model_config.yaml"
         if not side_path.is_file():
             raise CombineError(f"{d}: not a complete cm-arr-train RUN_DIR (no model_config.yaml)")
-        side = read_run_yaml(side_path)
+        side = read_run_record(side_path)
         if first_cfg is None:
             first_cfg, first_dir = cfg_doc, d
-            store, model_cfg = dict(side.get("store", {})), side.get("model", {})
+            store, model_cfg = dict(side["store"]), side.get("model", {})
         else:
-            differs = _config_difference(_comparable(first_cfg), _comparable(cfg_doc))
+            differs = _config_difference(run_identity(first_cfg), run_identity(cfg_doc))
             if differs:
                 raise CombineError(f"{d}: its config differs from {first_dir}'s in {', '.join(differs)} (only "
                                    "folds, device and seed may differ)")
-            diff = store_difference(store, side.get("store", {}))
+            diff = store_difference(store, side["store"])
             if diff:
                 raise CombineError(f"{d}: was trained on another store than {first_dir} ({diff})")
-            for k, v in side.get("store", {}).items():  # fields an earlier version did not write
-                store.setdefault(k, v)
         found = sorted(d.glob("fold*/metrics.json"))
         if not found:
             raise CombineError(f"{d}: has no finished fold (no fold*/metrics.json)")
         unfinished = sorted(f.name for f in d.glob("fold*") if f.is_dir() and not (f / "metrics.json").exists())
         protocol = cfg_doc.get("protocol") if isinstance(cfg_doc.get("protocol"), dict) else {}
-        asked = protocol.get("folds") or side.get("store", {}).get("folds") or []  # none listed: every fold
+        asked = protocol.get("folds") or side["store"]["folds"]  # none listed: every fold
         unfinished += [f"fold{k}" for k in asked if not (d / f"fold{k}").exists()]
         if unfinished and not allow_unfinished:
             raise CombineError(f"{d}: {', '.join(sorted(set(unfinished)))} not finished (no metrics.json); finish "
@@ -104,8 +101,6 @@ def combine_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, overwrite:
             "folds to be averaged over seeds")
     cfg = config_from_dict(first_cfg, str(first_dir / "config.yaml"))
     cfg_folds = fold_sets[seeds[0]]
-    from .config import with_overrides
-
     cfg = with_overrides(cfg, {"protocol.folds": list(cfg_folds)})
     check_same_processes({f"{k}" + (f" (seed {s})" if len(seeds) > 1 else ""): r
                           for s in seeds for k, r in results[s].items()}, "the RUN_DIRs")
@@ -141,36 +136,3 @@ def _config_difference(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif va != vb or (key in a) != (key in b):
             out.append(name)
     return out
-
-
-@app.command()
-def combine(run_dirs: List[Path] = typer.Argument(..., help="RUN_DIRs written by cm-arr-train."),
-            out_dir: Path = typer.Option(..., "--out", help="Where to write metrics.json and results.md."),
-            overwrite: bool = typer.Option(False, "--overwrite", help="Replace results already in --out."),
-            allow_unfinished: bool = typer.Option(False, "--allow-unfinished",
-                                                  help="Combine the finished folds even if a RUN_DIR has "
-                                                       "unfinished ones.")) -> None:
-    from .config import ConfigError
-    from .metrics import rich_table
-    from .train import TrainError
-
-    try:
-        metrics = combine_runs(run_dirs, out_dir, overwrite=overwrite, allow_unfinished=allow_unfinished)
-    except (CombineError, ConfigError, TrainError) as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(2)
-    except OSError as e:  # --out cannot be created or written
-        err.print(f"[bold red]error:[/] {e.filename or out_dir}: {e.strerror or e}", highlight=False)
-        raise typer.Exit(2)
-    seeds = metrics.get("seeds")
-    out.print(rich_table(metrics, title=f"{metrics['variant']}: WAR / UAR (%), {len(metrics['folds'])} folds"
-                                        + (f" x {len(seeds)} seeds ({', '.join(map(str, seeds))})" if seeds else "")))
-    out.print(f"written: {Path(out_dir) / 'metrics.json'}, {Path(out_dir) / 'results.md'}")
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

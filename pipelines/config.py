@@ -70,14 +70,6 @@ class OptimConfig:
       "max-autotune" also tunes kernels (slow to compile).
     compile_backend ["inductor"]: the ``torch.compile`` backend ("aot_eager" traces and
       differentiates the same graph without generating kernels: quick, for checking a setup).
-    stack_folds [1]: how many folds one process trains together, their weights stacked and
-      every step run once for all of them (``torch.func.vmap``,
-      :mod:`cmarr.pipelines.stacked`): the same number of operators per step as one fold, each
-      larger, where a GPU step at batch 16 is bound by their count. Each fold keeps its own
-      initial weights, batches, conditions, Adam state and checkpoints; dropout masks are drawn
-      for all at once, so results are not bit-equal to one fold at a time. 1 = one fold at a
-      time. Needs the resident pipeline ("auto" picks it); not under torchrun. With
-      ``compile``, the step of all stacked folds at full batch size is one compiled graph.
     """
 
     lr: float = 1e-5
@@ -92,7 +84,6 @@ class OptimConfig:
     compile: Literal["auto", "off", "on"] = "off"
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
-    stack_folds: int = 1
 
 
 @dataclass(frozen=True)
@@ -289,11 +280,9 @@ def _check_values(cfg: TrainConfig, where: str) -> TrainConfig:
         (o.epochs >= 1, "optim.epochs", "must be >= 1"),
         (o.eval_batch_size >= 1, "optim.eval_batch_size", "must be >= 1"),
         (o.grad_clip >= 0, "optim.grad_clip", "must be >= 0"),
-        (o.stack_folds >= 1, "optim.stack_folds", f"must be >= 1 (got {o.stack_folds})"),
-        (o.stack_folds == 1 or d.pipeline != "eager", "optim.stack_folds",
-         "> 1 needs data.pipeline resident or auto (every stacked batch has the same shape)"),
         (o.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
-        (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be two numbers in [0, 1) (got {list(o.betas)})"),
+        (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+         f"must be two numbers in [0, 1) (got {list(o.betas)})"),
         (cfg.seed >= 0, "seed", f"must be >= 0 (got {cfg.seed})"),
         (0 < d.val_fraction < 1, "data.val_fraction", "must be in (0, 1)"),
         (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
@@ -335,11 +324,33 @@ def config_from_dict(data: Mapping[str, Any] | None, where: str = "<config>") ->
     return _check_values(cfg, where)
 
 
+#: The configs installed with the package, by name (``--config iemocap``).
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def packaged_configs() -> list[str]:
+    """Names of the packaged configs (``pipelines/configs/<name>.yaml``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config(path: str | Path) -> Path:
+    """A config path, or the packaged config of that name (``iemocap``, ``iemocap.yaml``): a file
+    that exists wins over a packaged name."""
+    p = Path(path)
+    if p.exists() or p.parent != Path("."):
+        return p
+    packaged = CONFIG_DIR / (p.name if p.suffix == ".yaml" else p.name + ".yaml")
+    if packaged.is_file():
+        return packaged
+    raise ConfigError(f"{p}: no such config file, and no packaged config of that name "
+                      f"(packaged: {', '.join(packaged_configs())})")
+
+
 def load_config(path: str | Path | None) -> TrainConfig:
-    """Read a YAML config file (``None`` = the defaults)."""
+    """Read a YAML config file, given by path or by packaged name (``None`` = the defaults)."""
     if path is None:
         return config_from_dict({})
-    p = Path(path)
+    p = resolve_config(path)
     if p.is_dir():
         raise ConfigError(f"{p}: is a directory, not a config file")
     if not p.is_file():

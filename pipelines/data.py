@@ -21,12 +21,10 @@ Two pipelines:
   model sees the same numbers) and the fold's tensors stay on the device; batches are
   indexed there with no DataLoader and no host-device copies.
 
-Which modalities a training sample may use is chosen by :func:`sample_conditions`, the one
-place that makes that choice.
+Which modalities a sample may use is decided in :mod:`.conditions`.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -35,12 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-MODALITIES = ("speech", "text", "video")
-LABELS = ("ang", "hap", "neu", "sad")
-#: The seven conditions (available modalities) as (7, 3) booleans in MODALITIES order.
-CONDITION_NAMES = ("t", "s", "v", "vt", "sv", "st", "svt")
-CONDITION_MASKS = np.array([["s" in n, "t" in n, "v" in n] for n in CONDITION_NAMES], dtype=bool)
-FULL_INDEX = CONDITION_NAMES.index("svt")
+from cmarr.extract.base import LABELS, MODALITIES
 
 
 class DataError(Exception):
@@ -95,12 +88,14 @@ class StoreData:
             self.dims = {m: int(next(iter(features[m].values())).shape[1]) for m in MODALITIES if features[m]}
             lacking = [m for m in MODALITIES if not features.get(m)]
             if lacking:
-                raise DataError(f"{where}: no {', '.join(lacking)} features at all; CM-ARR needs speech, text and video")
+                raise DataError(f"{where}: no {', '.join(lacking)} features at all; "
+                                "CM-ARR needs speech, text and video")
         self.table = self._check_table(table, where)
         self.ids = self.table["utterance_id"].astype(str).tolist()
         self.labels = np.array([LABELS.index(x) for x in self.table["label"]], dtype=np.int64)
         self.folds = self.table["fold"].to_numpy(dtype=np.int64)
-        self.speakers = self.table["speaker"].astype(str).to_numpy() if "speaker" in self.table else np.array([""] * len(self.ids))
+        self.speakers = (self.table["speaker"].astype(str).to_numpy() if "speaker" in self.table
+                         else np.array([""] * len(self.ids)))
         self.present = np.array([[u in have[m] for m in MODALITIES] for u in self.ids], dtype=bool)  # (N, 3)
         none = np.flatnonzero(~self.present.any(axis=1))
         if len(none):
@@ -142,7 +137,8 @@ class StoreData:
                                 "training needs a labelled store with folds")
         labels = table["label"].astype(str)
         if (labels == "").all():
-            raise DataError(f"{where}: the store has no labels (the 'label' column is empty); training needs a labelled store")
+            raise DataError(f"{where}: the store has no labels (the 'label' column is empty); "
+                            "training needs a labelled store")
         bad = sorted(set(labels) - set(LABELS))
         if bad:
             n = int((~labels.isin(LABELS)).sum())
@@ -151,7 +147,8 @@ class StoreData:
         try:
             folds = pd.to_numeric(table["fold"], errors="raise")
         except (ValueError, TypeError):
-            raise DataError(f"{where}: the 'fold' column is not numeric (first values: {table['fold'].head(3).tolist()})") from None
+            raise DataError(f"{where}: the 'fold' column is not numeric "
+                            f"(first values: {table['fold'].head(3).tolist()})") from None
         if folds.isna().any() or (folds < 1).any() or (folds != folds.round()).any():
             raise DataError(f"{where}: the store has no usable folds ('fold' must be 1-based integers; "
                             f"found {sorted(set(folds.tolist()))[:6]})")
@@ -216,67 +213,6 @@ def nonfinite_message(where: str, bad: Mapping[str, Sequence[str]], shown: int =
              for m, us in bad.items()]
     return (f"{where}: {n} feature matri{'ces hold' if n > 1 else 'x holds'} NaN/Inf values: {'; '.join(parts)} "
             "(no model can train on or score them); re-extract these utterances or remove them from the store")
-
-
-# ----------------------------------------------------------------------------------------
-# missing conditions
-
-
-def resolve_train_conditions(setting: str, train_missing: bool) -> str:
-    """``ProtocolConfig.train_conditions`` with "auto" resolved from the model config."""
-    if setting == "auto":
-        return "missing" if train_missing else "full"
-    return setting
-
-
-@functools.lru_cache(maxsize=None)
-def _condition_masks(device: torch.device) -> torch.Tensor:
-    """``CONDITION_MASKS`` on ``device``, copied once: a host-to-device copy per training step
-    would make the host wait for the GPU every step."""
-    return torch.as_tensor(CONDITION_MASKS, device=device)
-
-
-def sample_conditions(present: torch.Tensor, mode: str = "missing", generator: torch.Generator | None = None) -> torch.Tensor:
-    """Choose the available modalities of each training sample. The one place this is decided.
-
-    The trainer's mode is the config field ``protocol.train_conditions`` (default "auto":
-    "missing" unless the model config sets ``train_missing=False``, as the baseline does; see
-    :func:`resolve_train_conditions`).
-
-    Args:
-        present: (B, 3) bool, which modalities the store has for each sample.
-        mode: "missing" (default, the MMIN scheme): one of the six missing conditions
-            {t}, {s}, {v}, {v,t}, {s,v}, {s,t}, uniformly among those whose modalities are all
-            present (a sample without video draws from {t}, {s}, {s,t}); "missing+full": the
-            same among all seven conditions; "full": every present modality (the baseline,
-            trained on full modalities only).
-        generator: torch generator on ``present``'s device (seeded per epoch by the trainer).
-
-    Returns:
-        available: (B, 3) bool, a non-empty subset of ``present`` per sample. The true
-        features of present-but-unavailable modalities remain the reconstruction targets.
-    """
-    if mode == "full":
-        return present.clone()
-    if mode not in ("missing", "missing+full"):
-        raise ValueError(f"sample_conditions: unknown mode {mode!r}")
-    conds = _condition_masks(present.device)  # (7, 3)
-    # a condition is allowed when all its modalities are present: (B, 7)
-    allowed = (~conds.unsqueeze(0) | present.unsqueeze(1)).all(dim=-1)
-    if mode == "missing":
-        allowed[:, FULL_INDEX] = False
-    # a sample with a single present modality can only use that one (its "full" condition)
-    allowed[:, FULL_INDEX] |= ~allowed.any(dim=1)
-    scores = torch.rand(present.shape[0], len(CONDITION_NAMES), generator=generator, device=present.device)
-    scores = torch.where(allowed, scores, torch.full_like(scores, -1.0))
-    choice = scores.argmax(dim=1)  # (B,) uniform among allowed conditions
-    return conds[choice] & present
-
-
-def condition_available(present: torch.Tensor, condition: str) -> torch.Tensor:
-    """(B, 3) inputs available under a test condition: the condition's modalities that exist."""
-    mask = _condition_masks(present.device)[CONDITION_NAMES.index(condition)]
-    return present & mask.unsqueeze(0)
 
 
 # ----------------------------------------------------------------------------------------

@@ -29,17 +29,16 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .conditions import FULL_CONDITION, MISSING_CONDITIONS
+
 #: Row order of Table 2: the six missing conditions, their average, then the full one.
-MISSING_CONDITIONS = ("t", "s", "v", "vt", "sv", "st")
-FULL_CONDITION = "svt"
 TABLE_ROWS = MISSING_CONDITIONS + ("avg", FULL_CONDITION)
 ROW_NAMES = {"t": "{t}", "s": "{s}", "v": "{v}", "vt": "{v, t}", "sv": "{s, v}", "st": "{s, t}",
              "avg": "Avg.", "svt": "{s, v, t}"}
 
 
 def _rows(*pairs: tuple[float, float]) -> dict[str, tuple[float, float]]:
-    names = ("t", "s", "v", "vt", "sv", "st", "avg", "svt")
-    return dict(zip(names, pairs))
+    return dict(zip(TABLE_ROWS, pairs))
 
 
 #: WAR / UAR (%) the paper reports, by (corpus, variant): Table 2 ("Ours") and Table 3
@@ -66,7 +65,7 @@ def paper_reference(corpus: str | None, label_counts: Mapping[str, int] | None, 
     """The paper's numbers for a run of ``variant`` on a store of ``corpus`` with these
     per-class counts, when that store is the paper's 4-class set (Table 1's counts) and the
     paper reports the variant there; else None."""
-    from cmarr.extract.manifest import PAPER_COUNTS
+    from cmarr.extract.corpora.manifest import PAPER_COUNTS
 
     rows = PAPER_RESULTS.get((str(corpus), str(variant)))
     if rows is None or not label_counts or dict(label_counts) != PAPER_COUNTS.get(str(corpus)):

@@ -1,8 +1,5 @@
-"""``cm-arr-predict``: apply trained CM-ARR checkpoints to a feature store.
-
-    cm-arr-predict --checkpoint RUN_DIR/fold1/best.pt [--checkpoint ...] --features FEATS.h5
-                   --out predictions.csv [--conditions present|all|t,st,...]
-                   [--device auto] [--batch-size 256] [--metrics metrics.json]
+"""Trained CM-ARR checkpoints applied to a feature store (``cm-arr-predict``,
+:mod:`cmarr.pipelines.cli.predict`).
 
 The store may be another corpus, or new media extracted with ``cm-arr-extract features``
 the way the training store was (the checkpoint holds that store's provenance). It may lack
@@ -40,26 +37,28 @@ a modality for some utterances or altogether: that is what the model is for.
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .data import (CONDITION_MASKS, CONDITION_NAMES, LABELS, MODALITIES, eager_loader, hide_unavailable,
-                   nonfinite_message, nonfinite_utterances)
-from .metrics import ROW_NAMES, TABLE_ROWS, score, with_average
+from cmarr.extract.base import LABELS, MODALITIES
+
+from .checkpoint import CheckpointError, check_checkpoint, load_checkpoint
+from .conditions import CONDITION_MASKS, CONDITION_NAMES, MODALITY_LETTERS
+from .data import eager_loader, hide_unavailable, nonfinite_message, nonfinite_utterances
+from .errors import TrainError
+from .metrics import score, with_average
+from .runtime import resolve_device
 
 #: Provenance keys that may differ between the training store and a store to predict on:
 #: where and when a store was made, and settings that decide which media become errors
 #: (``duration_check``) or how work is batched, not the values of the features.
 NOT_FEATURE_DEFINING = frozenset({"created", "host", "corpus", "manifest_sha256", "library_versions",
                                   "cm_arr_version", "device", "batch_size", "face_batch_size", "duration_check"})
-LETTER = {"speech": "s", "text": "t", "video": "v"}
 
 
 class PredictError(Exception):
@@ -93,13 +92,12 @@ def feature_differences(trained: Mapping[str, Any], store: Mapping[str, Any]) ->
     a, b = without_locations(trained, store)
     a = {k: v for k, v in a.items() if k not in NOT_FEATURE_DEFINING}
     b = {k: v for k, v in b.items() if k not in NOT_FEATURE_DEFINING}
-    return [f"{k}: trained on {a.get(k)!r}, store has {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [f"{k}: trained on {a.get(k)!r}, store has {b.get(k)!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def load_checkpoints(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     """Read ``paths`` and check that they can be used together."""
-    from .train import CheckpointError, TrainError, check_model_format, load_checkpoint
-
     if not paths:
         raise PredictError("no checkpoint given (--checkpoint RUN_DIR/fold1/best.pt)")
     cks = []
@@ -110,15 +108,16 @@ def load_checkpoints(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
         try:  # tensors and plain data only: a file that would run code when loaded is refused unrun
             ck = load_checkpoint(p)
         except CheckpointError as e:  # a truncated, foreign or crafted file
-            raise PredictError(str(e) if e.unsafe else f"{p}: not a readable cm-arr-train checkpoint ({e.detail})") from None
+            raise PredictError(str(e) if e.unsafe
+                               else f"{p}: not a readable cm-arr-train checkpoint ({e.detail})") from None
         if not {"model", "model_config", "provenance"} <= set(ck):
             raise PredictError(f"{p}: not a cm-arr-train checkpoint (no model, model_config or provenance)")
         try:
-            check_model_format(ck, p)
+            check_checkpoint(ck, p)
         except TrainError as e:
             raise PredictError(str(e)) from None
-        if list(ck.get("labels", LABELS)) != list(LABELS) or list(ck.get("modalities", MODALITIES)) != list(MODALITIES):
-            raise PredictError(f"{p}: predicts classes {ck.get('labels')} over {ck.get('modalities')}; this version "
+        if list(ck["labels"]) != list(LABELS) or list(ck["modalities"]) != list(MODALITIES):
+            raise PredictError(f"{p}: predicts classes {ck['labels']} over {ck['modalities']}; this version "
                                f"reads {list(LABELS)} over {list(MODALITIES)}")
         ck["path"] = str(p)
         cks.append(ck)
@@ -165,8 +164,6 @@ def predict_store(checkpoints: Sequence[str | Path], features: str | Path, condi
     from cmarr.extract.store import FeatureStore, StoreError
     from cmarr.model import CMARR, CMARRConfig
 
-    from .train import TrainError, resolve_device
-
     if batch_size < 1:
         raise PredictError(f"batch size {batch_size}: must be >= 1")
     if re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is None:
@@ -199,7 +196,7 @@ def predict_store(checkpoints: Sequence[str | Path], features: str | Path, condi
                                    f"({'; '.join(diffs[:4])}{'; ...' if len(diffs) > 4 else ''}); extract them the "
                                    "same way, or accept the difference with --allow-feature-mismatch")
             accepted += [f"{m}: {d}" for d in diffs]
-        wanted = [m for m in usable if any(c == "present" or LETTER[m] in c for c in conditions)]
+        wanted = [m for m in usable if any(c == "present" or MODALITY_LETTERS[m] in c for c in conditions)]
         try:  # checked against the recorded checksums, as training does: no prediction from altered frames
             loaded = store.load_all(wanted, verify=True)
         except StoreError as e:
@@ -220,9 +217,8 @@ def predict_store(checkpoints: Sequence[str | Path], features: str | Path, condi
             models.append(model)
         seen = set()
         for ck in cks:
-            split = ck.get("split", {})
-            seen.update(split.get("train", []))
-            seen.update(split.get("val", []))
+            seen.update(ck["split"]["train"])
+            seen.update(ck["split"]["val"])
         masks = {c: torch.as_tensor(CONDITION_MASKS[CONDITION_NAMES.index(c)], device=dev)
                  for c in conditions if c != "present"}
         probs: dict[str, np.ndarray] = {c: np.full((len(view.ids), len(LABELS)), np.nan) for c in conditions}
@@ -263,7 +259,7 @@ def predict_store(checkpoints: Sequence[str | Path], features: str | Path, condi
         pred = np.where(has, np.array(LABELS, dtype=object)[np.nan_to_num(probs[c], nan=-1).argmax(axis=1)], "")
         df = pd.DataFrame({
             "utterance_id": view.ids, "condition": c,
-            "available": [",".join(LETTER[m] for m, on in zip(MODALITIES, row) if on) for row in used[c]],
+            "available": [",".join(MODALITY_LETTERS[m] for m, on in zip(MODALITIES, row) if on) for row in used[c]],
             "label": view.label_names, "prediction": pred})
         for j, name in enumerate(LABELS):
             df[f"p_{name}"] = probs[c][:, j]
@@ -285,104 +281,3 @@ def prediction_metrics(table: pd.DataFrame) -> dict[str, Any]:
         p = np.array([LABELS.index(x) for x in scored["prediction"]])
         out[c] = score(y, p, len(LABELS), n_no_input=len(rows) - len(scored))
     return with_average(out)
-
-
-def metrics_table(metrics: Mapping[str, Any], title: str):
-    from rich.table import Table
-
-    t = Table(title=title, title_justify="left")
-    for col in ("Avail.", "WAR", "UAR", "n"):
-        t.add_column(col, justify="left" if col == "Avail." else "right")
-    order = [c for c in ("present",) + TABLE_ROWS if c in metrics]
-    for c in order:
-        e = metrics[c]
-        t.add_row("present" if c == "present" else ROW_NAMES[c], f"{100 * e['war']:.2f}", f"{100 * e['uar']:.2f}",
-                  str(e.get("n", "")))
-    return t
-
-
-# ----------------------------------------------------------------------------------------
-# command line
-
-def _app():
-    import typer
-    from rich.console import Console
-
-    app = typer.Typer(add_completion=False, help="Apply trained CM-ARR checkpoints to a feature store.")
-    err = Console(stderr=True, soft_wrap=True)
-    out = Console(soft_wrap=True)
-
-    @app.command()
-    def predict(
-        checkpoint: List[Path] = typer.Option(..., "--checkpoint", help="best.pt of a cm-arr-train run; give several "
-                                              "(e.g. every fold) to average their probabilities."),
-        features: Path = typer.Option(..., "--features", help="Feature store made by cm-arr-extract features."),
-        out_path: Path = typer.Option(..., "--out", help="Predictions CSV (one row per utterance and condition)."),
-        conditions: str = typer.Option("present", "--conditions", help="present (each utterance with what the "
-                                       "store has), all (the seven conditions), or names: t,s,v,vt,sv,st,svt."),
-        device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
-        batch_size: int = typer.Option(256, "--batch-size", min=1),
-        metrics_path: Optional[Path] = typer.Option(None, "--metrics", help="Also write WAR/UAR per condition "
-                                                    "(labelled utterances not seen in training) as JSON."),
-        allow_feature_mismatch: bool = typer.Option(False, "--allow-feature-mismatch", help="Predict on features made "
-                                                    "differently from the training store's (the differences are printed)."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out / --metrics file."),
-    ) -> None:
-        """Predict the emotion of every utterance of a store under missing-modality conditions."""
-        from cmarr.extract.manifest import write_csv_atomic
-
-        try:
-            conds = parse_conditions(conditions)
-            if metrics_path is not None and metrics_path.resolve() == out_path.resolve():
-                raise PredictError(f"{metrics_path}: --metrics and --out name the same file")
-            for p in (out_path, metrics_path):
-                if p is None:
-                    continue
-                if p.resolve() == features.resolve() or any(p.resolve() == c.resolve() for c in checkpoint):
-                    raise PredictError(f"{p}: is an input (--features / --checkpoint); choose another output path")
-                if p.is_dir():
-                    raise PredictError(f"{p}: is a folder; give a file path")
-                if p.exists() and not overwrite:
-                    raise PredictError(f"{p}: already exists; choose another path or pass --overwrite")
-                if p.parent.exists() and not p.parent.is_dir():
-                    raise PredictError(f"{p.parent}: is a file, not a folder")
-            table, accepted = predict_store(checkpoint, features, conds, device=device, batch_size=batch_size,
-                                            allow_feature_mismatch=allow_feature_mismatch)
-            for d in accepted:
-                err.print(f"[yellow]feature mismatch accepted:[/] {d}", highlight=False)
-            write_csv_atomic(table, out_path)
-            metrics = prediction_metrics(table)
-            if metrics_path is not None:
-                tmp = metrics_path.with_name(f".{metrics_path.name}.tmp-{os.getpid()}")
-                metrics_path.parent.mkdir(parents=True, exist_ok=True)
-                tmp.write_text(json.dumps({"checkpoints": [str(c) for c in checkpoint], "features": str(features),
-                                           "labels": list(LABELS), "conditions": metrics}, indent=1))
-                tmp.replace(metrics_path)
-        except PredictError as e:
-            err.print(f"[red]error:[/] {e}", highlight=False)
-            raise typer.Exit(1)
-        except OSError as e:
-            err.print(f"[red]error:[/] {e.filename or out_path}: {e.strerror or e}", highlight=False)
-            raise typer.Exit(1)
-        n_utts = table["utterance_id"].nunique()
-        empty = int((table["prediction"] == "").sum())
-        seen = int(table.drop_duplicates("utterance_id")["seen_in_training"].sum())
-        out.print(f"{len(table)} predictions ({n_utts} utterances x {len(conds)} condition"
-                  f"{'s' if len(conds) > 1 else ''}) -> {out_path}"
-                  + (f"; {empty} without any input under their condition (empty prediction)" if empty else "")
-                  + (f"; {seen} utterances were seen in training (seen_in_training, not scored)" if seen else ""),
-                  highlight=False)
-        if metrics:
-            out.print(metrics_table(metrics, "WAR / UAR in %, labelled utterances not seen in training"))
-        elif (table["label"] != "").any():
-            out.print("no labelled utterance outside the checkpoints' training data: no scores", highlight=False)
-
-    return app
-
-
-def main() -> None:
-    _app()()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,8 @@
 """Shared fixtures. Environment variables the tests read:
 
 - ``CMARR_TEST_THREADS``: when set, ``torch.set_num_threads(int(value))`` at the start of
-  the session's tests (once collected, so it also overrides the count test_stacked.py and
-  test_predict.py set at import), e.g. to run the batching/process/thread comparisons
+  the session's tests (once collected, so it also overrides the count some modules (e.g.
+  test_predict.py) set at import), e.g. to run the batching/process/thread comparisons
   (tolerances in ``tests/tolerance.py``) under another intra-op thread count. The
   ``one_thread`` fixture still sets one thread for its modules; subprocesses follow
   ``OMP_NUM_THREADS``.

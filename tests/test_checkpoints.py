@@ -13,10 +13,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cmarr.pipelines.predict import _app as predict_app
-from cmarr.pipelines.synthetic import make_synthetic_store
-from cmarr.pipelines.train import TrainError, collect_reps, plain, run_training
-from cmarr.pipelines.train_cli import app as train_app
+from cmarr.pipelines.checkpoint import plain
+from cmarr.pipelines.cli.predict import app as predict_app
+from cmarr.pipelines.cli.train import app as train_app
+from cmarr.pipelines.demo.synthetic import make_synthetic_store
+from cmarr.pipelines.errors import TrainError
+from cmarr.pipelines.reps import collect_reps
+from cmarr.pipelines.train import run_training
 
 torch.set_num_threads(1)
 runner = CliRunner()
@@ -59,15 +62,16 @@ def test_predict_refuses_a_checkpoint_that_needs_code_and_runs_none_of_it(run, t
     marker = tmp_path / "ran"
     evil = _crafted(tmp_path / "evil.pt", marker)
     out = tmp_path / "p.csv"
-    res = runner.invoke(predict_app(), ["--checkpoint", str(evil), "--features", str(store), "--out", str(out),
+    res = runner.invoke(predict_app, ["--checkpoint", str(evil), "--features", str(store), "--out", str(out),
                                         "--device", "cpu"])
     text = " ".join(res.output.split())
     assert res.exit_code == 1, res.output
-    assert "evil.pt: not a cm-arr checkpoint, or one that needs code to load" in text and "nothing in it was run" in text
+    assert ("evil.pt: not a cm-arr checkpoint, or one that needs code to load" in text
+            and "nothing in it was run" in text)
     assert "Traceback" not in res.output
     assert not marker.exists() and not out.exists()
     # beside a sound checkpoint too: refused before anything is predicted
-    res = runner.invoke(predict_app(), ["--checkpoint", str(root / "run" / "fold1" / "best.pt"), "--checkpoint",
+    res = runner.invoke(predict_app, ["--checkpoint", str(root / "run" / "fold1" / "best.pt"), "--checkpoint",
                                         str(evil), "--features", str(store), "--out", str(out), "--device", "cpu"])
     assert res.exit_code == 1 and "nothing in it was run" in " ".join(res.output.split()) and not marker.exists()
 

@@ -13,9 +13,17 @@ from skimage import data as skdata
 from typer.testing import CliRunner
 
 from cmarr.extract.base import ExtractError
-from cmarr.extract.denseface_cli import app
-from cmarr.extract.denseface_train import (FerDataError, demo_ferplus_pair, file_sha256, label_votes,
-                                           load_checkpoint, read_ferplus, save_checkpoint, write_ferplus_pair)
+from cmarr.extract.cli.denseface import app
+from cmarr.extract.denseface_train import (
+    FerDataError,
+    demo_ferplus_pair,
+    label_votes,
+    load_checkpoint,
+    read_ferplus,
+    save_checkpoint,
+    write_ferplus_pair,
+)
+from cmarr.extract.files import file_sha256
 from cmarr.model.denseface import BottleneckLayer, DenseFace, DenseFaceConfig, Transition
 
 
@@ -162,7 +170,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(f1, f2) and torch.equal(l1, l2)
     assert rec2 == rec
     # the extractor loads it and records its sha256
-    from cmarr.extract.video_extractor import VideoConfig, VideoExtractor
+    from cmarr.extract.video import VideoConfig, VideoExtractor
 
     ex = VideoExtractor(VideoConfig(checkpoint=str(path), device="cpu"))
     prov = ex.provenance()
@@ -170,7 +178,8 @@ def test_checkpoint_round_trip(tmp_path):
     assert prov["normalisation"]["mean"] == 0.5 and prov["normalisation"]["std"] == 0.25
     # a checkpoint of another architecture is refused with the file named
     bad = DenseFace(DenseFaceConfig(depth=10))
-    save_checkpoint(tmp_path / "small.pt", bad.state_dict(), {**rec, "model_config": DenseFaceConfig(depth=10).__dict__})
+    save_checkpoint(tmp_path / "small.pt", bad.state_dict(),
+                    {**rec, "model_config": DenseFaceConfig(depth=10).__dict__})
     with pytest.raises(ExtractError, match="small.pt"):
         VideoExtractor(VideoConfig(checkpoint=str(tmp_path / "small.pt"), device="cpu"))
 
@@ -187,7 +196,8 @@ def test_training_without_validation_rows_keeps_the_last_epoch(tmp_path):
     """No PublicTest rows: nothing to select on; the last epoch is kept and said to be."""
     faces = [cv2.resize(f, (48, 48)) for f in _gray_faces()]
     imgs = np.stack([faces[i % len(faces)] for i in range(8)])
-    p1, p2 = write_ferplus_pair(tmp_path, imgs, np.array([i % 4 for i in range(8)]), ["Training"] * 6 + ["PrivateTest"] * 2)
+    p1, p2 = write_ferplus_pair(tmp_path, imgs, np.array([i % 4 for i in range(8)]),
+                                ["Training"] * 6 + ["PrivateTest"] * 2)
     ck = tmp_path / "c.pt"
     r = CliRunner().invoke(app, ["train", "--fer2013", str(p1), "--ferplus", str(p2), "--out", str(ck),
                                  "--epochs", "2", "--batch-size", "2", "--device", "cpu"])
@@ -215,6 +225,7 @@ def test_training_setup_errors_come_before_training_without_traceback(tmp_path, 
     assert r.exit_code == 2, r.output
     assert message in " ".join(r.output.split()) and "Traceback" not in r.output
     if not torch.cuda.is_available():
-        plain = ["train", "--fer2013", str(p1), "--ferplus", str(p2), "--out", str(tmp_path / "c.pt"), "--device", "cuda"]
+        plain = ["train", "--fer2013", str(p1), "--ferplus", str(p2), "--out", str(tmp_path / "c.pt"),
+                 "--device", "cuda"]
         r = CliRunner().invoke(app, plain)
         assert r.exit_code == 2 and "CUDA is not available" in r.output, r.output

@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from cmarr.model import CMARR, CONDITIONS, MODALITIES, CMARRConfig
-from cmarr.pipelines.data import StoreData, condition_available, hide_unavailable
-from cmarr.pipelines.metrics import MISSING_CONDITIONS
-from cmarr.pipelines.synthetic import make_synthetic_store
-from cmarr.pipelines.train import (DIAG_TERMS, DIAGNOSTIC_COLUMNS, FoldRecipe, ValDiagnostics, resolve_config,
-                                   run_training, term_weights)
+from cmarr.pipelines.conditions import MISSING_CONDITIONS, condition_available
+from cmarr.pipelines.data import StoreData, hide_unavailable
+from cmarr.pipelines.demo.synthetic import make_synthetic_store
+from cmarr.pipelines.diagnostics import DIAG_TERMS, DIAGNOSTIC_COLUMNS, ValDiagnostics, term_weights
+from cmarr.pipelines.fold import FoldRecipe
+from cmarr.pipelines.train import resolve_config, run_training
 
 torch.set_num_threads(1)
 
@@ -126,7 +127,7 @@ def test_rec_detach_output_trains_the_reconstruction_module_by_l_rec_only():
         torch.testing.assert_close(losses[k], plain.losses[k])
 
 
-def test_frozen_projection_gets_no_gradient_and_stacks():
+def test_frozen_projection_gets_no_gradient():
     model = small_model(proj_grad="frozen")
     assert not any(p.requires_grad for p in model.proj.parameters())
     assert "proj.weight" not in model.shared_parameters()
@@ -147,19 +148,6 @@ def test_frozen_projection_gets_no_gradient_and_stacks():
     # the baseline without a UMC: its input layers would learn nothing, so they are frozen too
     base = CMARR(CMARRConfig.for_variant("baseline", **SMALL, proj_grad="frozen"))
     assert not any(p.requires_grad for p in base.inp.parameters())
-    # stacked folds take the frozen weights as constants
-    from cmarr.pipelines.stacked import StackedModels
-
-    models = [CMARR(CMARRConfig(**SMALL, proj_grad="frozen")) for _ in range(2)]
-    sm = StackedModels(models, lr=1e-3)
-    assert not any(n.startswith("proj.") for n in sm.params.names)
-    feats, masks, available, present, labels = batch(condition="vt")
-    S = SMALL["seq_len"]
-    st = lambda t: torch.stack([t, t])
-    out = sm.losses([0, 1], {m: st(f[:, :S]) for m, f in feats.items()}, {m: st(k[:, :S]) for m, k in masks.items()},
-                    st(available), st(present), st(labels))
-    assert out["total"].shape == (2,) and torch.isfinite(out["total"]).all()
-    sm.step(out["total"].sum(), [0, 1])
 
 
 # ------------------------------------------------------------------ the log's columns
@@ -189,7 +177,8 @@ def test_log_has_the_diagnostic_columns(env, variant):
     w = term_weights(mcfg)
     for row in rows:
         for t in DIAG_TERMS:
-            assert float(row[f"wloss_{t}"]) == pytest.approx(w[t] * float(row[f"loss_{t}"]), abs=(w[t] + 1) * 1e-6)  # both rounded to 6 decimals
+            # both rounded to 6 decimals
+            assert float(row[f"wloss_{t}"]) == pytest.approx(w[t] * float(row[f"loss_{t}"]), abs=(w[t] + 1) * 1e-6)
             if w[t] == 0:
                 assert row[f"gradnorm_{t}"] == ""
             else:
@@ -268,15 +257,3 @@ def test_validation_diagnostics_match_a_direct_computation(env):
                                                   rel=1e-4)
     # the trivial reconstruction is not the model's: the two differ
     assert got["triv_mse_speech"] != got["rec_mse_speech"]
-
-
-def test_an_older_log_without_the_columns_is_continued(env, tmp_path):
-    """Rows from before the diagnostics lack their columns: the log is written with empty cells."""
-    root, store, cfg = env
-    tcfg = resolve_config(cfg, folds=[1], device="cpu")
-    r = FoldRecipe(tcfg, StoreData(store), 1, tmp_path, torch.device("cpu"))
-    r.rows = [{"epoch": 1, "loss_total": 1.0, "seconds": 0.5},
-              {"epoch": 2, "loss_total": 0.9, "wloss_cls": 0.9, "seconds": 0.4}]
-    r._write_log()
-    rows = _rows(tmp_path / "fold1" / "log.csv")
-    assert list(rows[0]) == ["epoch", "loss_total", "wloss_cls", "seconds"] and rows[0]["wloss_cls"] == ""

@@ -17,19 +17,19 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
-
-from cmarr.extract.cli import app as extract_app
-from cmarr.extract.features import run_features
-from cmarr.extract.features_cli import app as features_app
-from cmarr.extract.fixtures import make_iemocap_tree
-from cmarr.extract.iemocap import prepare_iemocap
-from cmarr.extract.manifest import ManifestError, check_manifest, read_manifest, write_manifest
-from cmarr.extract.store import FeatureStore, StoreWriter, validate_store
 
 # helpers of the extraction tests (imported, not copied: one definition of the tiny model
 # and of "the same store")
 from test_features import _configs, _save_tiny_wav2vec2, _subprocess_env, assert_same_store  # noqa: E402
+from typer.testing import CliRunner
+
+from cmarr.extract.cli.extract import app as extract_app
+from cmarr.extract.cli.store import app as features_app
+from cmarr.extract.corpora.iemocap import prepare_iemocap
+from cmarr.extract.corpora.manifest import ManifestError, check_manifest, read_manifest, write_manifest
+from cmarr.extract.features import run_features
+from cmarr.extract.store import FeatureStore, StoreWriter, validate_store
+from cmarr.pipelines.demo.corpus import make_iemocap_tree
 
 MODS = ("speech", "text")
 
@@ -108,12 +108,12 @@ def test_merge_past_the_file_size_limit_is_one_clear_error(tmp_path, limit):
     shards = _shards(tmp_path)
     before = {p: p.read_bytes() for p in shards}
     out = tmp_path / "lim.h5"
-    proc = _run_limited("cmarr.extract.features_cli", ["merge", *map(str, shards), "--out", str(out)], limit)
+    proc = _run_limited("cmarr.extract.cli.store", ["merge", *map(str, shards), "--out", str(out)], limit)
     _assert_one_clear_error(proc, f"{out}: cannot write: file too large", "disk full", "the shards are unchanged")
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in shards)
     assert {p: p.read_bytes() for p in shards} == before
     # the same merge with room succeeds
-    proc = subprocess.run([sys.executable, "-m", "cmarr.extract.features_cli", "merge", *map(str, shards),
+    proc = subprocess.run([sys.executable, "-m", "cmarr.extract.cli.store", "merge", *map(str, shards),
                            "--out", str(out)], capture_output=True, text=True, env=_subprocess_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert validate_store(out)[0] == []
@@ -137,7 +137,7 @@ def test_extraction_past_the_file_size_limit_is_one_clear_error_and_resumes(job,
     the same command with room resumes from them to the store of an uninterrupted run."""
     out = tmp_path / "feats.h5"
     args = _args(job, out, "--chunk-size", "2")
-    proc = _run_limited("cmarr.extract.cli", args, limit)
+    proc = _run_limited("cmarr.extract.cli.extract", args, limit)
     flat = _assert_one_clear_error(proc, "cannot write: file too large", "disk full",
                                    "run the same command again to resume")
     assert (f"{out}.parts/chunk-" in flat) != chunks and (f"error: {out}: cannot write" in flat) == chunks
@@ -146,7 +146,7 @@ def test_extraction_past_the_file_size_limit_is_one_clear_error_and_resumes(job,
     committed = _committed(parts)
     assert (committed == 16) if chunks else committed == 0
     assert not list(parts.glob("*.tmp"))  # no half-written chunk left behind
-    proc = subprocess.run([sys.executable, "-m", "cmarr.extract.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "cmarr.extract.cli.extract", *args], capture_output=True, text=True,
                           env=_subprocess_env(), timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     if chunks:
@@ -175,8 +175,8 @@ def test_sigterm_commits_finished_work_says_so_and_the_rerun_resumes(job, tmp_pa
     parts = out.with_name(out.name + ".parts")
     # batches of 2, chunks of 4: at the signal, 4 utterances are committed and 2 finished ones wait
     args = _args(job, out, "--chunk-size", "4", "--speech-batch-size", "2", "--audio-readers", "1",
-                 "--audio-read-ahead", "1", "--commit-every", "600", root=root)
-    proc = subprocess.Popen([sys.executable, "-m", "cmarr.extract.cli", *args], stdout=subprocess.PIPE,
+                 "--audio-read-ahead", "1", root=root)
+    proc = subprocess.Popen([sys.executable, "-m", "cmarr.extract.cli.extract", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env={**_subprocess_env(), "PYTHONFAULTHANDLER": "1"})
     try:
         deadline = time.monotonic() + 240
@@ -212,7 +212,7 @@ def test_sigterm_commits_finished_work_says_so_and_the_rerun_resumes(job, tmp_pa
             text = proc.communicate(timeout=60)[0].decode()
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGABRT)  # its threads' stacks (PYTHONFAULTHANDLER) say where it hangs
-            raise AssertionError(proc.communicate(timeout=30)[0].decode())
+            raise AssertionError(proc.communicate(timeout=30)[0].decode()) from None
     finally:
         if proc.poll() is None:
             proc.kill()

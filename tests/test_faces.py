@@ -10,11 +10,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 from skimage import data as skdata
+from tolerance import assert_float32_close
 from torchvision.ops import batched_nms
 
-from cmarr.extract.faces import (BatchedMTCNN, DetectorConfig, ReferenceMTCNN, _AreaCropper, _grouped_nms,
-                                 _min_nms, agreement, box_iou)
-from tolerance import assert_float32_close
+from cmarr.extract.faces import (
+    BatchedMTCNN,
+    DetectorConfig,
+    ReferenceMTCNN,
+    _AreaCropper,
+    _grouped_nms,
+    _min_nms,
+    agreement,
+    box_iou,
+)
 
 H, W = 120, 160
 

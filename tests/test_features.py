@@ -18,20 +18,18 @@ import pandas as pd
 import pytest
 import torch
 from rich.console import Console
+from tolerance import MINILM_DEPTH, TINY_WAV2VEC2_DEPTH, assert_float16_close, reorder_bound, within_float16_rounding
 from typer.testing import CliRunner
 
-from cmarr.extract.cli import app
-from cmarr.extract.features import (parse_shard, run_features, select_shard, shard_from_env,
-                                    shard_path)
-from cmarr.extract.fixtures import make_iemocap_tree
-from cmarr.extract.iemocap import prepare_iemocap
-from cmarr.extract.manifest import read_manifest, write_manifest
 from cmarr.extract.base import ExtractError
+from cmarr.extract.cli.extract import app
+from cmarr.extract.corpora.iemocap import prepare_iemocap
+from cmarr.extract.corpora.manifest import read_manifest, write_manifest
+from cmarr.extract.features import parse_shard, run_features, select_shard, shard_from_env, shard_path
 from cmarr.extract.speech import SpeechConfig
 from cmarr.extract.store import FeatureStore, StoreError, comparable_provenance, merge_stores
 from cmarr.extract.text import TextConfig
-from tolerance import (MINILM_DEPTH, TINY_WAV2VEC2_DEPTH, assert_float16_close, reorder_bound,
-                       within_float16_rounding)
+from cmarr.pipelines.demo.corpus import make_iemocap_tree
 
 MODS = ("speech", "text")
 
@@ -268,7 +266,8 @@ def test_store_comparison_catches_another_utterance_shifted_frames_and_one_step_
 def test_two_shard_processes_merge_to_the_single_process_store(job, tmp_path):
     out = tmp_path / "feats.h5"
     env = dict(_subprocess_env(), OMP_NUM_THREADS="1")  # two processes side by side, one core each
-    procs = [subprocess.Popen([sys.executable, "-m", "cmarr.extract.cli", *_cli_args(job, out, "--shard", f"{k}/2")],
+    procs = [subprocess.Popen([sys.executable, "-m", "cmarr.extract.cli.extract",
+                               *_cli_args(job, out, "--shard", f"{k}/2")],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for k in range(2)]
     for k, p in enumerate(procs):
@@ -333,7 +332,7 @@ def test_killed_run_resumes_without_recomputing(job, tmp_path):
     out = tmp_path / "feats.h5"
     args = _cli_args({**job, "root": root}, out, "--chunk-size", "2", "--speech-batch-size", "2",
                      "--audio-readers", "1", "--audio-read-ahead", "1")
-    proc = subprocess.Popen([sys.executable, "-m", "cmarr.extract.cli", *args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "cmarr.extract.cli.extract", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env=_subprocess_env())
     parts = out.with_name(out.name + ".parts")
     try:
@@ -527,8 +526,8 @@ def test_torchrun_environment_values_are_named_in_errors(job, tmp_path):
 def test_summary_points_at_a_command_that_lists_every_error(tmp_path):
     """More errors than the summary shows: it names the command that lists them all, and
     that command does."""
+    from cmarr.extract.cli.store import app as features_app
     from cmarr.extract.features import SUMMARY_ROWS, FeaturesRun, print_summary
-    from cmarr.extract.features_cli import app as features_app
     from cmarr.extract.store import StoreWriter
 
     ids = [f"u{i:03d}" for i in range(SUMMARY_ROWS + 20)]
@@ -550,51 +549,37 @@ def test_summary_points_at_a_command_that_lists_every_error(tmp_path):
     assert all(f"{u}.wav" in res.output for u in ids)
 
 
-def test_fixing_media_and_rebuilding_the_manifest_fills_them_in(job, tmp_path):
+def test_a_rerun_with_a_rebuilt_manifest_is_refused_naming_what_changed(job, tmp_path):
     """What ``make extract`` does on a rerun: the manifest is built again from the corpus.
-    A wav that was missing (so the manifest had no path for it) is put back: the rerun with
-    the rebuilt manifest extracts it and keeps every other finished utterance."""
+    When the corpus changed (a wav that was missing is back, a session added), the rebuilt
+    manifest differs from the store's table: the rerun is refused, naming the utterances
+    added, removed or changed, and says what to do; nothing is computed or changed. A new
+    --out extracts the rebuilt manifest whole."""
     root = tmp_path / "corpus"
     shutil.copytree(job["root"], root)
     df = read_manifest(job["manifest"])
+    ids = sorted(df["utterance_id"])
     utt, wav = df["utterance_id"].iloc[2], root / df["wav_path"].iloc[2]
     saved = tmp_path / "saved.wav"
     shutil.move(wav, saved)
     first = write_manifest(prepare_iemocap(root).df, tmp_path / "first.csv")
-    assert read_manifest(first).set_index("utterance_id").loc[utt, "wav_path"] in ("", None) or \
-        pd.isna(read_manifest(first).set_index("utterance_id").loc[utt, "wav_path"])
     out = tmp_path / "feats.h5"
     run = run_features("iemocap", root, first, out, modalities=MODS, **_configs(job))
     assert not run.ok
-    with FeatureStore(out) as s:
-        assert not s.has(utt, "speech") and s.has(utt, "text")
+    data = out.read_bytes()
     shutil.move(saved, wav)
     rebuilt = write_manifest(prepare_iemocap(root).df, tmp_path / "rebuilt.csv")
-    run = run_features("iemocap", root, rebuilt, out, modalities=MODS, **_configs(job))
-    assert run.ok
-    assert run.computed == {"speech": 1, "text": 0} and run.resumed == {"speech": 7, "text": 8}
-    assert_same_store(out, job["reference"])  # as if the wav had been there all along
-
-
-def test_a_manifest_that_adds_utterances_extends_the_store_and_one_that_drops_some_is_refused(job, tmp_path):
-    """A rebuilt manifest with more utterances (a session added, an utterance whose media
-    appeared): the rerun extracts only those and the store equals one made in one run. One
-    with fewer is refused: keeping rows the manifest no longer lists, or dropping their
-    features, would each happen silently."""
-    df = read_manifest(job["manifest"])
-    some = write_manifest(df.iloc[2:], tmp_path / "some.csv")  # the manifest's own row order is irrelevant
-    out = tmp_path / "feats.h5"
-    run = run_features("iemocap", job["root"], some, out, modalities=MODS, **_configs(job))
-    assert run.ok and run.computed == {"speech": 6, "text": 6}
-    with pytest.raises(StoreError, match="adds 2 utterances .* does not extract text, which the store holds"):
-        run_features("iemocap", job["root"], job["manifest"], out, modalities=("speech",), **_configs(job))
-    run = run_features("iemocap", job["root"], job["manifest"], out, modalities=MODS, **_configs(job))
-    assert run.ok and run.computed == {"speech": 2, "text": 2} and run.resumed == {"speech": 6, "text": 6}
-    assert_same_store(out, job["reference"])
-    with pytest.raises(StoreError, match=rf"holds 2 utterances this job's table lacks \(first: "
-                                         rf"'{sorted(df['utterance_id'])[0]}'\)"):
-        run_features("iemocap", job["root"], write_manifest(df.iloc[2:], tmp_path / "fewer.csv"), out,
-                     modalities=MODS, **_configs(job))
+    with pytest.raises(StoreError) as e:
+        run_features("iemocap", root, rebuilt, out, modalities=MODS, **_configs(job))
+    assert str(e.value) == (f"{out}: exists, made from another manifest (utterances 1 changed (first: {utt!r})); "
+                            "write to another --out, or remove it to extract everything again")
+    fewer = write_manifest(df[df["utterance_id"] != ids[0]], tmp_path / "fewer.csv")
+    with pytest.raises(StoreError, match=rf"utterances 1 removed \(first: '{ids[0]}'\); 1 changed"):
+        run_features("iemocap", root, fewer, out, modalities=MODS, **_configs(job))
+    assert out.read_bytes() == data and not out.with_name(out.name + ".parts").exists()
+    run = run_features("iemocap", root, rebuilt, tmp_path / "new.h5", modalities=MODS, **_configs(job))
+    assert run.ok and run.computed == {"speech": 8, "text": 8}
+    assert_same_store(tmp_path / "new.h5", job["reference"])
 
 
 def test_a_run_that_fails_to_load_its_models_leaves_the_output_unlocked_and_clean(job, tmp_path):

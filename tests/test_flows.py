@@ -67,8 +67,8 @@ def test_logabsdet_matches_autograd_jacobian(name: str) -> None:
                 full[g, b] = v.view(3, c)
                 return full
 
-            jac = jacobian(lambda v: t(row(v))[0][g, b].flatten(), x[g, b].flatten())  # (3c, 3c): one row
-            jac_inv = jacobian(lambda v: t.inverse(row(v))[0][g, b].flatten(), x[g, b].flatten())
+            jac = jacobian(lambda v, g=g, b=b: t(row(v))[0][g, b].flatten(), x[g, b].flatten())  # (3c, 3c): one row
+            jac_inv = jacobian(lambda v, g=g, b=b: t.inverse(row(v))[0][g, b].flatten(), x[g, b].flatten())
             torch.testing.assert_close(ld[g, b], torch.linalg.slogdet(jac).logabsdet, atol=1e-8, rtol=1e-8)
             torch.testing.assert_close(ld_inv[g, b], torch.linalg.slogdet(jac_inv).logabsdet, atol=1e-8, rtol=1e-8)
 

@@ -5,11 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import assert_float32_close
 from torch import nn
 
-from cmarr.model.grouped import (GroupAttention, GroupConv1d, GroupLayerNorm, GroupLinear, from_conv,
-                                 group_masked_mean, to_conv)
-from tolerance import assert_float32_close
+from cmarr.model.grouped import (
+    GroupAttention,
+    GroupConv1d,
+    GroupLayerNorm,
+    GroupLinear,
+    from_conv,
+    group_masked_mean,
+    to_conv,
+)
 
 G, B, T, C = 3, 2, 5, 8
 

@@ -7,9 +7,7 @@ import math
 import pytest
 import torch
 
-from cmarr.model.losses import (info_nce, loss_cls, loss_nll, loss_rec, loss_spcl, loss_udcl, total_loss,
-                                wasserstein2)
-
+from cmarr.model.losses import info_nce, loss_cls, loss_nll, loss_rec, loss_spcl, loss_udcl, total_loss, wasserstein2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,7 +80,8 @@ def test_loss_udcl_masks_instances_and_averages_pairs() -> None:
     mu_m3 = torch.cat([mu, torch.zeros(2, 1, 1)], dim=1)
     sigma_m3 = torch.cat([sigma, torch.ones(2, 1, 1)], dim=1)
     valid_m3 = torch.tensor([[True, True, False], [True, True, False]])
-    assert loss_udcl(mu_m3, sigma_m3, valid_m3, a=-0.5, b=1.0, tau=0.5).item() == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    assert (loss_udcl(mu_m3, sigma_m3, valid_m3, a=-0.5, b=1.0, tau=0.5).item()
+            == pytest.approx(expected, rel=1e-6, abs=1e-6))
     # with pair_reduction="sum" the two empty pairs add 0
     got_sum = loss_udcl(mu_m3, sigma_m3, valid_m3, a=-0.5, b=1.0, tau=0.5, pair_reduction="sum")
     assert got_sum.item() == pytest.approx(expected, rel=1e-6, abs=1e-6)
@@ -150,7 +149,8 @@ def test_loss_nll_hand_case() -> None:
     assert loss_nll(z, logdet, valid).item() == pytest.approx((2 + math.log(2 * math.pi)) / 2, rel=1e-6, abs=1e-6)
     # class-conditional prior: mean (1, 1) -> residual (0, 1): (0.5 + log(2 pi) - 0.5) / 2
     prior = torch.tensor([[[1.0, 1.0]], [[0.0, 0.0]]])
-    assert loss_nll(z, logdet, valid, prior_mean=prior).item() == pytest.approx(math.log(2 * math.pi) / 2, rel=1e-6, abs=1e-6)
+    assert (loss_nll(z, logdet, valid, prior_mean=prior).item()
+            == pytest.approx(math.log(2 * math.pi) / 2, rel=1e-6, abs=1e-6))
 
 
 def test_loss_cls_hand_case() -> None:

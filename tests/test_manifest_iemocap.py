@@ -12,12 +12,18 @@ import pytest
 import soundfile
 from typer.testing import CliRunner
 
-from cmarr.extract import iemocap
-from cmarr.extract.fixtures import face_photo, make_iemocap_tree
-from cmarr.extract.iemocap import prepare_iemocap
-from cmarr.extract.manifest import (MANIFEST_COLUMNS, ManifestError, compare_with_canonical,
-                                    load_canonical_iemocap, read_manifest)
-from cmarr.extract.manifest_cli import app
+from cmarr.extract.cli.extract import app
+from cmarr.extract.corpora import iemocap
+from cmarr.extract.corpora.iemocap import prepare_iemocap
+from cmarr.extract.corpora.manifest import (
+    MANIFEST_COLUMNS,
+    ManifestError,
+    compare_with_canonical,
+    load_canonical_iemocap,
+    read_manifest,
+)
+from cmarr.pipelines.demo.corpus import make_iemocap_tree
+from cmarr.pipelines.demo.media import face_photo
 
 runner = CliRunner()
 ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
@@ -65,7 +71,7 @@ def test_canonical_list_has_the_papers_counts():
         m = iemocap.UTT_RE.match(uid)
         assert m and int(m.group(2)) == s, uid
     # the list's columns are the documented ones
-    assert list(pd.read_csv(Path(iemocap.__file__).resolve().parents[1] / "data_manifests" /
+    assert list(pd.read_csv(Path(__file__).resolve().parents[1] / "data_manifests" /
                             "iemocap_4class.csv", nrows=1).columns) == ["utterance_id", "session", "label", "fold"]
 
 
@@ -174,7 +180,7 @@ def test_emotion_signal_reaches_audio_and_text(tree, result):
         x, _ = soundfile.read(str(root / row.wav_path))
         rms.setdefault(row.label, []).append(np.sqrt(np.mean(x ** 2)))
     assert np.mean(rms["ang"]) > np.mean(rms["neu"]) > np.mean(rms["sad"])
-    from cmarr.extract.fixtures import VOCABULARY
+    from cmarr.pipelines.demo.media import VOCABULARY
 
     for row in result.df.itertuples():
         words = set(re.findall(r"[a-z]+", row.transcript.lower()))
@@ -255,7 +261,8 @@ def test_partly_absent_media_keep_the_utterance_all_absent_drops_it(small):
     df = r.df.set_index("utterance_id")
     assert df.loc[a, "wav_path"] == "" and df.loc[a, "transcript"] == df0.loc[a, "transcript"]
     assert b not in df.index
-    assert [(d.utterance_id, d.reason) for d in r.dropped if d.reason == iemocap.R_NO_MEDIA] == [(b, iemocap.R_NO_MEDIA)]
+    no_media = [(d.utterance_id, d.reason) for d in r.dropped if d.reason == iemocap.R_NO_MEDIA]
+    assert no_media == [(b, iemocap.R_NO_MEDIA)]
     assert any("have no wav" in n for n in r.notes)
     assert all(df["video_path"] == "")
 
@@ -325,7 +332,7 @@ def test_written_manifests_are_readable_by_others(result, tmp_path):
     import os
     import stat
 
-    from cmarr.extract.manifest import write_manifest
+    from cmarr.extract.corpora.manifest import write_manifest
 
     old = os.umask(0o022)
     try:
@@ -337,7 +344,7 @@ def test_written_manifests_are_readable_by_others(result, tmp_path):
 
 @pytest.mark.parametrize("blank", ["", "   "])
 def test_read_manifest_refuses_an_empty_utterance_id(result, tmp_path, blank):
-    from cmarr.extract.manifest import write_manifest
+    from cmarr.extract.corpora.manifest import write_manifest
 
     path = write_manifest(result.df, tmp_path / "m.csv")
     df = pd.read_csv(path, dtype=str, keep_default_na=False)

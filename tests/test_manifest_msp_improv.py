@@ -11,11 +11,11 @@ import pytest
 import soundfile
 from typer.testing import CliRunner
 
-from cmarr.extract import msp_improv as msp
-from cmarr.extract.fixtures import make_msp_improv_tree
-from cmarr.extract.manifest import MANIFEST_COLUMNS, ManifestError, load_msp_no_face, read_manifest
-from cmarr.extract.manifest_cli import app
-from cmarr.extract.msp_improv import parse_evaluation, prepare_msp_improv
+from cmarr.extract.cli.extract import app
+from cmarr.extract.corpora import msp_improv as msp
+from cmarr.extract.corpora.manifest import MANIFEST_COLUMNS, ManifestError, load_msp_no_face, read_manifest
+from cmarr.extract.corpora.msp_improv import parse_evaluation, prepare_msp_improv
+from cmarr.pipelines.demo.corpus import make_msp_improv_tree
 
 runner = CliRunner()
 ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
@@ -239,8 +239,8 @@ def test_command_bad_input(tmp_path, small):
 def test_count_check_compares_keep_no_face_with_the_3940_set():
     from rich.console import Console
 
-    from cmarr.extract.manifest import ManifestResult
-    from cmarr.extract.manifest_cli import print_count_check
+    from cmarr.extract.cli.extract import print_count_check
+    from cmarr.extract.corpora.manifest import ManifestResult
 
     def result(counts):
         labels = [lab for lab, n in counts.items() for _ in range(n)]

@@ -7,7 +7,7 @@ from rich.console import Console
 
 from cmarr.pipelines.config import TrainConfig, with_overrides
 from cmarr.pipelines.metrics import paper_reference, results_markdown, rich_table
-from cmarr.pipelines.train import summary_document
+from cmarr.pipelines.run_dir import summary_document
 
 IEMOCAP = {"ang": 1103, "hap": 1636, "neu": 1708, "sad": 1084}  # Table 1
 CONDS = ("t", "s", "v", "vt", "sv", "st", "svt")
@@ -59,41 +59,9 @@ def test_run_summary_and_tables_show_the_reference(variant):
 
 def test_store_fingerprint_names_the_corpus_and_class_counts(tmp_path):
     from cmarr.pipelines.data import StoreData
-    from cmarr.pipelines.synthetic import make_synthetic_store
-    from cmarr.pipelines.train import store_fingerprint
+    from cmarr.pipelines.demo.synthetic import make_synthetic_store
+    from cmarr.pipelines.run_dir import store_fingerprint
 
     data = StoreData(make_synthetic_store(tmp_path / "s.h5", n_per_class=3, sessions=2, seed=0))
     fp = store_fingerprint(data)
     assert fp["corpus"] == "synthetic" and fp["label_counts"] == {"ang": 6, "hap": 6, "neu": 6, "sad": 6}
-
-
-def test_run_dirs_of_an_earlier_version_gain_the_new_store_fields(tmp_path, tiny_config):
-    """A RUN_DIR whose model_config.yaml lacks the store's corpus and class counts (written
-    by an earlier version) gets them when the run is continued, and cm-arr-results fills
-    them from any RUN_DIR that has them, whatever the order."""
-    import yaml
-
-    from cmarr.pipelines.combine import combine_runs
-    from cmarr.pipelines.synthetic import make_synthetic_store
-    from cmarr.pipelines.train import run_training
-
-    store = make_synthetic_store(tmp_path / "s.h5", n_per_class=3, sessions=3, seed=0)
-    cfg = tiny_config(tmp_path / "tiny.yaml", epochs=1)
-
-    def strip(run_dir):
-        side = run_dir / "model_config.yaml"
-        doc = yaml.safe_load(side.read_text())
-        for k in ("corpus", "label_counts"):
-            doc["store"].pop(k)
-        side.write_text(yaml.safe_dump(doc, sort_keys=False))
-
-    a, b = tmp_path / "a", tmp_path / "b"
-    for d, fold in ((a, 1), (b, 2)):
-        run_training(store, cfg, out_dir=d, folds=[fold], device="cpu", log=None)
-    strip(a)
-    for order in ((a, b), (b, a)):
-        m = combine_runs(order, tmp_path / f"c-{order[0].name}")
-        assert m["store"]["corpus"] == "synthetic" and sum(m["store"]["label_counts"].values()) == 36
-    run_training(store, cfg, out_dir=a, folds=[1], device="cpu", log=None)  # continued (already finished)
-    side = yaml.safe_load((a / "model_config.yaml").read_text())
-    assert side["store"]["corpus"] == "synthetic" and "model" in side

@@ -8,13 +8,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tolerance import TINY_CMARR_DEPTH, assert_float32_close
 from typer.testing import CliRunner
 
-from cmarr.pipelines.predict import (PredictError, _app, feature_differences, parse_conditions, prediction_metrics,
-                                     predict_store)
-from cmarr.pipelines.synthetic import make_synthetic_store
+from cmarr.pipelines.cli.predict import app
+from cmarr.pipelines.demo.synthetic import make_synthetic_store
+from cmarr.pipelines.predict import (
+    PredictError,
+    feature_differences,
+    parse_conditions,
+    predict_store,
+    prediction_metrics,
+)
 from cmarr.pipelines.train import run_training
-from tolerance import TINY_CMARR_DEPTH, assert_float32_close
 
 torch.set_num_threads(1)
 runner = CliRunner()
@@ -68,7 +74,8 @@ def test_a_store_that_lacks_video_altogether(run):
     """New media without video: "present" predicts every utterance from speech and text;
     under {v} no utterance has input, and each still gets a row (empty prediction)."""
     root, store, rd = run
-    novideo = make_synthetic_store(root / "novideo.h5", n_per_class=2, sessions=2, seed=5, modalities=("speech", "text"))
+    novideo = make_synthetic_store(root / "novideo.h5", n_per_class=2, sessions=2, seed=5,
+                                   modalities=("speech", "text"))
     table, _ = predict_store([rd / "fold1" / "best.pt"], novideo, ["present", "v", "sv"], device="cpu")
     n = table["utterance_id"].nunique()
     present = table[table["condition"] == "present"]
@@ -164,7 +171,6 @@ def test_condition_names():
 
 def test_cli_writes_predictions_and_metrics_and_refuses_bad_input(run, tmp_path):
     root, store, rd = run
-    app = _app()
     out = tmp_path / "p.csv"
     args = ["--checkpoint", str(rd / "fold1" / "best.pt"), "--features", str(store), "--out", str(out),
             "--conditions", "all", "--device", "cpu"]
@@ -220,7 +226,8 @@ def test_only_the_modalities_the_conditions_use_are_read(run, monkeypatch):
     root, store, rd = run
     read = []
     real = FeatureStore.load_all
-    monkeypatch.setattr(FeatureStore, "load_all", lambda self, mods=None, **kw: read.append(tuple(mods)) or real(self, mods, **kw))
+    monkeypatch.setattr(FeatureStore, "load_all",
+                        lambda self, mods=None, **kw: read.append(tuple(mods)) or real(self, mods, **kw))
     t_only = predict_store([rd / "fold1" / "best.pt"], store, ["t"], device="cpu")[0]
     assert read[-1] == ("text",)
     everything = predict_store([rd / "fold1" / "best.pt"], store, ["present", "t"], device="cpu")[0]

@@ -13,16 +13,16 @@ import struct
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from pathlib import Path
 
-from cmarr.pipelines import report
+from cmarr.extract.base import LABELS
+from cmarr.pipelines.demo import report
 from cmarr.pipelines.metrics import build_metrics, score
 
-LABELS = ("ang", "hap", "neu", "sad")
 CONDS = ("t", "s", "v", "vt", "sv", "st", "svt")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -96,7 +96,8 @@ def test_results_md_names_models_and_holds_the_tables(tmp_path, metrics):
         "models": {"speech": {"hidden_size": 64, "layers": 2, "params": 12345},
                    "text": {"weights": "real (MiniLM)"}},
         "metrics": metrics,
-        "times": [{"stage": "corpus", "wall_s": 2.5, "cpu_s": 1.5}, {"stage": "features", "wall_s": 30.0, "cpu_s": 40.0}],
+        "times": [{"stage": "corpus", "wall_s": 2.5, "cpu_s": 1.5},
+                  {"stage": "features", "wall_s": 30.0, "cpu_s": 40.0}],
         "total_wall_s": 32.5,
         "figures": {"tsne": "tsne.png"},
         "tsne_fold": 1,
@@ -189,7 +190,8 @@ def test_tsne_panels_and_figure(tmp_path):
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
-    from cmarr.pipelines.demo import MARKER, DemoError, prepare_out
+    from cmarr.pipelines.demo import DemoError
+    from cmarr.pipelines.demo.run import MARKER, prepare_out
 
     other = tmp_path / "data"
     other.mkdir()
@@ -209,7 +211,8 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
 
 def test_random_wav2vec2_loads_through_the_extractor(tmp_path):
     from cmarr.extract.speech import SpeechConfig, SpeechExtractor
-    from cmarr.pipelines.demo import DemoConfig, build_random_wav2vec2
+    from cmarr.pipelines.demo.models import build_random_wav2vec2
+    from cmarr.pipelines.demo.run import DemoConfig
 
     info = build_random_wav2vec2(tmp_path / "w2v", DemoConfig().wav2vec2, seed=0)
     ex = SpeechExtractor(SpeechConfig(model=info["path"], device="cpu"))
@@ -219,7 +222,7 @@ def test_random_wav2vec2_loads_through_the_extractor(tmp_path):
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (apt-get install espeak-ng)")
 def test_espeak_utterance_has_the_asked_duration_and_follows_the_style():
-    from cmarr.pipelines.demo import espeak_utterance
+    from cmarr.pipelines.demo.espeak import espeak_utterance
 
     loud = espeak_utterance("I hate this, stop it now", "ang", "M", 1.3)
     quiet = espeak_utterance("I hate this, stop it now", "sad", "M", 1.3)

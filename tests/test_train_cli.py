@@ -17,11 +17,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cmarr.pipelines.combine import app as combine_app
 from cmarr.extract.store import FeatureStore
-from cmarr.pipelines.synthetic import make_synthetic_store
-from cmarr.pipelines.train import FoldRecipe, TrainError, collect_reps, resolve_config, run_training
-from cmarr.pipelines.train_cli import app
+from cmarr.pipelines.cli.results import app as combine_app
+from cmarr.pipelines.cli.train import app
+from cmarr.pipelines.demo.synthetic import make_synthetic_store
+from cmarr.pipelines.errors import TrainError
+from cmarr.pipelines.fold import FoldRecipe
+from cmarr.pipelines.reps import collect_reps
+from cmarr.pipelines.train import resolve_config, run_training
 
 torch.set_num_threads(1)
 runner = CliRunner()
@@ -85,7 +88,9 @@ def test_fixed_seed_reproduces_metrics_and_training_learns(env):
     assert a["folds"] == b["folds"]
     la = (root / "seed-a" / "fold2" / "log.csv").read_text().splitlines()
     lb = (root / "seed-b" / "fold2" / "log.csv").read_text().splitlines()
-    strip = lambda rows: [",".join(r.split(",")[:-1]) for r in rows]  # drop the seconds column
+    def strip(rows):  # drop the seconds column
+        return [",".join(r.split(",")[:-1]) for r in rows]
+
     assert strip(la) == strip(lb) and len(la) == 4
     losses = [float(r.split(",")[6]) for r in la[1:]]  # loss_total column
     assert losses[-1] < losses[0]
@@ -112,20 +117,25 @@ def test_resume_after_interruption_gives_the_same_result(env):
     resumed = run_training(store, cfg, out_dir=out, folds=[3], device="cpu", log=logs.append)
     assert any("resumed after epoch 1" in s for s in logs)
     assert resumed["folds"] == full["folds"]
-    strip = lambda p: [",".join(r.split(",")[:-1]) for r in p.read_text().splitlines()]
+    def strip(p):
+        return [",".join(r.split(",")[:-1]) for r in p.read_text().splitlines()]
+
     assert strip(out / "fold3" / "log.csv") == strip(root / "uninterrupted" / "fold3" / "log.csv")
     # a finished fold is not trained again
     logs.clear()
     run_training(store, cfg, out_dir=out, folds=[3], device="cpu", log=logs.append)
     assert any("already done" in s for s in logs)
-    # a checkpoint written with another weight layout (no "model_format": per-modality layers) is refused
+    # a checkpoint of an earlier run format (no "format"), or with another weight layout, is refused
     ck = torch.load(out / "fold3" / "last.pt", weights_only=True)
-    del ck["model_format"]
-    old = root / "old_layout"
-    (old / "fold3").mkdir(parents=True)
-    torch.save(ck, old / "fold3" / "last.pt")
-    with pytest.raises(TrainError, match=r"last\.pt: holds model weights in layout 1"):
-        run_training(store, cfg, out_dir=old, folds=[3], device="cpu", log=None)
+    for name, changed, message in (("old_format", {k: v for k, v in ck.items() if k != "format"},
+                                    r"last\.pt: is a checkpoint of run format 1, this version reads format 2"),
+                                   ("old_layout", {**ck, "model_format": 1},
+                                    r"last\.pt: holds model weights in layout 1")):
+        old = root / name
+        (old / "fold3").mkdir(parents=True)
+        torch.save(changed, old / "fold3" / "last.pt")
+        with pytest.raises(TrainError, match=message):
+            run_training(store, cfg, out_dir=old, folds=[3], device="cpu", log=None)
 
 
 def test_compiled_resident_training_step(env):
@@ -242,7 +252,7 @@ def test_utterances_the_store_lacks_a_modality_of_are_counted_per_condition(env)
     """An utterance without video is scored under {s, v, t} with speech and text (n_reduced),
     and not at all under {v} (n_no_input)."""
     from cmarr.pipelines.data import StoreData
-    from cmarr.pipelines.synthetic import SyntheticSpec
+    from cmarr.pipelines.demo.synthetic import SyntheticSpec
 
     root, _, cfg = env
     spec = SyntheticSpec(p_absent={"speech": 0.0, "text": 0.2, "video": 0.3})
@@ -419,13 +429,14 @@ def test_ddp_two_cpu_processes_gloo(env, tmp_path):
     (out / "fold1" / "metrics.json").unlink()  # the fold not done: the rerun resumes from last.pt
     with pytest.raises(TrainError, match="trained with 2 process"):
         run_training(store, cfg, out_dir=out, folds=[1], device="cpu", epochs=1, log=None)
-    assert (out / "metrics.json").is_file() and single["folds"]["1"].keys() == json.loads((out / "metrics.json").read_text())["folds"]["1"].keys()
+    assert (out / "metrics.json").is_file()
+    assert single["folds"]["1"].keys() == json.loads((out / "metrics.json").read_text())["folds"]["1"].keys()
 
 
 def test_fold_jobs_are_spread_over_the_visible_gpus(tmp_path, monkeypatch):
     """cm-arr-train --jobs on a machine with several GPUs: each fold process sees one GPU, the
     one with the fewest running folds, named in the terms of CUDA_VISIBLE_DEVICES."""
-    from cmarr.pipelines import train as T
+    from cmarr.pipelines import jobs as T
 
     assert T.job_env({"A": "1"}, None) == {"A": "1"}
     assert T.job_env({}, 1)["CUDA_VISIBLE_DEVICES"] == "1"
@@ -444,16 +455,13 @@ def test_fold_jobs_are_spread_over_the_visible_gpus(tmp_path, monkeypatch):
     monkeypatch.setattr(T.subprocess, "Popen", Done)
     monkeypatch.setattr(T.time, "sleep", lambda s: None)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    T._run_jobs("f.h5", tmp_path, [1, 2, 3, 4, 5], jobs=3, log=lambda s: None, gpus=2)
+    T.run_jobs("f.h5", tmp_path, [1, 2, 3, 4, 5], jobs=3, log=lambda s: None, gpus=2)
     assert started == [("1", "0"), ("2", "1"), ("3", "0"), ("4", "0"), ("5", "1")]
     started.clear()
-    T._run_jobs("f.h5", tmp_path, [1, 2], jobs=2, log=lambda s: None, gpus=0)  # one GPU or none: untouched
+    T.run_jobs("f.h5", tmp_path, [1, 2], jobs=2, log=lambda s: None, gpus=0)  # one GPU or none: untouched
     assert started == [("1", None), ("2", None)]
-    started.clear()
-    T._run_jobs("f.h5", tmp_path, [1, 2, 3, 4, 5], jobs=2, log=lambda s: None, gpus=2, stack=2)  # stacked groups
-    assert started == [("1,2", "0"), ("3,4", "1"), ("5", "0")]
-    assert cmds[-1][cmds[-1].index("--stack-folds") + 1] == "2"
-    T._run_jobs("f.h5", tmp_path, [1, 2], jobs=2, log=lambda s: None, device="cpu")  # this run's device, not config.yaml's
+    # this run's device, not config.yaml's
+    T.run_jobs("f.h5", tmp_path, [1, 2], jobs=2, log=lambda s: None, device="cpu")
     assert all(c[c.index("--device") + 1] == "cpu" for c in cmds[-2:])
 
 
@@ -463,15 +471,16 @@ def test_a_fold_process_ends_with_the_jobs_process_that_started_it(tmp_path):
     ends at once."""
     import signal
 
-    from cmarr.pipelines.train import JOB_PARENT_ENV
+    from cmarr.pipelines.jobs import JOB_PARENT_ENV
 
-    child = ("import os, sys, time; from cmarr.pipelines.train import die_with_job_parent; die_with_job_parent(); "
+    child = ("import os, sys, time; from cmarr.pipelines.jobs import die_with_job_parent; die_with_job_parent(); "
              "print(os.getpid(), flush=True); time.sleep(60)")
     gone = subprocess.run([sys.executable, "-c", child], env={**os.environ, JOB_PARENT_ENV: "1"},
                           capture_output=True, text=True, timeout=60)
     assert gone.returncode == -signal.SIGTERM and not gone.stdout  # its "parent" (pid 1) is not its parent
     parent = ("import os, subprocess, sys, time; "
-              f"p = subprocess.Popen([sys.executable, '-c', {child!r}], env={{**os.environ, {JOB_PARENT_ENV!r}: str(os.getpid())}}); "
+              f"p = subprocess.Popen([sys.executable, '-c', {child!r}], "
+              f"env={{**os.environ, {JOB_PARENT_ENV!r}: str(os.getpid())}}); "
               "time.sleep(60)")
     par = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
     pid = int(par.stdout.readline())  # the fold process is up
@@ -488,19 +497,15 @@ def test_a_fold_process_ends_with_the_jobs_process_that_started_it(tmp_path):
         raise AssertionError("the fold process outlived its --jobs parent")
 
 
-def test_a_resume_on_another_split_or_from_an_older_checkpoint(env, tmp_path):
-    """A last.pt whose split differs from this run's (e.g. a validation rule that changed
-    between versions) is refused: its epochs were selected on other utterances. One
-    without a process count (earlier versions) resumes."""
+def test_a_resume_on_another_split_is_refused(env, tmp_path):
+    """A last.pt whose split differs from this run's (e.g. another validation rule) is
+    refused: its epochs were selected on other utterances."""
     root, store, cfg = env
     out = tmp_path / "run"
     run_training(store, cfg, out_dir=out, folds=[1], epochs=1, log=None)
     (out / "fold1" / "metrics.json").unlink()
     last = out / "fold1" / "last.pt"
     ck = torch.load(last, weights_only=True)
-    torch.save({k: v for k, v in ck.items() if k != "processes"}, last)
-    run_training(store, cfg, out_dir=out, folds=[1], epochs=1, log=None)  # no count recorded: resumes
-    (out / "fold1" / "metrics.json").unlink()
     split = dict(ck["split"])
     split["val"], split["test"] = split["test"], split["val"]
     torch.save({**ck, "split": split}, last)
@@ -508,11 +513,37 @@ def test_a_resume_on_another_split_or_from_an_older_checkpoint(env, tmp_path):
         run_training(store, cfg, out_dir=out, folds=[1], epochs=1, log=None)
 
 
-def test_a_fold_being_trained_by_another_process_is_refused(env, tmp_path):
-    from cmarr.pipelines.train import FoldLock
+def test_run_dirs_of_an_earlier_run_format_are_refused(env, tmp_path):
+    """A RUN_DIR written by an earlier version (its model_config.yaml or a fold's
+    metrics.json without this version's run format) is neither continued nor combined: a
+    one-line message names the file."""
+    import yaml
 
     root, store, cfg = env
-    held = FoldLock(tmp_path / "run" / "fold1", 1)
+    out = tmp_path / "run"
+    run_training(store, cfg, out_dir=out, folds=[1], epochs=1, log=None)
+    side = out / "model_config.yaml"
+    doc = yaml.safe_load(side.read_text())
+    side.write_text(yaml.safe_dump({k: v for k, v in doc.items() if k != "format"}, sort_keys=False))
+    with pytest.raises(TrainError, match=r"model_config\.yaml: is the record of a run of format 1, this version "
+                                         r"reads format 2"):
+        run_training(store, cfg, out_dir=out, folds=[2], epochs=1, log=None)
+    res = runner.invoke(combine_app, [str(out), "--out", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "model_config.yaml: is the record of a run of format 1" in res.output, res.output
+    side.write_text(yaml.safe_dump(doc, sort_keys=False))
+    result = out / "fold1" / "metrics.json"
+    r = json.loads(result.read_text())
+    result.write_text(json.dumps({k: v for k, v in r.items() if k != "format"}))
+    res = runner.invoke(combine_app, [str(out), "--out", str(tmp_path / "c")])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "fold1/metrics.json: is a fold's result of run format 1" in text, res.output
+
+
+def test_a_fold_being_trained_by_another_process_is_refused(env, tmp_path):
+    from cmarr.pipelines.run_dir import lock_fold
+
+    root, store, cfg = env
+    held = lock_fold(tmp_path / "run", 1)
     try:
         with pytest.raises(TrainError, match=rf"fold 1 is being trained by pid {os.getpid()}"):
             run_training(store, cfg, out_dir=tmp_path / "run", folds=[1], epochs=1, log=None)
@@ -528,7 +559,8 @@ def test_run_summary_covers_every_finished_fold_and_one_protocol(env, tmp_path):
     out = tmp_path / "run"
     run_training(store, cfg, out_dir=out, folds=[1], epochs=1, log=None)
     m = run_training(store, cfg, out_dir=out, folds=[2], epochs=1, log=None)
-    assert sorted(m["folds"]) == ["1", "2"] and sorted(json.loads((out / "metrics.json").read_text())["folds"]) == ["1", "2"]
+    assert sorted(m["folds"]) == ["1", "2"]
+    assert sorted(json.loads((out / "metrics.json").read_text())["folds"]) == ["1", "2"]
     assert m["config"]["protocol"]["folds"] == [1, 2]
     r = json.loads((out / "fold2" / "metrics.json").read_text())
     assert r["processes"] == 1
@@ -556,7 +588,7 @@ def test_damaged_run_files_and_a_full_disk_are_messages(env, tmp_path, monkeypat
     assert res.exit_code == 2 and "config.yaml: cannot be read" in res.output, res.output
     _no_traceback(res)
     # the disk fills while a checkpoint is written: a message, no partial file left, resumable
-    import cmarr.pipelines.train as T
+    import cmarr.pipelines.checkpoint as T
 
     real = T.torch.save
 

@@ -6,11 +6,11 @@ import pandas as pd
 import pytest
 import torch
 
+from cmarr.pipelines.conditions import CONDITION_MASKS, CONDITION_NAMES, condition_available, sample_conditions
 from cmarr.pipelines.config import ConfigError, load_config, with_overrides
-from cmarr.pipelines.data import (CONDITION_MASKS, CONDITION_NAMES, Collate, DataError, ResidentData, StoreData,
-                                  condition_available, sample_conditions)
+from cmarr.pipelines.data import Collate, DataError, ResidentData, StoreData
+from cmarr.pipelines.demo.synthetic import make_synthetic_store
 from cmarr.pipelines.metrics import build_metrics, confusion, results_markdown, score, war_uar
-from cmarr.pipelines.synthetic import make_synthetic_store
 from cmarr.pipelines.validation import SplitError, split_fold
 
 torch.set_num_threads(1)
@@ -53,6 +53,18 @@ def test_config_yaml_unknown_key_and_wrong_type(tmp_path):
     p.write_text("protocol:\n  folds: [1, 2, 1]\n")
     with pytest.raises(ConfigError, match=r"c\.yaml: protocol\.folds names a fold more than once"):
         load_config(p)
+
+
+def test_packaged_configs_by_name_and_a_file_wins(tmp_path, monkeypatch):
+    assert load_config("iemocap").optim.epochs == load_config("iemocap.yaml").optim.epochs == 100
+    assert load_config("synthetic_quick").model != {}
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "iemocap").write_text("optim:\n  epochs: 3\n")  # a file of that name in the working folder
+    assert load_config("iemocap").optim.epochs == 3
+    with pytest.raises(ConfigError, match=r"nope: no such config file.*packaged: iemocap, msp_improv, synthetic_quick"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match=r"sub/iemocap.yaml: no such config file"):
+        load_config("sub/iemocap.yaml")
 
 
 def test_config_overrides_and_round_trip(tmp_path):

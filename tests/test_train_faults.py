@@ -20,10 +20,12 @@ import torch
 from typer.testing import CliRunner
 
 from cmarr.extract.store import FeatureStore
-from cmarr.pipelines.predict import _app as predict_app
-from cmarr.pipelines.synthetic import make_synthetic_store
-from cmarr.pipelines.train import FoldLock, TrainError, run_training
-from cmarr.pipelines.train_cli import app as train_app
+from cmarr.pipelines.cli.predict import app as predict_app
+from cmarr.pipelines.cli.train import app as train_app
+from cmarr.pipelines.demo.synthetic import make_synthetic_store
+from cmarr.pipelines.errors import TrainError
+from cmarr.pipelines.run_dir import lock_fold
+from cmarr.pipelines.train import run_training
 
 torch.set_num_threads(1)
 runner = CliRunner()
@@ -82,7 +84,7 @@ def test_predict_names_nonfinite_frames_before_predicting(env, tmp_path):
     u = sorted(FeatureStore(store).ids("video"))[0]
     bad = _with_nonfinite(store, tmp_path / "nan.h5", "video", u, -np.inf)
     out = tmp_path / "p.csv"
-    res = runner.invoke(predict_app(), ["--checkpoint", str(tmp_path / "run" / "fold1" / "best.pt"), "--features",
+    res = runner.invoke(predict_app, ["--checkpoint", str(tmp_path / "run" / "fold1" / "best.pt"), "--features",
                                         str(bad), "--out", str(out), "--device", "cpu"])
     text = _one_line_error(res, code=1)
     assert "nan.h5: 1 feature matrix holds NaN/Inf values: video of " + repr(u) in text, text
@@ -156,7 +158,7 @@ def test_an_interrupted_run_says_where_it_stopped_and_leaves_no_lock(env, tmp_pa
     root, store, _ = env
     cfg = tiny_config(tmp_path / "long.yaml", epochs=500)
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "cmarr.pipelines.train_cli", "--features", str(store), "--config",
+    proc = subprocess.Popen([sys.executable, "-m", "cmarr.pipelines.cli.train", "--features", str(store), "--config",
                              str(cfg), "--out", str(out), "--folds", "1,2", "--device", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "400"})
@@ -193,30 +195,29 @@ def test_fold_locks_are_removed_when_the_fold_ends(env, tmp_path, monkeypatch):
                      overrides={"optim.lr": float("inf")})
     assert (tmp_path / "diverges" / "fold2").is_dir() and not (tmp_path / "diverges" / "fold2" / "lock").exists()
     # only the holder removes it; a second process stays refused while it is held
-    a = FoldLock(tmp_path / "f", 1)
-    with pytest.raises(TrainError, match=f"being trained by pid {os.getpid()}"):
-        FoldLock(tmp_path / "f", 1)
-    assert (tmp_path / "f" / "lock").exists()
+    a = lock_fold(tmp_path, 1)
+    with pytest.raises(TrainError, match=f"fold 1 is being trained by pid {os.getpid()}"):
+        lock_fold(tmp_path, 1)
+    assert (tmp_path / "fold1" / "lock").exists()
     a.release()
-    assert not (tmp_path / "f" / "lock").exists()
+    assert not (tmp_path / "fold1" / "lock").exists()
     # a process that opened the file just before its holder removed it locks the new one instead
-    import builtins
-
-    import cmarr.pipelines.train as T
+    import cmarr.extract.files as F
 
     calls = []
+    real_open = os.open
 
     def open_then_holder_removes(path, *a, **k):
-        f = builtins.open(path, *a, **k)
+        fd = real_open(path, *a, **k)
         if not calls:
             Path(path).unlink()  # the holder releases between this open and the flock
         calls.append(path)
-        return f
+        return fd
 
-    monkeypatch.setattr(T, "open", open_then_holder_removes, raising=False)
-    b = FoldLock(tmp_path / "f", 1)
+    monkeypatch.setattr(F.os, "open", open_then_holder_removes)
+    b = lock_fold(tmp_path, 1)
     monkeypatch.undo()
-    assert len(calls) == 2 and (tmp_path / "f" / "lock").exists()
+    assert len(calls) == 2 and (tmp_path / "fold1" / "lock").exists()
     with pytest.raises(TrainError, match="being trained by"):  # b holds the file that is there
-        FoldLock(tmp_path / "f", 1)
+        lock_fold(tmp_path, 1)
     b.release()

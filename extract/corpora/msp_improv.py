@@ -30,8 +30,20 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from .manifest import (R_NO_MEDIA, R_NOT_4CLASS, R_UNKNOWN_CODE, R_UNPARSEABLE, Dropped, ManifestError,
-                       ManifestResult, is_junk, load_msp_no_face, make_manifest, read_text, rel)
+from .manifest import (
+    R_NO_MEDIA,
+    R_NOT_4CLASS,
+    R_UNKNOWN_CODE,
+    R_UNPARSEABLE,
+    Dropped,
+    ManifestError,
+    ManifestResult,
+    is_junk,
+    load_msp_no_face,
+    make_manifest,
+    read_text,
+    rel,
+)
 
 CORPUS = "msp-improv"
 SESSIONS = (1, 2, 3, 4, 5, 6)

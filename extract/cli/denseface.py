@@ -1,6 +1,7 @@
 """``cm-arr-denseface``: train Denseface on FER+ and inspect its checkpoints.
 
-    cm-arr-denseface train --fer2013 fer2013.csv --ferplus fer2013new.csv --out denseface.pt [--epochs 40] [--device cuda]
+    cm-arr-denseface train --fer2013 fer2013.csv --ferplus fer2013new.csv --out denseface.pt \\
+        [--epochs 40] [--device cuda]
     cm-arr-denseface info denseface.pt
 """
 from __future__ import annotations
@@ -40,27 +41,30 @@ def train(
                           max_train=max_train, seed=seed)
     except ValueError as e:
         err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     try:
-        rec = train_denseface(fer2013, ferplus, out_path, cfg, device=device, log=lambda s: err.print(s, highlight=False))
+        rec = train_denseface(fer2013, ferplus, out_path, cfg, device=device,
+                              log=lambda s: err.print(s, highlight=False))
     except (FerDataError, ExtractError, OSError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     out.print(f"wrote {out_path}  sha256 {rec['checkpoint_sha256']}", highlight=False)
     out.print(f"FER+ test accuracy {rec['test_accuracy']:.4f} ({rec['n_test']} images), "
-              f"validation {'none' if rec['val_accuracy'] is None else format(rec['val_accuracy'], '.4f')}, epoch {rec['kept_epoch']}/{rec['epochs']}", highlight=False)
+              f"validation {'none' if rec['val_accuracy'] is None else format(rec['val_accuracy'], '.4f')}, "
+              f"epoch {rec['kept_epoch']}/{rec['epochs']}", highlight=False)
 
 
 @app.command()
 def info(checkpoint: Path = typer.Argument(..., help="Denseface checkpoint")) -> None:
     """Print how a checkpoint was made (its record) and its sha256."""
-    from cmarr.extract.denseface_train import file_sha256, load_checkpoint
+    from cmarr.extract.denseface_train import load_checkpoint
+    from cmarr.extract.files import file_sha256
 
     try:
         _, rec = load_checkpoint(checkpoint)
     except ExtractError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     rec = {k: v for k, v in rec.items() if k != "history"}
     out.print_json(json.dumps({"sha256": file_sha256(checkpoint), **rec}, default=str))
 

@@ -19,8 +19,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cmarr.extract.store import (LABELS, MODALITIES, FeatureStore, StoreError, errors_hint, file_sha256,
-                                 merge_stores, validate_store, write_failure)
+from cmarr.extract.base import LABELS, MODALITIES
+from cmarr.extract.files import file_sha256
+from cmarr.extract.store import FeatureStore, StoreError, errors_hint, merge_stores, validate_store, write_failure
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Inspect, validate and merge cm-arr HDF5 feature stores.")
@@ -74,7 +75,8 @@ def info(file: Path = typer.Argument(..., help="Feature store (.h5)."),
         tab.add_column("total", justify="right")
         for fold, row in counts.iterrows():
             tab.add_row(str(fold), *[str(int(row[lab])) for lab in labels], str(int(row.sum())))
-        tab.add_row("all", *[str(int(counts[lab].sum())) for lab in labels], str(int(counts.values.sum())), style="bold")
+        tab.add_row("all", *[str(int(counts[lab].sum())) for lab in labels], str(int(counts.values.sum())),
+                    style="bold")
         out.print(tab)
 
     tab = Table(title="Modalities")
@@ -136,7 +138,8 @@ def errors(file: Path = typer.Argument(..., help="Feature store (.h5)."),
 
 @app.command()
 def validate(file: Path = typer.Argument(..., help="Feature store (.h5)."),
-             manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest CSV to check coverage against.")) -> None:
+             manifest: Optional[Path] = typer.Option(None, "--manifest",
+                                                     help="Manifest CSV to check coverage against.")) -> None:
     """Check coverage, shapes, dtypes, NaN/Inf, the frames' checksums and provenance; exit 1 on any problem."""
     man = _read_manifest(manifest) if manifest is not None else None
     try:
@@ -158,7 +161,7 @@ def merge(shards: List[Path] = typer.Argument(..., help="Shard stores to join.")
           allow_library_mismatch: bool = typer.Option(
               False, help="Accept shards made with other library versions (same models and settings).")) -> None:
     """Join shards written by separate processes or machines into one store."""
-    from cmarr.extract.base import Terminated, sigterm_interrupts
+    from cmarr.extract.interrupts import Terminated, sigterm_interrupts
 
     try:
         with sigterm_interrupts():  # the temporary file is removed, not left behind

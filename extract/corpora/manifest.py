@@ -30,7 +30,6 @@ stable ``reason`` (counted in the summary) and where it was found; nothing is sk
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,14 +38,14 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from .base import PathError
+from cmarr.extract.base import LABELS, PathError
+from cmarr.extract.files import write_csv_atomic
 
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "utterance_id", "corpus", "session", "speaker", "gender", "label", "consensus",
     "start", "end", "fold", "wav_path", "transcript", "video_path", "video_start",
     "video_end", "video_half",
 )
-FOUR_CLASS: tuple[str, ...] = ("ang", "hap", "neu", "sad")
 CORPORA: tuple[str, ...] = ("iemocap", "msp-improv")
 VIDEO_HALVES: tuple[str, ...] = ("left", "right", "full")
 
@@ -156,10 +155,10 @@ def check_manifest(df: pd.DataFrame, where: str = "manifest") -> None:
     dup = df["utterance_id"][df["utterance_id"].duplicated()]
     if len(dup):
         raise ManifestError(where, f"duplicate utterance ids, e.g. {dup.iloc[0]!r}")
-    bad = df[~df["label"].isin(FOUR_CLASS)]
+    bad = df[~df["label"].isin(LABELS)]
     if len(bad):
         raise ManifestError(where, f"label {bad['label'].iloc[0]!r} of {bad['utterance_id'].iloc[0]} "
-                                   f"is not one of {FOUR_CLASS}")
+                                   f"is not one of {LABELS}")
     bad = df[~df["corpus"].isin(CORPORA)]
     if len(bad):
         raise ManifestError(where, f"corpus {bad['corpus'].iloc[0]!r} is not one of {CORPORA}")
@@ -218,25 +217,6 @@ def write_manifest(df: pd.DataFrame, out: str | os.PathLike) -> Path:
     return write_csv_atomic(df.loc[:, list(MANIFEST_COLUMNS)], out)
 
 
-def write_csv_atomic(df: pd.DataFrame, out: str | os.PathLike) -> Path:
-    """Write ``df`` (no index) to ``out`` through a temporary file in the same folder and a
-    rename; the temporary file is removed on failure."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # as open() would make it (mkstemp's file is owner-only): manifests are shared
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            df.to_csv(f, index=False)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
-
-
 def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     """Read a manifest CSV written by ``write_manifest``; empty cells stay "" (absent media),
     never NaN. A file that breaks the contract (``check_manifest``: e.g. a row with an empty
@@ -282,7 +262,7 @@ def canonical_dir() -> Path:
     The repository's ``data_manifests/`` (reached from this file, which works for a source
     checkout and an editable install); else a ``cmarr.data_manifests`` package, for an
     install that ships the folder as package data."""
-    here = Path(__file__).resolve().parents[1] / "data_manifests"
+    here = Path(__file__).resolve().parents[2] / "data_manifests"
     if (here / IEMOCAP_CANONICAL).is_file():
         return here
     try:

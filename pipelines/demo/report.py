@@ -2,7 +2,7 @@
 
 Pure writers: each takes arrays / metrics documents already in memory (the trainer's
 ``metrics.json`` documents, its ``fold<k>/log.csv`` files read by
-:func:`read_training_logs`, the arrays of :func:`cmarr.pipelines.train.collect_reps`) and
+:func:`read_training_logs`, the arrays of :func:`cmarr.pipelines.reps.collect_reps`) and
 writes one file. Figures are PNG files drawn with matplotlib's Agg backend (no display).
 
 Legend: ``C`` classes, ``N`` real representations, ``M`` reconstructed ones, ``d`` width.
@@ -16,10 +16,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .metrics import MISSING_CONDITIONS, ROW_NAMES, TABLE_ROWS
+from cmarr.extract.base import LABELS, MODALITIES
 
-LABELS = ("ang", "hap", "neu", "sad")
-MODALITIES = ("speech", "text", "video")
+from ..conditions import MISSING_CONDITIONS
+from ..metrics import ROW_NAMES, TABLE_ROWS
+
 #: Display names in tables and figures (other variants show their own name).
 VARIANT_NAMES = {"cm-arr": "CM-ARR", "baseline": "Baseline", "baseline-missing": "Baseline (missing-trained)"}
 # One colour per emotion (colour-blind safe: Okabe-Ito)
@@ -341,7 +342,8 @@ def write_training_curves(path: str | os.PathLike, logs: Mapping[str, Mapping[in
 # t-SNE (Fig. 5)
 
 
-def tsne_panels(reps: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]]) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+def tsne_panels(reps: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]]
+                ) -> dict[str, dict[str, dict[str, np.ndarray]]]:
     """Arrange ``collect_reps`` outputs for :func:`write_tsne_figure`.
 
     ``reps[variant][condition]`` is what ``collect_reps`` returns for one fold's test part
@@ -357,7 +359,7 @@ def tsne_panels(reps: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]]) -> d
         for i, m in enumerate(MODALITIES):
             real, real_y, seen = [], [], set()
             recon, recon_y = [], []
-            for c, r in by_cond.items():
+            for r in by_cond.values():
                 rec_rows = np.flatnonzero(r["recon_mask"][:, i])
                 if len(rec_rows) == 0:
                     continue
@@ -441,4 +443,4 @@ def write_tsne_figure(path: str | os.PathLike, panels: Mapping[str, Mapping[str,
 
 __all__ = ["comparison_rows", "comparison_markdown", "per_fold_markdown", "times_markdown", "rich_comparison",
            "rich_times", "write_results_md", "confusion_totals", "write_confusion_figure", "read_training_logs",
-           "write_training_curves", "tsne_panels", "tsne_embed", "write_tsne_figure", "MISSING_CONDITIONS"]
+           "write_training_curves", "tsne_panels", "tsne_embed", "write_tsne_figure"]

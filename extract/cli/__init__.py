@@ -1,0 +1,2 @@
+"""The command-line programs of extraction: ``cm-arr-extract`` (``extract``), ``cm-arr-features``
+(``store``) and ``cm-arr-denseface`` (``denseface``)."""

@@ -1,0 +1,1 @@
+"""Corpus readers (IEMOCAP, MSP-IMPROV) and the utterance manifest they write."""
