@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from cmarr.pipelines.conditions import MISSING_CONDITIONS
-from cmarr.pipelines.config import VARIANT_NAMES
+from cmarr.pipelines.config import VARIANT_NAMES, parse_set_option
 from cmarr.pipelines.train import run_training
 
 CONFIG = Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "synthetic_quick.yaml"
@@ -88,7 +88,7 @@ def main() -> None:
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = list(VARIANT_NAMES) if args.variants == "all" else args.variants.split(",")
-    extra = dict(s.split("=", 1) for s in args.set)
+    extra = dict(parse_set_option(s) for s in args.set)  # values read as YAML, as cm-arr-train --set
     report = []
     for kind in args.generators.split(","):
         store = make_store(out / f"{kind}.h5", kind, args.n_per_class)

@@ -161,7 +161,10 @@ def test_an_interrupted_run_says_where_it_stopped_and_leaves_no_lock(env, tmp_pa
     proc = subprocess.Popen([sys.executable, "-m", "cmarr.pipelines.cli.train", "--features", str(store), "--config",
                              str(cfg), "--out", str(out), "--folds", "1,2", "--device", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "400"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "400"},
+                            # Ctrl-C's default action even where the suite runs as a background job
+                            # (a shell starts those with SIGINT ignored, and Python keeps that)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lines = []
         deadline = time.monotonic() + 120
