@@ -39,13 +39,13 @@ def one_thread():
 def rewrite_table():
     """``rewrite_table(path, fn)`` replaces a store's utterance table by ``fn(table)``, as
     another tool or an old version might have written it."""
-    from cmarr.extract.store import _read_table, _write_table
+    from cmarr.extract.store import read_table, write_table
 
     def rewrite(path, fn):
         with h5py.File(path, "r+") as f:
-            table = fn(_read_table(f["utterances"]))
+            table = fn(read_table(f["utterances"]))
             del f["utterances"]
-            _write_table(f.create_group("utterances"), table)
+            write_table(f.create_group("utterances"), table)
     return rewrite
 
 

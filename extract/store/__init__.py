@@ -23,9 +23,6 @@ from cmarr.extract.store.reader import FeatureStore
 from cmarr.extract.store.validate import errors_hint, validate_store
 from cmarr.extract.store.writer import CHUNK_BYTES, CHUNK_SIZE, OutputLock, StoreWriter, make_folder
 
-# the names tests/conftest.py imports
-_read_table, _write_table = read_table, write_table
-
 __all__ = ["CHUNK_BYTES", "CHUNK_SIZE", "ERROR_COLUMNS", "NO_ROOM", "REQUIRED_COLUMNS", "SCHEMA_VERSION",
            "FeatureStore", "OutputLock", "StoreError", "StoreWriter", "comparable_provenance", "errors_hint",
            "make_folder", "merge_stores", "parse_shard_tag", "provenance_differences", "read_table", "select_shard",
