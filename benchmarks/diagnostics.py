@@ -25,8 +25,10 @@ from pathlib import Path
 
 import pandas as pd
 
-MODS = ("speech", "text", "video")
-TERMS = ("udcl", "spcl", "rec", "nll", "cls")
+from cmarr.extract.base import MODALITIES as MODS
+from cmarr.pipelines.diagnostics import DIAG_TERMS
+
+TERMS = DIAG_TERMS
 TABLES = {
     "loss": [f"wloss_{t}" for t in TERMS] + ["val_uar_avg", "val_uar_full"],
     "grad": [f"gradnorm_{t}" for t in ("udcl", "spcl", "cls")] + [f"x_norm_{m}" for m in MODS],

@@ -70,7 +70,23 @@ from cmarr.extract.base import LABELS, MODALITIES
 
 
 @dataclass(frozen=True)
-class SyntheticSpec:
+class _StoreShape:
+    """What both generators share: corpus size, widths, frame counts and what is absent (see
+    :class:`SyntheticSpec` for each field)."""
+
+    n_per_class: int = 8
+    sessions: int = 5
+    dims: Mapping[str, int] = field(default_factory=lambda: {"speech": 8, "text": 8, "video": 6})
+    frame_noise: float = 0.3
+    offset: Mapping[str, float] = field(default_factory=lambda: {"speech": 1.0, "text": 1.0, "video": 1.0})
+    lengths: Mapping[str, tuple[int, int, int]] = field(default_factory=lambda: {
+        "speech": (40, 8, 120), "text": (12, 3, 40), "video": (16, 4, 48)})
+    p_absent: Mapping[str, float] = field(default_factory=lambda: {"speech": 0.0, "text": 0.03, "video": 0.06})
+    p_no_face_frame: float = 0.1
+
+
+@dataclass(frozen=True)
+class SyntheticSpec(_StoreShape):
     """Parameters of a synthetic store (defaults: small, for tests).
 
     n_per_class [8]: utterances per class per session.
@@ -89,18 +105,9 @@ class SyntheticSpec:
     p_no_face_frame [0.1]: share of sampled video frames without a face (masked out).
     """
 
-    n_per_class: int = 8
-    sessions: int = 5
-    dims: Mapping[str, int] = field(default_factory=lambda: {"speech": 8, "text": 8, "video": 6})
     latent: int = 8
     strength: Mapping[str, float] = field(default_factory=lambda: {"speech": 2.0, "text": 1.8, "video": 0.7})
     noise: Mapping[str, float] = field(default_factory=lambda: {"speech": 0.8, "text": 0.8, "video": 0.8})
-    frame_noise: float = 0.3
-    offset: Mapping[str, float] = field(default_factory=lambda: {"speech": 1.0, "text": 1.0, "video": 1.0})
-    lengths: Mapping[str, tuple[int, int, int]] = field(default_factory=lambda: {
-        "speech": (40, 8, 120), "text": (12, 3, 40), "video": (16, 4, 48)})
-    p_absent: Mapping[str, float] = field(default_factory=lambda: {"speech": 0.0, "text": 0.03, "video": 0.06})
-    p_no_face_frame: float = 0.1
 
 
 #: Generator kinds of :func:`make_synthetic_store`.
@@ -184,7 +191,7 @@ def make_synthetic_data(spec: SyntheticSpec = SyntheticSpec(), seed: int = 0,
 
 
 @dataclass(frozen=True)
-class CrossModalSpec:
+class CrossModalSpec(_StoreShape):
     """Parameters of a cross-modal synthetic store (defaults: small, for tests).
 
     n_per_class [8], sessions [5], dims [8/8/6], frame_noise [0.3], offset [1.0 each],
@@ -201,9 +208,6 @@ class CrossModalSpec:
       ``tanh`` stays near its linear range, so the cross-modal map is close to linear.
     """
 
-    n_per_class: int = 8
-    sessions: int = 5
-    dims: Mapping[str, int] = field(default_factory=lambda: {"speech": 8, "text": 8, "video": 6})
     latent: int = 6
     carrier: str = "speech"
     class_strength: float = 2.0
@@ -213,12 +217,6 @@ class CrossModalSpec:
     code_noise: float = 0.15
     speaker_offset: float = 0.5
     frame_gain: float = 0.5
-    frame_noise: float = 0.3
-    offset: Mapping[str, float] = field(default_factory=lambda: {"speech": 1.0, "text": 1.0, "video": 1.0})
-    lengths: Mapping[str, tuple[int, int, int]] = field(default_factory=lambda: {
-        "speech": (40, 8, 120), "text": (12, 3, 40), "video": (16, 4, 48)})
-    p_absent: Mapping[str, float] = field(default_factory=lambda: {"speech": 0.0, "text": 0.03, "video": 0.06})
-    p_no_face_frame: float = 0.1
 
     def __post_init__(self) -> None:
         if self.carrier not in MODALITIES:
