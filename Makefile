@@ -1,5 +1,5 @@
 # cm-arr: two stages meet through an HDF5 feature store.
-#   make test                      install into .venv (first time) and run the test suite
+#   make test                      install into .venv (first time; the tested pins of constraints.txt) and run the tests
 #   make lint                      style and import order (ruff; CI runs it before the tests)
 #   make demo                      the whole pipeline on an embedded corpus (see README)
 #   make extract DATASET=iemocap IEMOCAP_DIR=/data/IEMOCAP_full_release [OUT=feats.h5]
@@ -13,10 +13,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test lint demo extract train bench
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -3,8 +3,11 @@
 ``read_audio`` returns one mono float32 waveform at the model's sample rate (16 kHz for
 wav2vec2). Choices the paper leaves open, and the defaults taken here:
 
-- **Decoder**: ``soundfile`` (libsndfile: wav, flac, ogg) first; when it cannot open a
-  file, ``librosa.load`` (audioread / ffmpeg backends) is tried before giving up.
+- **Decoder**: ``soundfile`` (libsndfile: wav, flac, ogg, mp3) first; when it cannot open a
+  file, PyAV (``av``: FFmpeg's libraries, linked into its wheel) decodes the first audio
+  track of any container FFmpeg reads (mp4, m4a, mkv, webm, avi, mov, ...). No ``ffmpeg``
+  binary is needed or called. A container without an audio track is an ``AudioError`` of
+  kind ``"no audio track"``.
 - **Channels**: several channels are averaged into one (IEMOCAP's sentence wavs are
   already mono; its dialog wavs are stereo, one actor per channel).
 - **Resampling**: the SoX "HQ" filter of ``python-soxr`` (what ``librosa.resample(...,
@@ -123,7 +126,7 @@ def wav_declared_frames(path: str | os.PathLike) -> tuple[int, int] | None:
 
 
 def _decode(path: Path) -> tuple[np.ndarray, int]:
-    """``(samples (N, C) float32, sample rate)`` with soundfile, else librosa."""
+    """``(samples (N, C) float32, sample rate)`` with soundfile, else PyAV."""
     try:
         import soundfile as sf
 
@@ -133,22 +136,53 @@ def _decode(path: Path) -> tuple[np.ndarray, int]:
         first_error = "soundfile is not installed"
     except Exception as e:  # libsndfile raises LibsndfileError / RuntimeError / TypeError
         first_error = first_line(e)
+    return decode_container(path, first_error)
+
+
+def decode_container(path: str | os.PathLike, first_error: str | None = None) -> tuple[np.ndarray, int]:
+    """The first audio track of a media container as ``(samples (N, C) float32, rate)``,
+    decoded by PyAV at the track's own rate and channel layout (integer samples scaled to
+    [-1, 1) as soundfile scales them; samples past the duration the track declares, an
+    encoder's padding of its last frame, dropped). ``AudioError`` naming the file: not media (kind
+    ``"unreadable audio"``), no audio track (``"no audio track"``), no samples.
+    ``first_error``: why soundfile could not read it, repeated when PyAV cannot either."""
+    path = Path(path)
+    before = f"soundfile: {first_error}; " if first_error else ""
     try:
-        import warnings
-
-        import librosa
-
-        with warnings.catch_warnings():
-            # librosa warns when it falls back to audioread; the error below says enough.
-            warnings.simplefilter("ignore")
-            data, rate = librosa.load(str(path), sr=None, mono=False, dtype=np.float32)
+        import av
     except ImportError:
-        raise AudioError(path, f"unreadable audio ({first_error}; librosa is not installed)") from None
-    except Exception as e:
-        raise AudioError(path, f"unreadable audio ({first_error}; librosa: {first_line(e)})") from None
-    data = np.asarray(data, dtype=np.float32)
-    data = data[:, None] if data.ndim == 1 else data.T  # librosa gives (C, N)
-    return data, int(rate)
+        raise AudioError(path, f"unreadable audio ({before}PyAV (av) is not installed)") from None
+    try:
+        container = av.open(str(path))
+    except Exception as e:  # av.error.FFmpegError subclasses, OSError
+        raise AudioError(path, f"unreadable audio ({before}PyAV: {first_line(e)})") from None
+    with container:
+        if not container.streams.audio:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise AudioError(path, f"no audio track in this file (its streams: {', '.join(kinds)})",
+                             kind="no audio track")
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="fltp")  # planar float32; layout and rate as the track's
+        chunks: list[np.ndarray] = []
+        rate = 0
+        try:
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray())  # (C, n)
+                    rate = out.sample_rate
+            for out in resampler.resample(None):  # what the resampler still holds
+                chunks.append(out.to_ndarray())
+                rate = out.sample_rate or rate
+        except Exception as e:  # a damaged stream
+            raise AudioError(path, f"unreadable audio track (PyAV: {first_line(e)})") from None
+        declared = (int(round(float(stream.duration * stream.time_base) * rate))
+                    if stream.duration and stream.time_base and rate else None)
+    if not chunks:
+        raise AudioError(path, "zero-length audio (its audio track holds no samples)")
+    data = np.concatenate(chunks, axis=1).T  # (N, C)
+    if declared and len(data) > declared:  # an encoder's padding of its last frame (AAC: up to 1023 samples)
+        data = data[:declared]
+    return np.ascontiguousarray(data, dtype=np.float32), int(rate)
 
 
 def resample(wave: np.ndarray, orig_rate: int, target_rate: int = TARGET_SAMPLE_RATE) -> np.ndarray:

@@ -1,39 +1,71 @@
-"""Speech features: frame-level wav2vec2 hidden states (the paper's ``R_s``, Sec. 3.1.1).
+"""Speech features: frame-level hidden states of a wav2vec2-family encoder (the paper's
+``R_s``, Sec. 3.1.1: wav2vec2-base).
 
 ``SpeechExtractor`` reads each utterance's wav (``cmarr.extract.audio``: mono, 16 kHz),
 normalises it as the checkpoint's feature-extractor config says (wav2vec2-base:
-zero mean and unit variance per utterance), and runs ``Wav2Vec2Model``. One row per
-wav2vec2 frame: ``T = floor((N - 400) / 320) + 1`` for ``N`` samples at 16 kHz with the
-standard convolution stack, i.e. about 50 frames/s, frame ``t`` covering samples
-``[320 t, 320 t + 400)``.
+zero mean and unit variance per utterance), and runs the checkpoint's encoder as
+``AutoModel`` loads it. One row per encoder frame: ``T = floor((N - 400) / 320) + 1`` for
+``N`` samples at 16 kHz with the standard convolution stack, i.e. about 50 frames/s, frame
+``t`` covering samples ``[320 t, 320 t + 400)``.
+
+**Encoders.** The architectures (``config.json`` ``model_type``) whose padding behaviour
+below has been checked against their ``transformers`` code: ``wav2vec2`` (``Wav2Vec2Model``),
+``hubert`` (``HubertModel``), ``wavlm`` (``WavLMModel``) and ``data2vec-audio``
+(``Data2VecAudioModel``), base and large (stable-layer-norm) variants. They share the
+layout this module relies on: a convolutional feature encoder
+(``feature_extractor.conv_layers``), a positional convolution (``encoder.pos_conv_embed``)
+and transformer blocks (``encoder.layers``). Any other ``model_type`` is refused by name
+(another layout may mix padding into the features unseen), as is a checkpoint with an
+adapter on top of the encoder (``add_adapter``: it changes the frame rate).
 
 **Batching and padding.** wav2vec2-base (``feat_extract_norm == "group"``) normalises the
 output of its first convolution with a GroupNorm over the whole time axis and was trained
 without an attention mask, so zero padding changes every frame of a padded utterance.
 Each policy below leaves an utterance's features equal to its batch-of-one features (up to
-floating-point rounding; ``tests/test_speech_text.py`` checks it):
+floating-point rounding; ``tests/test_speech_text.py`` and ``tests/test_speech_encoders.py``
+check it):
 
 - ``"masked"`` (default): utterances are sorted by duration and zero-padded into batches;
-  the first convolution's GroupNorm statistics are taken over each utterance's own
-  (unpadded) positions, and the transformer gets the frame-level attention mask, whose
-  padded keys receive zero weight. Every later convolution has no padding and a receptive
-  field that ends inside the utterance, so its valid outputs never see padding. For
-  ``feat_extract_norm == "layer"`` checkpoints (per-frame LayerNorm) only the attention mask
-  is needed. Since padding then changes nothing, batches are padded to lengths on a coarse
+  the transformer gets the frame-level attention mask, whose padded keys receive zero
+  weight. Every convolution of the feature encoder has no padding and a receptive field that
+  ends inside the utterance, so its valid outputs never see padding; only a norm across
+  time can mix it in. The rule per feature encoder:
+
+  - group-norm (``feat_extract_norm == "group"``: wav2vec2-base, hubert-base, wavlm-base):
+    the first convolution's GroupNorm statistics are taken over each utterance's own
+    (unpadded) positions (``MaskedGroupNorm``), plus the attention mask;
+  - layer-norm (``feat_extract_norm == "layer"``: wav2vec2-large-lv60, XLS-R, hubert-large,
+    wavlm-large; and data2vec-audio, whose convolutions are always followed by a LayerNorm
+    over channels): every norm is per frame, so the attention mask alone is needed.
+
+  The positional convolution reads neighbouring frames. Each encoder zeroes the padded
+  frames before it, which a batch of one's zero padding matches; where more than one layer
+  reads across time, the padded frames of every intermediate output are zeroed too
+  (``ZeroPaddedFrames``): the stacked positional convolutions of data2vec-audio (each adds
+  a bias and a LayerNorm, so padding would not stay zero) and HuBERT's optional BatchNorm
+  before its positional convolution (``conv_pos_batch_norm``). WavLM's relative position
+  bias depends on the distance between two frames only (and its gate on the query frame),
+  so the valid frames get the same bias at any padded length; its padded keys are masked
+  like the others'.
+
+  Since padding then changes nothing, batches are padded to lengths on a coarse
   grid (``length_buckets``) so that shapes repeat and the GPU's convolution plans are reused.
-  Checked at start-up on two probe signals (``verify_batching``).
+  Checked at start-up on two probe signals for the loaded model (``verify_batching``).
 - ``"equal-length"``: only utterances with identical sample counts share a batch (no
   padding at all); the others run alone.
 - ``"none"``: every utterance alone.
 
-The policy is written into the store's provenance.
+The policy is written into the store's provenance, with the model class and ``model_type``.
 
 **Layer.** ``layer=-1`` (default) is the model's ``last_hidden_state``; ``k`` in ``1..L``
 is the output of transformer block ``k`` (``-k`` counts from the end); blocks after ``k``
 are not run. For wav2vec2-base (group-norm feature encoder, post-norm blocks) ``-1`` and
-``L`` are the same; for stable-layer-norm models (wav2vec2-large-lv60, XLS-R)
+``L`` are the same (so for hubert-base, wavlm-base and data2vec-audio); for
+stable-layer-norm models (wav2vec2-large-lv60, XLS-R, hubert-large, wavlm-large)
 ``last_hidden_state`` is the final LayerNorm's output, which block ``L``'s is not, so ``-1``
-and ``L`` differ there (provenance ``layer_meaning`` says which was taken).
+and ``L`` differ there (provenance ``layer_meaning`` says which was taken). Truncation
+keeps block 1, which in WavLM holds the relative position embedding that every later block
+reuses, so it holds for all four architectures.
 
 **Precision.** ``dtype="float32"`` (default, every device) computes in float32 with TF32
 off, also in cuDNN's convolutions, so the store's float16 rounding is the only loss.
@@ -98,16 +130,40 @@ _BATCHING_RULES = {
 }
 
 
+#: The encoders whose padding behaviour this module handles (``model_type`` -> the class
+#: ``AutoModel`` gives; the module docstring says what each needs). Another
+#: ``model_type`` may put padding into the features in a way nothing here checks, so it is
+#: refused rather than guessed at.
+SPEECH_MODEL_TYPES = {"wav2vec2": "Wav2Vec2Model", "hubert": "HubertModel", "wavlm": "WavLMModel",
+                      "data2vec-audio": "Data2VecAudioModel"}
+
+
+def _unsupported_type(where: str, model_type: str) -> ExtractError:
+    return ExtractError(f"{where}: cannot load the speech model: its config.json says model_type {model_type!r}; "
+                        f"the speech extractor needs an audio encoder of the wav2vec2 family "
+                        f"({', '.join(SPEECH_MODEL_TYPES)})")
+
+
 def _check_speech_folder(folder: Path) -> None:
-    """A local speech model folder must hold a wav2vec2 config, weights and the
-    feature-extractor settings (``preprocessor_config.json``)."""
+    """A local speech model folder must hold the config of an encoder in
+    ``SPEECH_MODEL_TYPES``, weights and the feature-extractor settings
+    (``preprocessor_config.json``)."""
     data = read_model_config(folder, "speech model")
-    if data["model_type"] != "wav2vec2":
-        raise ExtractError(f"{folder}: cannot load the speech model: its config.json says model_type "
-                           f"{data['model_type']!r}; the speech extractor needs a wav2vec2 model")
+    if data["model_type"] not in SPEECH_MODEL_TYPES:
+        raise _unsupported_type(str(folder), str(data["model_type"]))
     if not (folder / "preprocessor_config.json").is_file():
         raise ExtractError(f"{folder}: cannot load the speech model: no preprocessor_config.json in this folder "
-                           "(the feature-extractor settings of a wav2vec2 checkpoint: sampling rate, normalisation)")
+                           "(the feature-extractor settings of a speech checkpoint: sampling rate, normalisation)")
+
+
+def feature_norm(hf_config) -> str:
+    """How the feature encoder normalises: ``"group"`` (a GroupNorm over time after the
+    first convolution) or ``"layer"`` (a LayerNorm over channels after every convolution).
+    data2vec-audio has no ``feat_extract_norm`` setting: its convolutions are always
+    layer-normed."""
+    if hf_config.model_type == "data2vec-audio":
+        return "layer"
+    return str(getattr(hf_config, "feat_extract_norm", ""))
 
 
 # --------------------------------------------------------------------------------------
@@ -117,8 +173,9 @@ def _check_speech_folder(folder: Path) -> None:
 class SpeechConfig:
     """How speech features are made (defaults: the paper's wav2vec2-base, last layer).
 
-    ``model``: hub id or local folder (``Wav2Vec2Model.from_pretrained``), ``revision``:
-    hub branch/tag/commit. ``layer``: -1 = ``last_hidden_state``, ``k`` = block ``k``.
+    ``model``: hub id or local folder of an encoder in ``SPEECH_MODEL_TYPES``
+    (``AutoModel.from_pretrained``), ``revision``: hub branch/tag/commit. ``layer``: -1 =
+    ``last_hidden_state``, ``k`` = block ``k``.
     ``device``: ``auto`` / ``cpu`` / ``cuda[:i]``; ``dtype``: ``float32`` (default) /
     ``float16`` / ``bfloat16`` autocast (see the module docstring). ``batching``:
     see the module docstring; ``max_batch_seconds`` bounds the padded audio of one batch
@@ -181,13 +238,31 @@ class MaskedGroupNorm(nn.Module):
         return y  # float32, as GroupNorm gives under autocast
 
 
+class ZeroPaddedFrames:
+    """Forward hooks that set the padded frames of ``(B, C, T)`` outputs to zero while
+    ``valid`` is set, so that the next convolution over time reads zeros past an
+    utterance's end, as the zero padding of a batch of one gives it. Used on the layers
+    between the encoder's zeroing of padded frames and the last positional convolution
+    (module docstring)."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        self.valid: torch.Tensor | None = None  # (B, T) True on an utterance's own frames
+        self.handles = [m.register_forward_hook(self._hook) for m in modules]
+
+    def _hook(self, module, inputs, output):
+        if self.valid is None:
+            return None
+        return torch.where(self.valid[:, None, :], output, torch.zeros((), dtype=output.dtype, device=output.device))
+
+
 class SpeechExtractor(Extractor):
-    """wav2vec2 frame features for the ``speech`` modality (see the module docstring)."""
+    """Frame features of a wav2vec2-family encoder for the ``speech`` modality (see the
+    module docstring)."""
 
     modality = "speech"
 
     def __init__(self, config: SpeechConfig = SpeechConfig()):
-        from transformers import AutoFeatureExtractor, Wav2Vec2Model
+        from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
 
         if config.batching not in BATCHING_POLICIES:
             raise ExtractError(f"speech batching {config.batching!r}: expected one of {', '.join(BATCHING_POLICIES)}")
@@ -212,12 +287,27 @@ class SpeechExtractor(Extractor):
         except Exception as e:  # OSError, ValueError, EnvironmentError from the hub client
             raise ExtractError(f"{config.model}: cannot load the speech feature-extractor config "
                                f"(preprocessor_config.json): {first_line(e)}") from None
-        try:
-            self.model = Wav2Vec2Model.from_pretrained(source, revision=config.revision)
+        try:  # the config first: a hub model of another family is refused before its weights load
+            hf = AutoConfig.from_pretrained(source, revision=config.revision)
         except Exception as e:
-            raise ExtractError(f"{config.model}: cannot load a wav2vec2 model: {first_line(e)}") from None
+            raise ExtractError(f"{config.model}: cannot load the speech model's config: {first_line(e)}") from None
+        if hf.model_type not in SPEECH_MODEL_TYPES:
+            raise _unsupported_type(config.model, str(hf.model_type))
+        if getattr(hf, "add_adapter", False):
+            raise ExtractError(f"{config.model}: cannot load the speech model: its config adds an adapter on top "
+                               "of the encoder (add_adapter), which changes the frame rate; use the encoder alone")
+        try:
+            self.model = AutoModel.from_pretrained(source, revision=config.revision)
+        except Exception as e:
+            raise ExtractError(f"{config.model}: cannot load a {hf.model_type} model: {first_line(e)}") from None
+        if type(self.model).__name__ != SPEECH_MODEL_TYPES[hf.model_type]:  # the layout the masking was made for
+            raise ExtractError(f"{config.model}: cannot load the speech model: AutoModel gave "
+                               f"{type(self.model).__name__} for model_type {hf.model_type!r}, expected "
+                               f"{SPEECH_MODEL_TYPES[hf.model_type]}")
         self.model.eval().to(self.device)
         hf = self.model.config
+        self.model_type = str(hf.model_type)
+        self.norm = feature_norm(hf)
         self.sample_rate = int(getattr(self.feature_extractor, "sampling_rate", 16_000))
         self.do_normalize = bool(getattr(self.feature_extractor, "do_normalize", False))
         self.padding_value = float(getattr(self.feature_extractor, "padding_value", 0.0))
@@ -238,28 +328,48 @@ class SpeechExtractor(Extractor):
             self.model.encoder.layers = self.model.encoder.layers[: self.block]
             self._capture = BlockOutput(self.model.encoder.layers[self.block - 1])
 
-        # The masked policy needs per-utterance statistics in the first conv layer.
-        self._gn = None
-        if config.batching == "masked" and hf.feat_extract_norm == "group":
-            conv0 = self.model.feature_extractor.conv_layers[0]
-            norm = getattr(conv0, "layer_norm", None)
-            if not isinstance(norm, torch.nn.GroupNorm):
-                raise ExtractError(f"{config.model}: batching 'masked' expects a GroupNorm after the first "
-                                   f"conv layer, found {type(norm).__name__}; use batching 'equal-length'")
-            self._gn = MaskedGroupNorm(norm)
-            conv0.layer_norm = self._gn
-        elif config.batching == "masked" and hf.feat_extract_norm != "layer":
-            raise ExtractError(f"{config.model}: feat_extract_norm {hf.feat_extract_norm!r} is neither 'group' "
-                               "nor 'layer'; use batching 'equal-length'")
+        self._gn: MaskedGroupNorm | None = None
+        self._zero: ZeroPaddedFrames | None = None
+        if config.batching == "masked":
+            self._mask_padding()
         if config.batching == "masked" and config.verify_batching:
             self._verify_batching()
+
+    def _mask_padding(self) -> None:
+        """Set up the ``masked`` policy for this encoder (module docstring): per-utterance
+        statistics in a group-norm encoder's first GroupNorm, and zeroed padded frames
+        between the layers that read across time in the positional embedding. A feature
+        encoder whose norms are not what its ``model_type`` and ``feat_extract_norm`` say is
+        refused, naming what was found."""
+        name, convs = self.config.model, list(self.model.feature_extractor.conv_layers)
+        norms = [getattr(c, "layer_norm", None) for c in convs]
+        found = ", ".join(type(n).__name__ if n is not None else "none" for n in norms)
+        if self.norm == "group":
+            if not isinstance(norms[0], nn.GroupNorm) or any(n is not None for n in norms[1:]):
+                raise ExtractError(f"{name}: batching 'masked' expects a GroupNorm after the first conv layer "
+                                   f"and no norm after the others, found {found}; use batching 'equal-length'")
+            self._gn = MaskedGroupNorm(norms[0])
+            convs[0].layer_norm = self._gn
+        elif self.norm == "layer":
+            if not all(isinstance(n, nn.LayerNorm) for n in norms):
+                raise ExtractError(f"{name}: batching 'masked' expects a LayerNorm after every conv layer, "
+                                   f"found {found}; use batching 'equal-length'")
+        else:
+            raise ExtractError(f"{name}: feat_extract_norm {self.norm!r} is neither 'group' nor 'layer'; "
+                               "use batching 'equal-length'")
+        pos = self.model.encoder.pos_conv_embed
+        inner = [pos.batch_norm] if getattr(pos, "batch_norm", None) is not None else []  # HuBERT's option
+        inner += list(getattr(pos, "layers", [])[:-1])  # data2vec-audio's stacked convolutions
+        if inner:
+            self._zero = ZeroPaddedFrames(inner)
 
     # -- description ---------------------------------------------------------------------
     def provenance(self) -> dict[str, Any]:
         c = self.config
         return {
             **model_identity(c.model, c.revision, self.folder),
-            "architecture": "wav2vec2",
+            "architecture": self.model_type,
+            "model_class": type(self.model).__name__,
             "layer": c.layer,
             "layer_meaning": ("last_hidden_state" if self.block is None
                               else f"output of transformer block {self.block} of {self.num_layers}"),
@@ -269,7 +379,7 @@ class SpeechExtractor(Extractor):
             "hop_samples": self.hop,
             "receptive_field_samples": self.receptive_field,
             "normalisation": ("zero mean, unit variance per utterance" if self.do_normalize else "none"),
-            "feat_extract_norm": self.model.config.feat_extract_norm,
+            "feat_extract_norm": self.norm,
             "audio": f"mono (channel mean), resampled with {RESAMPLER} when the file's rate differs",
             "compute_dtype": self.dtype,
             "batching": c.batching,
@@ -326,6 +436,9 @@ class SpeechExtractor(Extractor):
             kwargs["attention_mask"] = (torch.arange(N, device=self.device)[None, :] < n[:, None]).long()  # (B, N)
             if self._gn is not None:
                 self._gn.lengths = (n - self.kernels[0]) // self.strides[0] + 1
+            if self._zero is not None:
+                frames = torch.tensor([self.num_frames(k) for k in lengths], device=self.device)
+                self._zero.valid = torch.arange(self.num_frames(N), device=self.device)[None, :] < frames[:, None]
         try:
             with torch.inference_mode(), autocast(self.device, self.dtype):
                 out = self.model(x, **kwargs)
@@ -334,6 +447,8 @@ class SpeechExtractor(Extractor):
         finally:
             if self._gn is not None:
                 self._gn.lengths = None
+            if self._zero is not None:
+                self._zero.valid = None
         return [h[b, : self.num_frames(n)] for b, n in enumerate(lengths)]
 
     def _verify_batching(self) -> None:

@@ -10,7 +10,8 @@ a modality for some utterances or altogether: that is what the model is for.
   revision or checkpoint sha256, layer, rates, tokenizer, marker rule, batching, compute
   dtype, ...). What legitimately differs between two corpora is not compared
   (``NOT_FEATURE_DEFINING``: corpus, manifest, time, host, library and project versions,
-  device and batch sizes). A mismatch is refused, naming the settings, unless
+  device and batch sizes; the detector's face ``selection``, a rule of the corpus's framing
+  like ``video_half``). A mismatch is refused, naming the settings, unless
   ``allow_feature_mismatch`` (the differences are then reported).
 - **Conditions.** ``present`` (default): each utterance with every modality the store has
   for it. ``all``: the paper's seven conditions (Table 2 layout when the store is
@@ -59,6 +60,11 @@ from .runtime import resolve_device
 #: (``duration_check``) or how work is batched, not the values of the features.
 NOT_FEATURE_DEFINING = frozenset({"created", "host", "corpus", "manifest_sha256", "library_versions",
                                   "cm_arr_version", "device", "batch_size", "face_batch_size", "duration_check"})
+#: Detector settings that may differ: which face a frame keeps when it shows several is a
+#: rule of the corpus's framing, as the manifest's ``video_half`` is (IEMOCAP: the largest
+#: face of the speaker's half; a media folder or a clip: the most probable face of the whole
+#: frame), not of how a face becomes features.
+NOT_FEATURE_DEFINING_DETECTOR = frozenset({"selection"})
 
 
 class PredictError(Exception):
@@ -92,6 +98,9 @@ def feature_differences(trained: Mapping[str, Any], store: Mapping[str, Any]) ->
     a, b = without_locations(trained, store)
     a = {k: v for k, v in a.items() if k not in NOT_FEATURE_DEFINING}
     b = {k: v for k, v in b.items() if k not in NOT_FEATURE_DEFINING}
+    for d in (a, b):  # which face a frame keeps is a rule of the corpus's framing, as video_half is
+        if isinstance(d.get("detector"), Mapping):
+            d["detector"] = {k: v for k, v in d["detector"].items() if k not in NOT_FEATURE_DEFINING_DETECTOR}
     return [f"{k}: trained on {a.get(k)!r}, store has {b.get(k)!r}"
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
@@ -162,7 +171,6 @@ def predict_store(checkpoints: Sequence[str | Path], features: str | Path, condi
     Returns the table described in the module docstring and the list of accepted feature
     differences (empty unless ``allow_feature_mismatch``)."""
     from cmarr.extract.store import FeatureStore, StoreError
-    from cmarr.model import CMARR, CMARRConfig
 
     if batch_size < 1:
         raise PredictError(f"batch size {batch_size}: must be >= 1")
@@ -205,54 +213,11 @@ def predict_store(checkpoints: Sequence[str | Path], features: str | Path, condi
         if bad:  # named now, not found as non-finite logits halfway through
             raise PredictError(nonfinite_message(str(features), bad))
         view = _StoreView(store, dims, loaded)
-        models = []
-        for ck in cks:
-            model = CMARR(CMARRConfig(**mcfg)).to(dev)
-            try:
-                model.load_state_dict(ck["model"])
-            except (RuntimeError, ValueError) as e:
-                raise PredictError(f"{ck['path']}: its weights do not fit the model it describes: "
-                                   f"{str(e).splitlines()[0]}") from None
-            model.eval()
-            models.append(model)
-        seen = set()
-        for ck in cks:
-            seen.update(ck["split"]["train"])
-            seen.update(ck["split"]["val"])
-        masks = {c: torch.as_tensor(CONDITION_MASKS[CONDITION_NAMES.index(c)], device=dev)
-                 for c in conditions if c != "present"}
-        probs: dict[str, np.ndarray] = {c: np.full((len(view.ids), len(LABELS)), np.nan) for c in conditions}
-        used: dict[str, np.ndarray] = {c: np.zeros((len(view.ids), len(MODALITIES)), dtype=bool) for c in conditions}
-        nan = float("nan")
-        with torch.no_grad():
-            for b in eager_loader(view, np.arange(len(view.ids)), batch_size, shuffle=False, seed=0, fill=nan):
-                b = b.to(dev)
-                avail = [b.present if c == "present" else b.present & masks[c].unsqueeze(0) for c in conditions]
-                ok = [a.any(dim=1) for a in avail]
-                avail_all = torch.cat([a[k] for a, k in zip(avail, ok)])  # (B', 3)
-                idx = b.index.cpu().numpy()
-                for c, a in zip(conditions, avail):
-                    used[c][idx] = a.cpu().numpy()
-                if len(avail_all) == 0:
-                    continue
-                feats = {m: torch.cat([b.feats[m][k] for k in ok]) for m in MODALITIES}
-                fmasks = {m: torch.cat([b.masks[m][k] for k in ok]) for m in MODALITIES}
-                feats = hide_unavailable(feats, avail_all, nan)  # NaN: a leak would show
-                p = 0.0
-                for model in models:
-                    logits = model(feats, fmasks, avail_all, present=avail_all).logits.float()
-                    if not torch.isfinite(logits).all():
-                        raise PredictError(f"{features}: non-finite logits (a missing input leaked into the model, "
-                                           "or the features hold values the model cannot take)")
-                    p = p + torch.softmax(logits, dim=1)
-                p = (p / len(models)).cpu().numpy()
-                s = 0
-                for c, k in zip(conditions, ok):
-                    rows = idx[k.cpu().numpy()]
-                    probs[c][rows] = p[s:s + len(rows)]
-                    s += len(rows)
+        models = build_models(cks, dev)
+        probs, _, used = ensemble_probs(models, view, conditions, dev, batch_size, where=str(features))
     finally:
         store.close()
+    seen = {u for ck in cks for part in ("train", "val") for u in ck["split"][part]}
     frames = []
     for c in conditions:
         has = ~np.isnan(probs[c]).any(axis=1)
@@ -266,6 +231,72 @@ def predict_store(checkpoints: Sequence[str | Path], features: str | Path, condi
         df["seen_in_training"] = [u in seen for u in view.ids]
         frames.append(df)
     return pd.concat(frames, ignore_index=True), accepted
+
+
+def build_models(cks: Sequence[Mapping[str, Any]], dev: torch.device) -> list[torch.nn.Module]:
+    """The models of checkpoints read by :func:`load_checkpoints`, in eval mode on ``dev``."""
+    from cmarr.model import CMARR, CMARRConfig
+
+    models = []
+    for ck in cks:
+        model = CMARR(CMARRConfig(**dict(ck["model_config"]))).to(dev)
+        try:
+            model.load_state_dict(ck["model"])
+        except (RuntimeError, ValueError) as e:
+            raise PredictError(f"{ck['path']}: its weights do not fit the model it describes: "
+                               f"{str(e).splitlines()[0]}") from None
+        model.eval()
+        models.append(model)
+    return models
+
+
+def ensemble_probs(models: Sequence[torch.nn.Module], view, conditions: Sequence[str], dev: torch.device,
+                   batch_size: int, where: str
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Class probabilities of ``view``'s utterances under each condition.
+
+    ``view``: what the batching code reads (``ids``, ``get(i, m)``, ``labels``, ``present``
+    (N, 3), ``dims``). Returns ``probs[c]`` (N, 4): the mean over ``models`` of their softmax
+    (NaN rows: no input under ``c``), ``per_model[c]`` (M, N, 4): each model's, and
+    ``used[c]`` (N, 3): the modalities each row was given. ``where`` names the input in
+    errors."""
+    n = len(view.ids)
+    masks = {c: torch.as_tensor(CONDITION_MASKS[CONDITION_NAMES.index(c)], device=dev)
+             for c in conditions if c != "present"}
+    probs = {c: np.full((n, len(LABELS)), np.nan) for c in conditions}
+    per_model = {c: np.full((len(models), n, len(LABELS)), np.nan) for c in conditions}
+    used = {c: np.zeros((n, len(MODALITIES)), dtype=bool) for c in conditions}
+    nan = float("nan")
+    with torch.no_grad():
+        for b in eager_loader(view, np.arange(n), batch_size, shuffle=False, seed=0, fill=nan):
+            b = b.to(dev)
+            avail = [b.present if c == "present" else b.present & masks[c].unsqueeze(0) for c in conditions]
+            ok = [a.any(dim=1) for a in avail]
+            avail_all = torch.cat([a[k] for a, k in zip(avail, ok)])  # (B', 3)
+            idx = b.index.cpu().numpy()
+            for c, a in zip(conditions, avail):
+                used[c][idx] = a.cpu().numpy()
+            if len(avail_all) == 0:
+                continue
+            feats = {m: torch.cat([b.feats[m][k] for k in ok]) for m in MODALITIES}
+            fmasks = {m: torch.cat([b.masks[m][k] for k in ok]) for m in MODALITIES}
+            feats = hide_unavailable(feats, avail_all, nan)  # NaN: a leak would show
+            each = []
+            for model in models:
+                logits = model(feats, fmasks, avail_all, present=avail_all).logits.float()
+                if not torch.isfinite(logits).all():
+                    raise PredictError(f"{where}: non-finite logits (a missing input leaked into the model, "
+                                       "or the features hold values the model cannot take)")
+                each.append(torch.softmax(logits, dim=1).cpu().numpy())  # (B', 4)
+            p = np.mean(each, axis=0)
+            s = 0
+            for c, k in zip(conditions, ok):
+                rows = idx[k.cpu().numpy()]
+                probs[c][rows] = p[s:s + len(rows)]
+                for j, e in enumerate(each):
+                    per_model[c][j, rows] = e[s:s + len(rows)]
+                s += len(rows)
+    return probs, per_model, used
 
 
 def prediction_metrics(table: pd.DataFrame) -> dict[str, Any]:

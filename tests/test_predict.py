@@ -194,7 +194,7 @@ def test_cli_writes_predictions_and_metrics_and_refuses_bad_input(run, tmp_path)
         elif extra:
             a[1] = extra[1]
         res = runner.invoke(app, a + (["--overwrite"] if extra else []))
-        assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
         assert message in " ".join(res.output.split()), res.output
     assert out.read_bytes() == before  # nothing replaced
     for flag, path, message in (("--metrics", out, "--metrics and --out name the same file"),
@@ -206,15 +206,15 @@ def test_cli_writes_predictions_and_metrics_and_refuses_bad_input(run, tmp_path)
         else:
             a += [flag, str(path)]
         res = runner.invoke(app, a)
-        assert res.exit_code == 1 and message in " ".join(res.output.split()), res.output
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
     res = runner.invoke(app, args + ["--overwrite", "--device", "gpu"])
-    assert res.exit_code == 1 and "device 'gpu': expected auto, cpu, cuda or cuda:N" in res.output, res.output
+    assert res.exit_code == 2 and "device 'gpu': expected auto, cpu, cuda or cuda:N" in res.output, res.output
     assert out.read_bytes() == before and store.stat().st_size > 0
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     a = args[:]
     a[1] = str(tmp_path / "junk.pt")
     res = runner.invoke(app, a + ["--overwrite"])
-    assert res.exit_code == 1 and "junk.pt: not a readable cm-arr-train checkpoint" in " ".join(res.output.split())
+    assert res.exit_code == 2 and "junk.pt: not a readable cm-arr-train checkpoint" in " ".join(res.output.split())
     res = runner.invoke(app, args + ["--overwrite", "--conditions", "present"])
     assert res.exit_code == 0, res.output
     assert pd.read_csv(out, keep_default_na=False)["condition"].eq("present").all()

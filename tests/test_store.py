@@ -622,6 +622,7 @@ def test_merge_never_overwrites(tmp_path):
     target.write_bytes(b"precious")
     code, text = cli("merge", a, b, "--out", target)
     assert_clean_error(code, text, "m.h5", "already exists")
+    assert code == 2
     assert target.read_bytes() == b"precious"
 
 
@@ -640,6 +641,7 @@ def test_merge_refuses_other_schema(tmp_path):
 def test_missing_path(tmp_path):
     code, text = cli("info", tmp_path / "nope.h5")
     assert_clean_error(code, text, "nope.h5", "no such file")
+    assert code == 2  # bad input (cmarr.cli's table)
 
 
 def test_not_hdf5(tmp_path):
@@ -647,6 +649,7 @@ def test_not_hdf5(tmp_path):
     p.write_text("utterance_id,label\n")
     code, text = cli("validate", p)
     assert_clean_error(code, text, "notes.h5", "not an HDF5 file")
+    assert code == 2  # a file that cannot be used, not a store with problems
 
 
 def test_truncated_hdf5(tmp_path):
@@ -1062,6 +1065,7 @@ def test_validate_checks_a_shard_against_its_share_of_the_manifest(tmp_path):
     short = _write_by_id(tmp_path / "short.h5", rows.iloc[:1], shard="1/2")  # a shard lacking one of its utterances
     code, text = cli("validate", short, "--manifest", man)
     assert_clean_error(code, text, "1 manifest utterances are not in the store", repr(share[1]))
+    assert code == 1  # validation ran and found problems
     plain = _write_by_id(tmp_path / "plain.h5", rows)  # not a shard: the whole manifest counts
     code, text = cli("validate", plain, "--manifest", man)
     assert_clean_error(code, text, "3 manifest utterances are not in the store")

@@ -4,9 +4,14 @@
     cm-arr-features errors FEATS.h5 [--modality speech]
     cm-arr-features validate FEATS.h5 [--manifest MANIFEST.csv]
     cm-arr-features merge SHARD.h5... --out FEATS.h5
+    cm-arr-features export --format mmin FEATS.h5 OUT_DIR
+
+Exit codes follow ``cmarr.cli``: 2 for a file that is missing or cannot be used and for a bad
+option, 1 when ``validate`` finds problems in a store, 130/143 when interrupted.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 from pathlib import Path
@@ -19,19 +24,48 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cmarr.cli import EXIT_CODES_HELP, EXIT_PROBLEMS, EXIT_SIGNAL_BASE, EXIT_USAGE, fail, version_option
 from cmarr.extract.base import LABELS, MODALITIES
 from cmarr.extract.files import file_sha256
-from cmarr.extract.store import FeatureStore, StoreError, errors_hint, merge_stores, validate_store, write_failure
+from cmarr.extract.store import (
+    ExportError,
+    FeatureStore,
+    StoreError,
+    errors_hint,
+    export_mmin,
+    merge_stores,
+    validate_store,
+    write_failure,
+)
+from cmarr.extract.store.export import MISSING_POLICIES, MMIN_TYPES
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Inspect, validate and merge cm-arr HDF5 feature stores.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, epilog=EXIT_CODES_HELP,
+                  help="Inspect, validate, merge and export cm-arr HDF5 feature stores.")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
-def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+@app.callback()
+def _options(version: Optional[bool] = version_option("cm-arr-features")) -> None:
+    pass
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
+    fail(message, code, err)
+
+
+@contextlib.contextmanager
+def _interruptible(outcome: str):
+    """Ctrl-C exits 130 and SIGTERM 143 (``cmarr.cli``) with one line saying ``outcome``."""
+    from cmarr.extract.interrupts import Terminated, sigterm_interrupts
+
+    try:
+        with sigterm_interrupts():
+            yield
+    except Terminated:
+        _fail(f"terminated (SIGTERM); {outcome}", EXIT_SIGNAL_BASE + signal.SIGTERM)
+    except KeyboardInterrupt:
+        _fail(f"interrupted (Ctrl-C); {outcome}", EXIT_SIGNAL_BASE + signal.SIGINT)
 
 
 def _read_manifest(path: Path) -> pd.DataFrame:
@@ -48,7 +82,7 @@ def _read_manifest(path: Path) -> pd.DataFrame:
     return df
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def info(file: Path = typer.Argument(..., help="Feature store (.h5)."),
          full_provenance: bool = typer.Option(False, "--full-provenance", help="Print provenance as JSON.")) -> None:
     """A table of what is inside a store."""
@@ -109,7 +143,7 @@ def info(file: Path = typer.Argument(..., help="Feature store (.h5)."),
     store.close()
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def errors(file: Path = typer.Argument(..., help="Feature store (.h5)."),
            modality: Optional[str] = typer.Option(None, "--modality", help="Only this modality's failures.")) -> None:
     """List the recorded extraction failures: utterance id, modality, reason."""
@@ -136,14 +170,15 @@ def errors(file: Path = typer.Argument(..., help="Feature store (.h5)."),
     out.print(tab)
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def validate(file: Path = typer.Argument(..., help="Feature store (.h5)."),
              manifest: Optional[Path] = typer.Option(None, "--manifest",
                                                      help="Manifest CSV to check coverage against.")) -> None:
     """Check coverage, shapes, dtypes, NaN/Inf, the frames' checksums and provenance; exit 1 on any problem."""
     man = _read_manifest(manifest) if manifest is not None else None
     try:
-        problems, notes = validate_store(file, man, file_sha256(manifest) if manifest is not None else None)
+        with _interruptible("nothing was changed"):
+            problems, notes = validate_store(file, man, file_sha256(manifest) if manifest is not None else None)
     except StoreError as e:
         _fail(str(e))
     for note in notes:
@@ -151,23 +186,19 @@ def validate(file: Path = typer.Argument(..., help="Feature store (.h5)."),
     if problems:
         for p in problems:
             err.print(f"[red]problem:[/] {escape(str(file))}: {escape(p)}", highlight=False, soft_wrap=True)
-        _fail(f"{file}: {len(problems)} problem(s) found")
+        _fail(f"{file}: {len(problems)} problem(s) found", EXIT_PROBLEMS)
     out.print(f"[green]ok[/]: {file} is a valid feature store", highlight=False)
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def merge(shards: List[Path] = typer.Argument(..., help="Shard stores to join."),
           out_file: Path = typer.Option(..., "--out", help="Merged store to write (must not exist)."),
           allow_library_mismatch: bool = typer.Option(
               False, help="Accept shards made with other library versions (same models and settings).")) -> None:
     """Join shards written by separate processes or machines into one store."""
-    from cmarr.extract.interrupts import Terminated, sigterm_interrupts
-
     try:
-        with sigterm_interrupts():  # the temporary file is removed, not left behind
+        with _interruptible(f"nothing was written at {out_file}"):  # the temporary file is removed
             path = merge_stores(shards, out_file, allow_library_mismatch=allow_library_mismatch)
-    except Terminated:
-        _fail(f"terminated (SIGTERM); nothing was written at {out_file}", 143)
     except StoreError as e:
         _fail(str(e))
     except OSError as e:  # e.g. a full disk or a file-size limit: nothing is left at --out
@@ -176,6 +207,55 @@ def merge(shards: List[Path] = typer.Argument(..., help="Shard stores to join.")
     store = FeatureStore(path)
     out.print(f"[green]merged[/] {len(shards)} shards into {path}: {len(store.utterances)} utterances, "
               f"modalities {', '.join(store.modalities)}", highlight=False)
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def export(
+    file: Path = typer.Argument(..., metavar="FEATS.h5", help="Feature store (.h5) to export; it is only read."),
+    out_dir: Path = typer.Argument(..., metavar="OUT_DIR",
+                                   help="Folder to write (created; an existing non-empty one only with --overwrite)."),
+    fmt: str = typer.Option(..., "--format", help="Layout to write: 'mmin' (MMIN, IF-MMIN, CIF-MMIN: A/V/L feature "
+                            "files and target/<cvNo>/ split files)."),
+    a_type: str = typer.Option(MMIN_TYPES["A"], "--a-type", help="Name of the speech file A/<name>.h5 (MMIN's "
+                               "--A_type)."),
+    v_type: str = typer.Option(MMIN_TYPES["V"], "--v-type", help="Name of the video file V/<name>.h5 (MMIN's "
+                               "--V_type)."),
+    l_type: str = typer.Option(MMIN_TYPES["L"], "--l-type", help="Name of the text file L/<name>.h5 (MMIN's "
+                               "--L_type)."),
+    corpus_name: Optional[str] = typer.Option(None, "--corpus-name", help="MMIN's --corpus_name, which decides how "
+                                              "labels are stored: IEMOCAP (one-hot) or MSP (class index). Default: "
+                                              "from the store's corpus (iemocap, msp-improv)."),
+    missing: str = typer.Option("refuse", "--missing", help="Utterances lacking a modality: refuse (default), drop "
+                                "(leave them out of every file) or empty (write a (0, D) entry); export.json lists "
+                                "them."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty OUT_DIR (once the new "
+                                   "one is complete)."),
+) -> None:
+    """Export a store to another code's layout: the store first, then the folder to write.
+
+    cm-arr-features export --format mmin FEATS.h5 OUT_DIR writes A/, V/, L/ (one float32
+    dataset per utterance id), target/<cvNo>/{trn,val,tst}_{label,int2name}.npy (per fold, one
+    cv per speaker: that speaker validates, the fold's other speakers test), config/ for MMIN's
+    data/config/, and export.json + README.md (the source's sha256, the mapping, the options
+    that read it). OUT_DIR appears only when complete."""
+    if fmt != "mmin":
+        _fail(f"--format {fmt!r}: expected mmin")
+    if missing not in MISSING_POLICIES:
+        _fail(f"--missing {missing!r}: expected one of {', '.join(MISSING_POLICIES)}")
+    if corpus_name is not None and corpus_name not in ("IEMOCAP", "MSP"):
+        _fail(f"--corpus-name {corpus_name!r}: expected IEMOCAP or MSP")
+    try:
+        with _interruptible(f"nothing was written at {out_dir}"):  # the temporary folder is removed
+            record = export_mmin(file, out_dir, types={"A": a_type, "V": v_type, "L": l_type},
+                                 corpus_name=corpus_name, missing=missing, overwrite=overwrite,
+                                 log=lambda s: err.print(escape(s), highlight=False))
+    except (StoreError, ExportError) as e:
+        _fail(escape(str(e)))
+    except OSError as e:  # e.g. a full disk: the temporary folder is removed, OUT_DIR is untouched
+        _fail(f"{escape(write_failure(e, e.filename or out_dir))}; nothing was written at {out_dir}")
+    out.print(f"[green]exported[/] {file} to {out_dir} in MMIN's layout ({record['corpus_name']}, "
+              f"{len(record['cv'])} cvs): "
+              f"{escape(record['mmin']['flags'])}", highlight=False)
 
 
 def main() -> None:

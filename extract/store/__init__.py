@@ -5,6 +5,7 @@ per-modality provenance and the recorded extraction failures. ``docs/feature-sto
 describes the layout and what writing guarantees. Reading (``FeatureStore``) needs neither
 the writer nor POSIX file locks.
 """
+from cmarr.extract.store.export import ExportError, export_mmin
 from cmarr.extract.store.format import (
     ERROR_COLUMNS,
     REQUIRED_COLUMNS,
@@ -24,6 +25,7 @@ from cmarr.extract.store.validate import errors_hint, validate_store
 from cmarr.extract.store.writer import CHUNK_BYTES, CHUNK_SIZE, OutputLock, StoreWriter, make_folder
 
 __all__ = ["CHUNK_BYTES", "CHUNK_SIZE", "ERROR_COLUMNS", "NO_ROOM", "REQUIRED_COLUMNS", "SCHEMA_VERSION",
-           "FeatureStore", "OutputLock", "StoreError", "StoreWriter", "comparable_provenance", "errors_hint",
-           "make_folder", "merge_stores", "parse_shard_tag", "provenance_differences", "read_table", "select_shard",
-           "utterance_order", "validate_store", "without_locations", "write_failure", "write_table"]
+           "ExportError", "FeatureStore", "OutputLock", "StoreError", "StoreWriter", "comparable_provenance",
+           "errors_hint", "export_mmin", "make_folder", "merge_stores", "parse_shard_tag", "provenance_differences",
+           "read_table", "select_shard", "utterance_order", "validate_store", "without_locations", "write_failure",
+           "write_table"]

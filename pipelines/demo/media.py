@@ -210,3 +210,55 @@ def write_clip_avi(path: Path, duration: float, actor: str | None, label: str, f
             writer.write(frame)
     finally:
         writer.release()
+
+
+def clip_frames(duration: float, actor: str | None, label: str, fps: float, size: tuple[int, int],
+                emotion_signal: bool = True, rng: np.random.Generator | None = None) -> list[np.ndarray]:
+    """The BGR frames of a one-speaker clip (as ``write_clip_avi`` draws them)."""
+    W, H = size
+    rng = rng or np.random.default_rng(0)
+    base = _background(size, (120, 120, 120) if actor else tuple(int(v) for v in rng.integers(60, 200, 3)))
+    frames = []
+    for i in range(max(1, int(math.ceil(duration * fps)))):
+        t = i / fps
+        frame = base.copy()
+        if actor is None:
+            off = int(20 * t) % 20
+            frame[:, off::20] = (40, 40, 40)
+        else:
+            _paste_face(frame, actor, 0, W, t, FACE_STYLE[label if emotion_signal else "neu"], 0.0)
+        frames.append(frame)
+    return frames
+
+
+def write_clip_mp4(path: Path, frames_bgr: list[np.ndarray], fps: float, audio: np.ndarray | None = None,
+                   sr: int = SR) -> Path:
+    """An mp4 as a phone or a web page gives one: MPEG-4 video of ``frames_bgr`` at ``fps``
+    and, when ``audio`` (mono float in [-1, 1]) is given, an AAC track at ``sr`` (PyAV)."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    H, W = frames_bgr[0].shape[:2]
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("mpeg4", rate=int(round(fps)))
+        vs.width, vs.height, vs.pix_fmt = W - W % 2, H - H % 2, "yuv420p"
+        a = None
+        if audio is not None:
+            a = c.add_stream("aac", rate=sr)
+            a.layout = "mono"
+        for f in frames_bgr:
+            img = np.ascontiguousarray(f[: vs.height, : vs.width, ::-1])  # BGR -> RGB, even size
+            for p in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in vs.encode(None):
+            c.mux(p)
+        if a is not None:
+            x = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
+            for i in range(0, len(x), 1024):
+                fr = av.AudioFrame.from_ndarray(x[None, i:i + 1024], format="fltp", layout="mono")
+                fr.sample_rate, fr.pts = sr, i
+                for p in a.encode(fr):
+                    c.mux(p)
+            for p in a.encode(None):
+                c.mux(p)
+    return path
