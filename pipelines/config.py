@@ -17,6 +17,7 @@ Layout of a YAML file (every section optional)::
     optim: {lr: 1.0e-5, batch_size: 16, epochs: 100, ...}
     data: {load: memory, pipeline: auto, validation: stratified, val_fraction: 0.1, ...}
     protocol: {folds: [], train_conditions: auto, select_metric: uar, ...}
+    log: {tensorboard: false}
 
 Choices the paper leaves open are fields here; each field's default and meaning is in the
 docstring of its section.
@@ -59,8 +60,10 @@ class OptimConfig:
     weight_decay [0.0], betas [(0.9, 0.999)]: Adam defaults.
     grad_clip [0.0]: max global gradient norm; 0 = no clipping.
     eval_batch_size [512]: evaluation batches (no gradients, so larger is faster).
-    amp ["auto"]: mixed precision. "auto" = bf16 autocast on CUDA, off elsewhere; "bf16"
-      forces it (also on CPU); "off" = fp32 everywhere.
+    amp ["auto"]: mixed precision, training's counterpart of extraction's ``--dtype``. "auto"
+      = bf16 autocast on CUDA (as ``--dtype bfloat16``), off elsewhere; "bf16" forces it
+      (also on CPU); "off" = fp32 everywhere (as ``--dtype float32``). No float16: bf16
+      needs no loss scaling. Weights, optimizer state and checkpoints stay float32.
     compile ["off"]: ``torch.compile`` the model ("on", or "auto" = on when CUDA). The
       compiled training step skips the model's value checks (a host sync, which would split the
       graph); the store's batches satisfy them by construction.
@@ -144,6 +147,29 @@ class ProtocolConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """What a run records besides ``fold<k>/log.csv``, which it always writes.
+
+    tensorboard [false]: also write TensorBoard event files, one TensorBoard run per fold in
+      ``RUN_DIR/tensorboard/fold<k>/`` (``tensorboard --logdir RUN_DIR/tensorboard``). Per
+      epoch: the loss terms of log.csv (``train/loss_<term>``, ``train/wloss_<term>``, the
+      same values), validation WAR and UAR under each of the seven conditions and their
+      average over the six missing ones (``val_war/<condition>``, ``val_uar/<condition>``,
+      condition codes as in metrics.json: t, s, v, vt, sv, st, svt, avg), the selection
+      score (``val/select``), the learning rate (``optim/lr``) and the epoch's wall seconds
+      (``time/epoch_seconds``, log.csv's ``seconds``). Off by default: log.csv already holds
+      the per-epoch numbers (all but the per-condition ones) and needs no other package. A
+      resumed fold goes on with its TensorBoard run: the writer purges what was logged from
+      the resumed epoch on (``purge_step``), so an epoch logged before an interruption and
+      trained again appears once. Not part of what makes two configs one run
+      (:func:`cmarr.pipelines.run_dir.run_identity`): it can be switched on when a run is
+      resumed, and then covers the epochs trained from there on.
+    """
+
+    tensorboard: bool = False
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs besides the feature store.
 
@@ -151,6 +177,7 @@ class TrainConfig:
     seed [0]: seeds weights, the validation split, batch order and condition sampling.
     device ["auto"]: "auto" = CUDA when available, else CPU.
     model [{}]: overrides of ``cmarr.model.CMARRConfig`` fields, applied after the variant.
+    log: what is recorded besides log.csv (:class:`LogConfig`).
     """
 
     variant: Literal["cm-arr", "baseline", "no-udcl", "no-spcl", "no-attention", "point",
@@ -161,6 +188,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

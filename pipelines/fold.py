@@ -21,6 +21,14 @@ Choices the paper leaves open, made here (config fields in brackets):
   losses need pairs; shuffling makes it a different utterance every epoch).
 - Adam [optim.optimizer]; bf16 autocast on CUDA [optim.amp]; resident pooled tensors on CUDA
   [data.pipeline].
+- TensorBoard event files beside log.csv, one run per fold in ``RUN_DIR/tensorboard/fold<k>/``
+  [log.tensorboard].
+
+Each epoch ends with one line (``log``; ``cm-arr-train`` prints it on stderr unless
+``--quiet``): the fold and epoch, the mean training loss, the validation UAR averaged over the
+six missing conditions and under the full one, ``*`` when the epoch is the new best (its
+weights were saved as ``best.pt``), the epoch's wall seconds (training, validation and its
+checkpoints) and the ETAs of the fold and of the run (:class:`.runtime.EpochClock`).
 """
 from __future__ import annotations
 
@@ -53,7 +61,7 @@ from .diagnostics import DIAG_TERMS, ValDiagnostics, gradient_norms, term_weight
 from .errors import TrainError
 from .metrics import score, with_average
 from .run_dir import RUN_FORMAT, run_identity, store_difference, store_fingerprint, write_fold_result
-from .runtime import DistInfo, compile_with, derive_seed
+from .runtime import DistInfo, EpochClock, compile_with, derive_seed, format_duration
 from .validation import FoldSplit, split_fold
 
 
@@ -80,16 +88,33 @@ def check_fold_data(cfg: TrainConfig, data: StoreData, fold: int) -> FoldSplit:
     return split
 
 
+def summary_writer_class() -> type:
+    """torch's TensorBoard ``SummaryWriter`` (for ``log.tensorboard``); ``TrainError`` when the
+    tensorboard package is not installed, so that a run finds out before it trains."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainError("log.tensorboard is on, but the tensorboard package is not installed: pip install "
+                         "tensorboard, or --set log.tensorboard=false") from None
+    return SummaryWriter
+
+
 def resident_data(data: StoreData, steps: int, device: torch.device, fill: float) -> ResidentData:
     """Every row of ``data`` pooled to ``steps`` steps on ``device`` (the resident pipeline)."""
     return ResidentData(data, np.arange(len(data.ids)), steps, device, fill)
 
 
 class FoldRecipe:
-    """Trains and evaluates one fold. Stages: setup, train_epoch, evaluate, save_checkpoint, resume."""
+    """Trains and evaluates one fold. Stages: setup, train_epoch, evaluate, save_checkpoint, resume.
+
+    ``log`` receives the fold's messages (resumed, per-epoch lines); ``epoch_lines=False``
+    leaves out the per-epoch lines. ``clock``: the run's :class:`.runtime.EpochClock`, shared
+    by the folds of one process so that the run's ETA counts the folds still to come (default:
+    a clock of this fold alone)."""
 
     def __init__(self, cfg: TrainConfig, data: StoreData, fold: int, run_dir: str | Path,
-                 device: torch.device, dist: DistInfo = DistInfo(), log: Callable[[str], None] | None = None):
+                 device: torch.device, dist: DistInfo = DistInfo(), log: Callable[[str], None] | None = None,
+                 clock: EpochClock | None = None, epoch_lines: bool = True):
         self.cfg = cfg
         self.data = data
         self.fold = int(fold)
@@ -102,6 +127,9 @@ class FoldRecipe:
         self.best_score = -float("inf")
         self.best_epoch = 0
         self.rows: list[dict[str, Any]] = []
+        self.clock = clock or EpochClock(cfg.optim.epochs)
+        self.epoch_lines = epoch_lines
+        self._tb = None  # the TensorBoard writer (log.tensorboard), opened at the first epoch logged
 
     # ---- setup ----------------------------------------------------------------------
     def setup(self, resident: ResidentData | None = None) -> "FoldRecipe":
@@ -136,6 +164,7 @@ class FoldRecipe:
                         for name in ("train", "val", "test")}
             self.train_index = self.res["train"].rows
         self.resume()
+        self.clock.skip(self.epoch)
         return self
 
     def _maybe_compile(self) -> Callable[..., Any]:
@@ -428,10 +457,15 @@ class FoldRecipe:
     # ---- the loop -------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train the remaining epochs, select on validation, evaluate the best on test."""
-        while self.epoch < self.cfg.optim.epochs:
-            t0 = time.perf_counter()
-            losses = self.train_epoch(self.epoch + 1)
-            self.end_epoch(self.epoch + 1, losses, t0=t0)
+        try:
+            while self.epoch < self.cfg.optim.epochs:
+                t0 = time.perf_counter()
+                losses = self.train_epoch(self.epoch + 1)
+                self.end_epoch(self.epoch + 1, losses, t0=t0)
+        finally:  # interrupted too: what was logged is on disk
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
         return self.test_best()
 
     def end_epoch(self, epoch: int, losses: Mapping[str, float], t0: float) -> None:
@@ -461,8 +495,38 @@ class FoldRecipe:
         self._write_log()
         self.save_checkpoint("last")
         self.saved = epoch
-        self.log(f"fold {self.fold} epoch {epoch}/{epochs}: loss {losses['loss_total']:.4f} "
-                 f"val UAR avg {val['avg']['uar']:.4f} full {val[FULL_CONDITION]['uar']:.4f}{' *' if improved else ''}")
+        self.write_tensorboard(epoch, row, val)
+        took = time.perf_counter() - t0
+        self.clock.record(took)
+        if self.epoch_lines:
+            self.log(f"fold {self.fold} epoch {epoch}/{epochs}: loss {losses['loss_total']:.4f} "
+                     f"val UAR avg {val['avg']['uar']:.4f} full {val[FULL_CONDITION]['uar']:.4f}"
+                     f"{' *' if improved else '  '} | {took:.1f} s, ETA fold "
+                     f"{format_duration(self.clock.eta(epochs - epoch))}, run {format_duration(self.clock.eta())}")
+
+    def write_tensorboard(self, epoch: int, row: Mapping[str, Any], val: Mapping[str, Mapping[str, Any]]) -> None:
+        """Log epoch ``epoch`` to the fold's TensorBoard run when ``log.tensorboard`` is on (rank
+        0): the loss columns of ``row`` (log.csv's), WAR and UAR of ``val`` per condition, the
+        selection score, the learning rate and the epoch's seconds; see
+        :class:`.config.LogConfig`. The writer is opened at the first epoch this process logs,
+        with ``purge_step`` at that epoch: events a previous process logged from there on
+        (epochs trained again after a resume) are dropped by TensorBoard's reader."""
+        if not (self.cfg.log.tensorboard and self.dist.main):
+            return
+        if self._tb is None:
+            self._tb = summary_writer_class()(log_dir=str(self.dir.parent / "tensorboard" / f"fold{self.fold}"),
+                                              purge_step=epoch)
+        tb = self._tb
+        for k, v in row.items():
+            if k.startswith(("loss_", "wloss_")) and v is not None and v != "":
+                tb.add_scalar(f"train/{k}", float(v), epoch)
+        for c, m in val.items():
+            tb.add_scalar(f"val_war/{c}", float(m["war"]), epoch)
+            tb.add_scalar(f"val_uar/{c}", float(m["uar"]), epoch)
+        tb.add_scalar("val/select", float(row["val_select"]), epoch)
+        tb.add_scalar("optim/lr", float(self.optimizer.param_groups[0]["lr"]), epoch)
+        tb.add_scalar("time/epoch_seconds", float(row["seconds"]), epoch)
+        tb.flush()  # a kill loses no logged epoch
 
     def test_best(self) -> dict[str, Any]:
         """Load ``best.pt`` and score the test part under the seven conditions (once)."""

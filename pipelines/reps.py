@@ -2,7 +2,7 @@
 
 The paper's Fig. 5 compares the reconstruction ``X^_m`` of a missing modality with the real
 ``X_m`` of the same utterances. :func:`collect_reps` reads them from a fold's checkpoint on
-its own test (or training, validation) part; :mod:`cmarr.pipelines.demo.report` draws them.
+its own test (or training, validation) part; :mod:`cmarr.pipelines.plots` draws them.
 """
 from __future__ import annotations
 

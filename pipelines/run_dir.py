@@ -7,6 +7,8 @@
     RUN_DIR/fold<k>/last.pt      the resume point, every epoch
     RUN_DIR/fold<k>/metrics.json test metrics of best.pt under the seven conditions
     RUN_DIR/fold<k>/lock         held while the fold trains (:func:`lock_fold`)
+    RUN_DIR/tensorboard/fold<k>/ TensorBoard event files of the fold (``log.tensorboard``)
+    RUN_DIR/plots/               figures drawn by ``cm-arr-results RUN_DIR --plots`` (:mod:`.plots`)
     RUN_DIR/metrics.json         per fold and condition WAR, UAR, confusion; mean/std; Avg
     RUN_DIR/results.md           Table 2 layout
 
@@ -69,10 +71,13 @@ def store_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | No
 
 def run_identity(cfg_dict: Mapping[str, Any]) -> dict[str, Any]:
     """The settings that make two configs one run: the config without the keys that may
-    differ between the jobs of one run (``protocol.folds``, ``device``)."""
+    differ between the jobs of one run (``protocol.folds``, ``device``) and without what is
+    only recorded, not trained on (``log``: a resume may switch TensorBoard on; configs
+    written before the section existed have none)."""
     d = json.loads(json.dumps(cfg_dict))
     d.get("protocol", {}).pop("folds", None)
     d.pop("device", None)
+    d.pop("log", None)
     return d
 
 

@@ -1,4 +1,5 @@
-"""Where and how a run computes: the device, torchrun's processes, seeds, and ``torch.compile``.
+"""Where and how a run computes: the device, torchrun's processes, seeds, ``torch.compile``,
+and the clock behind the ETAs of the per-epoch lines (:class:`EpochClock`).
 
 Every random draw of a run (initial weights, batch order, training conditions, the
 diagnostics' batch) comes from a generator seeded by :func:`derive_seed` of the run's seed
@@ -73,3 +74,48 @@ def compile_with(fn: Callable[..., Any], o: OptimConfig) -> Callable[..., Any]:
     if o.compile_backend == "inductor":
         return torch.compile(fn, mode=o.compile_mode, dynamic=False)
     return torch.compile(fn, backend=o.compile_backend, dynamic=False)
+
+
+class EpochClock:
+    """The measured epoch times of a run in this process, and the ETAs they give.
+
+    ``left``: the epochs of the run still to train in this process: every requested fold's
+    epochs, less those a resumed fold had already trained (:meth:`skip`), less each epoch
+    measured (:meth:`record`). The estimate of an epoch to come is the mean of the epochs
+    measured so far in this process, over every fold: the folds of one run train the same
+    model on parts of one store, so their epochs cost about the same, and a mean over all of
+    them settles as the run goes on (the first epoch, slowed by warm-up or compilation, weighs
+    less and less). One process's folds only: the folds of ``--jobs`` processes are not counted.
+    """
+
+    def __init__(self, epochs_left: int):
+        self.left = int(epochs_left)
+        self.seconds: list[float] = []
+
+    def skip(self, epochs: int) -> None:
+        """``epochs`` of the run were trained before this process (a resumed fold)."""
+        self.left -= int(epochs)
+
+    def record(self, seconds: float) -> None:
+        """One epoch took ``seconds``."""
+        self.seconds.append(float(seconds))
+        self.left -= 1
+
+    def eta(self, epochs: int | None = None) -> float:
+        """Seconds to train ``epochs`` more (default: the rest of the run); NaN before any epoch is measured."""
+        if not self.seconds:
+            return float("nan")
+        n = self.left if epochs is None else epochs
+        return max(n, 0) * sum(self.seconds) / len(self.seconds)
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``12m05s``, ``3h07m`` (``?`` when not known)."""
+    if seconds != seconds:  # NaN: nothing measured yet
+        return "?"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

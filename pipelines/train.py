@@ -20,7 +20,7 @@ import torch
 from .config import TrainConfig, load_config, with_overrides
 from .data import StoreData
 from .errors import TrainError, TrainInterrupted, signal_number
-from .fold import FoldRecipe, check_fold_data, model_config_for
+from .fold import FoldRecipe, check_fold_data, model_config_for, summary_writer_class
 from .jobs import run_jobs
 from .metrics import write_results
 from .run_dir import (
@@ -32,7 +32,7 @@ from .run_dir import (
     summary_document,
     write_run_config,
 )
-from .runtime import init_distributed, resolve_device
+from .runtime import EpochClock, init_distributed, resolve_device
 from .validation import SplitError
 
 
@@ -80,7 +80,8 @@ def run_training(features_path: str | Path, config: TrainConfig | str | Path | N
                  variant: str | None = None, out_dir: str | Path = "runs/cm-arr",
                  folds: Sequence[int] | None = None, device: str | None = None, seed: int | None = None,
                  epochs: int | None = None, overrides: Mapping[str, Any] | None = None, jobs: int = 1,
-                 data: StoreData | None = None, log: Callable[[str], None] | None = print) -> dict[str, Any]:
+                 data: StoreData | None = None, log: Callable[[str], None] | None = print,
+                 epoch_lines: bool = True) -> dict[str, Any]:
     """Train and evaluate the requested folds; write RUN_DIR; return the metrics document.
 
     ``jobs > 1`` runs folds as that many concurrent processes (``cm-arr-train --folds k``
@@ -88,6 +89,8 @@ def run_training(features_path: str | Path, config: TrainConfig | str | Path | N
     device "auto" or "cuda") each process gets the visible GPU with the fewest running folds.
     Under torchrun every rank trains the same folds with distributed data parallel; rank 0
     writes the files. ``data``: the store already read (``features_path`` then only names it).
+    ``log`` receives the run's messages; ``epoch_lines=False`` leaves out the per-epoch lines
+    (``cm-arr-train --quiet``). The ETAs of those lines count every fold this process trains.
     """
     log = log or (lambda s: None)
     cfg = resolve_config(config, variant=variant, folds=folds, device=device, seed=seed, epochs=epochs,
@@ -97,6 +100,8 @@ def run_training(features_path: str | Path, config: TrainConfig | str | Path | N
         raise TrainError(f"--out {run_dir}: is a file, not a directory")
     if jobs < 1:
         raise TrainError(f"--jobs {jobs}: must be >= 1")
+    if cfg.log.tensorboard:
+        summary_writer_class()  # a missing package is found before anything trains
     if data is None:
         data = StoreData(features_path, load=cfg.data.load)  # refuses altered frames and NaN/Inf ones
     check_store_folds(data)
@@ -126,11 +131,13 @@ def run_training(features_path: str | Path, config: TrainConfig | str | Path | N
                  device=cfg.device)
     else:
         resident = None
+        clock = EpochClock(len(todo) * cfg.optim.epochs)  # a resumed fold takes off what it trained
         for i, k in enumerate(todo):
             lock = lock_fold(run_dir, k) if dist.main else None
             recipe = None
             try:
-                recipe = FoldRecipe(cfg, data, k, run_dir, dev, dist, log=log if dist.main else None).setup(resident)
+                recipe = FoldRecipe(cfg, data, k, run_dir, dev, dist, log=log if dist.main else None, clock=clock,
+                                    epoch_lines=epoch_lines).setup(resident)
                 resident = getattr(recipe, "res_full", None)  # one copy for the folds of this process
                 recipe.fit()
             except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (extract.interrupts.sigterm_interrupts): say where

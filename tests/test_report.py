@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 
 from cmarr.extract.base import LABELS
+from cmarr.pipelines import plots
 from cmarr.pipelines.demo import report
 from cmarr.pipelines.metrics import build_metrics, score
 
@@ -116,16 +117,16 @@ def test_results_md_names_models_and_holds_the_tables(tmp_path, metrics):
 
 
 def test_confusion_figure(tmp_path, metrics):
-    mats = {v: report.confusion_totals(metrics[v]) for v in metrics}
+    mats = {v: plots.confusion_totals(metrics[v]) for v in metrics}
     # the "missing" group sums the six missing conditions over folds
     expect = sum(np.asarray(metrics["cm-arr"]["folds"][f][c]["confusion"]) for f in ("1", "2", "3")
                  for c in ("t", "s", "v", "vt", "sv", "st"))
     np.testing.assert_array_equal(mats["cm-arr"]["missing"], expect)
     assert mats["cm-arr"]["svt"].sum() == 3 * 20
-    path = report.write_confusion_figure(tmp_path / "cm.png", mats)
+    path = plots.write_confusion_figure(tmp_path / "cm.png", mats)
     assert_nontrivial_png(path)
     with pytest.raises(ValueError, match="shape"):
-        report.write_confusion_figure(tmp_path / "bad.png", {"x": {"svt": np.ones((3, 3))}})
+        plots.write_confusion_figure(tmp_path / "bad.png", {"x": {"svt": np.ones((3, 3))}})
 
 
 def write_log(folder, epochs, rng):
@@ -144,16 +145,16 @@ def test_training_curves_from_logs(tmp_path):
     for v in ("cm-arr", "baseline"):
         for k in (1, 2, 10):
             written[(v, k)] = write_log(tmp_path / v / f"fold{k}", 6, rng)
-    logs = {v: report.read_training_logs(tmp_path / v) for v in ("cm-arr", "baseline")}
+    logs = {v: plots.read_training_logs(tmp_path / v) for v in ("cm-arr", "baseline")}
     assert list(logs["cm-arr"]) == [1, 2, 10]  # numeric order, not "fold10" < "fold2"
     pd.testing.assert_frame_equal(logs["baseline"][2], written[("baseline", 2)])
-    path = report.write_training_curves(tmp_path / "curves.png", logs)
+    path = plots.write_training_curves(tmp_path / "curves.png", logs)
     assert_nontrivial_png(path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty"):
-        report.read_training_logs(tmp_path / "empty")
+        plots.read_training_logs(tmp_path / "empty")
     with pytest.raises(ValueError, match="no column"):
-        report.write_training_curves(tmp_path / "x.png", {"v": {1: logs["cm-arr"][1].drop(columns="val_uar_avg")}})
+        plots.write_training_curves(tmp_path / "x.png", {"v": {1: logs["cm-arr"][1].drop(columns="val_uar_avg")}})
 
 
 def fake_reps(condition: str, n: int, d: int, rng) -> dict[str, np.ndarray]:
@@ -174,19 +175,35 @@ def test_tsne_panels_and_figure(tmp_path):
     rng = np.random.default_rng(0)
     n, d = 12, 8
     reps = {v: {c: fake_reps(c, n, d, rng) for c in ("t", "s", "v", "vt", "sv", "st")} for v in ("cm-arr", "baseline")}
-    panels = report.tsne_panels(reps)
+    panels = plots.tsne_panels(reps)
     # speech is missing under t, v, vt: 3 reconstructed points per utterance; real ones once each
     p = panels["cm-arr"]["speech"]
     assert p["recon"].shape == (3 * n, d) and p["real"].shape == (n, d)
     np.testing.assert_array_equal(p["recon_labels"], np.tile(np.arange(n) % 4, 3))
     assert np.isfinite(p["recon"]).all()
-    path = report.write_tsne_figure(tmp_path / "tsne.png", panels, title="test")
+    path = plots.write_tsne_figure(tmp_path / "tsne.png", panels, title="test")
     assert_nontrivial_png(path, (300, 400))
-    z = report.tsne_embed(p["real"], seed=0)
+    z = plots.tsne_embed(p["real"], seed=0)
     assert z.shape == (n, 2) and np.isfinite(z).all()
     bad = {"cm-arr": {"speech": {**p, "recon": np.full_like(p["recon"], np.nan)}}}
     with pytest.raises(ValueError, match="non-finite"):
-        report.write_tsne_figure(tmp_path / "bad.png", bad)
+        plots.write_tsne_figure(tmp_path / "bad.png", bad)
+
+
+def test_the_demo_draws_with_the_plots_module_writers():
+    """One copy of each figure writer: the demo's report names the functions of
+    cmarr.pipelines.plots (what cm-arr-results --plots draws with), not copies of them."""
+    for name in ("confusion_totals", "write_confusion_figure", "read_training_logs", "write_training_curves",
+                 "tsne_panels", "tsne_embed", "write_tsne_figure"):
+        assert getattr(report, name) is getattr(plots, name), name
+        assert getattr(plots, name).__module__ == "cmarr.pipelines.plots"
+
+
+def test_damaged_training_log_names_its_file(tmp_path):
+    (tmp_path / "fold1").mkdir()
+    (tmp_path / "fold1" / "log.csv").write_text("")
+    with pytest.raises(ValueError, match=r"fold1/log\.csv: not a training log"):
+        plots.read_training_logs(tmp_path)
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path):

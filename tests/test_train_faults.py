@@ -86,7 +86,7 @@ def test_predict_names_nonfinite_frames_before_predicting(env, tmp_path):
     out = tmp_path / "p.csv"
     res = runner.invoke(predict_app, ["--checkpoint", str(tmp_path / "run" / "fold1" / "best.pt"), "--features",
                                         str(bad), "--out", str(out), "--device", "cpu"])
-    text = _one_line_error(res, code=1)
+    text = _one_line_error(res, code=2)
     assert "nan.h5: 1 feature matrix holds NaN/Inf values: video of " + repr(u) in text, text
     assert not out.exists()
 
@@ -120,7 +120,7 @@ def test_a_session_spanning_folds_is_refused_before_training(env, tmp_path, rewr
     ("optim=", "optim needs a value (a mapping), got none"),
     ("optim.nosuchkey=", "unknown key 'optim.nosuchkey' (optim keys: amp, batch_size,"),
     ("optim.nosuchkey=1", "unknown key 'optim.nosuchkey' (optim keys: amp, batch_size,"),
-    ("bogus.key=null", "unknown key 'bogus.key' (top-level keys: data, device, model, optim, protocol, seed, variant)"),
+    ("bogus.key=null", "unknown key 'bogus.key' (top-level keys: data, device, log, model, optim, protocol, seed, variant)"),
     ("model.nosuch=1", "unknown key 'model.nosuch' (model keys: alpha, beta,"),
     ("seed.x=1", "unknown key 'seed.x' (seed has no sub-keys)"),
     ("=1", "no key before '='"),

@@ -3,14 +3,19 @@
     cm-arr-train --features FEATS.h5 [--config CONFIG.yaml] [--folds 1,2,...]
                  [--variant cm-arr|baseline|no-udcl|no-spcl|no-attention|point|baseline-missing]
                  [--out RUN_DIR] [--device auto|cpu|cuda] [--seed N] [--epochs N]
-                 [--jobs N] [--set optim.lr=1e-4 ...]
+                 [--jobs N] [--set optim.lr=1e-4 ...] [--quiet] [--version]
 
 Writes RUN_DIR (see :mod:`cmarr.pipelines.run_dir`) and prints the Table 2 layout at the end.
-Under ``torchrun --nproc-per-node N -m cmarr.pipelines.cli.train ...`` it trains with
-distributed data parallel. Rerunning with the same RUN_DIR resumes an interrupted run.
-Ctrl-C (SIGINT) or SIGTERM stops it with a line saying which fold and epoch it stopped at,
-exit status 128 + the signal number (130, 143). Errors in the input (store, config, ``--set``,
-RUN_DIR) are one line, exit status 2.
+While it trains, each epoch ends with a line on stderr (loss, validation UAR, ``*`` for a new
+best epoch, the epoch's seconds and the ETAs of the fold and the run; see
+:mod:`cmarr.pipelines.fold`); ``--quiet`` leaves those lines out, not the table. Under
+``torchrun --nproc-per-node N -m cmarr.pipelines.cli.train ...`` it trains with distributed
+data parallel. Rerunning with the same RUN_DIR resumes an interrupted run.
+
+Exit status, as in :mod:`cmarr.cli`: 0 done; 2 bad input (store, config, ``--set``, RUN_DIR),
+one line; 130 / 143 (128 + the signal number) for Ctrl-C / SIGTERM, with a line saying which
+fold and epoch it stopped at. 1 (problems found in the data) is not used: every data problem
+is found before the first fold trains and is bad input.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+
+from cmarr.cli import EXIT_CODES_HELP, EXIT_SIGNAL_BASE, EXIT_USAGE, fail, version_option
 
 from ..config import packaged_configs
 
@@ -42,7 +49,7 @@ def parse_folds(text: str | None) -> list[int] | None:
     return folds
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def train(
     features: Path = typer.Option(
         ..., "--features",
@@ -56,21 +63,25 @@ def train(
              "(the baseline trained on random missing conditions, as CM-ARR is)"),
     out_dir: Path = typer.Option(Path("runs/cm-arr"), "--out", help="RUN_DIR for config, logs, checkpoints, metrics."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", help="The run's seed (overrides the config's): initial weights, validation split, batch "
+                               "order, training conditions."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Override optim.epochs."),
     jobs: int = typer.Option(
         1, "--jobs", help="Run folds as this many concurrent processes (spread over the visible GPUs)."),
     set_: List[str] = typer.Option([], "--set", help="Override any config key: --set optim.lr=1e-4"),
-    quiet: bool = typer.Option(False, "--quiet", help="No per-epoch lines."),
+    quiet: bool = typer.Option(False, "--quiet", help="No per-epoch lines (the results table is still printed)."),
+    version: Optional[bool] = version_option("cm-arr-train"),
 ) -> None:
-    """Train and evaluate the requested folds into RUN_DIR and print the Table 2 layout."""
+    """Train and evaluate CM-ARR (or a Table 3 variant) on a feature store: the requested
+    folds into RUN_DIR, then print the Table 2 layout. Rerun the same command to resume."""
     from cmarr.extract.interrupts import sigterm_interrupts
     from cmarr.extract.store import StoreError
 
     from ..config import VARIANT_NAMES, ConfigError, parse_set_option
     from ..data import DataError
     from ..errors import TrainError, TrainInterrupted, signal_number
-    from ..jobs import die_with_job_parent
+    from ..jobs import JOB_PARENT_ENV, die_with_job_parent
     from ..metrics import rich_table
     from ..train import run_training
     from ..validation import SplitError
@@ -85,16 +96,16 @@ def train(
         with sigterm_interrupts():  # a scheduler's SIGTERM stops the run as Ctrl-C does
             metrics = run_training(features, config=config, variant=variant, out_dir=out_dir, folds=fold_list,
                                    device=device, seed=seed, epochs=epochs, overrides=overrides, jobs=jobs,
-                                   log=None if quiet else (lambda s: err.print(s, highlight=False)))
+                                   log=lambda s: err.print(s, highlight=False), epoch_lines=not quiet)
     except (ConfigError, DataError, SplitError, StoreError, TrainError, typer.BadParameter) as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(2) from None
+        fail(str(e), EXIT_USAGE, err)
     except KeyboardInterrupt as e:  # Ctrl-C (SIGINT) or SIGTERM: where it stopped; 128 + the signal number
         where = (str(e) if isinstance(e, TrainInterrupted) else "") or \
             "Run the same command again to resume (finished folds and saved epochs are kept)"
         err.print(f"[bold yellow]interrupted:[/] {where}", highlight=False)
-        raise typer.Exit(128 + signal_number(e)) from None
-    if not quiet and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 only
+        raise typer.Exit(EXIT_SIGNAL_BASE + signal_number(e)) from None
+    # the table: rank 0 only under torchrun; not by a --jobs fold process (the command that started it prints the run's)
+    if os.environ.get("RANK", "0") == "0" and not os.environ.get(JOB_PARENT_ENV):
         out.print(rich_table(metrics, title=f"{metrics['variant']}: WAR / UAR (%) on {features.name}"))
         out.print(f"results in {out_dir}/ (metrics.json, results.md, config.yaml, fold*/)")
 

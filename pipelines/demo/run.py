@@ -293,7 +293,21 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), console=
         panels = report.tsne_panels(reps)
         figures["tsne"] = report.write_tsne_figure(rep / "tsne.png", panels, seed=cfg.seed,
                                                    title=f"fold {fold} test session")
+    # 7. a raw clip ---------------------------------------------------------------------
+    with times.stage("predict clip", console):
+        from .clip import clip_markdown, predict_demo_clip
+
+        torch.set_num_threads(cfg.train_threads)
+        try:
+            clip = predict_demo_clip(corpus, manifest, runs / "cm-arr", fold, out / "clip")
+        finally:
+            torch.set_num_threads(threads)
+        console.print(f"raw clip {clip['clip']} (labelled {clip['true_label']}), no transcript: predicted "
+                      f"[bold]{clip['label']}[/] ({', '.join(f'{c} {p:.2f}' for c, p in clip['probs'].items())}); "
+                      f"used {', '.join(clip['used'])}; reconstructed {', '.join(clip['reconstructed']) or 'nothing'}",
+                      highlight=False)
     times_rows = list(times.rows)
+    summary["clip_prediction"] = clip
     summary.update({
         "metrics": {v: {"summary": metrics[v]["summary"], "folds": metrics[v]["folds"]} for v in VARIANTS},
         "times": times_rows, "total_wall_s": time.perf_counter() - t_start,
@@ -304,6 +318,7 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), console=
         "tsne_fold": fold,
     })
     md = report.write_results_md(rep / "results.md", summary)
+    md.write_text(md.read_text() + "\n" + clip_markdown(clip))
     (rep / "summary.json").write_text(json.dumps(_plain(summary), indent=1))
     console.rule("[bold]results")
     console.print(report.rich_comparison(summary["metrics"], title=f"Table 2 layout: WAR / UAR %, mean ± std over "
