@@ -18,7 +18,9 @@ The README repeats this table; ``tests/test_cli_common.py`` checks a few codes p
 """
 from __future__ import annotations
 
-from typing import NoReturn, Optional
+import contextlib
+import signal
+from typing import Iterator, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -58,3 +60,24 @@ def fail(message: str, code: int = EXIT_USAGE, console: Optional[Console] = None
     """Print ``error: message`` on stderr and exit with ``code``."""
     (console or _err).print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
+
+
+def interrupted_code(e: BaseException) -> int:
+    """130 for Ctrl-C, 143 for SIGTERM (``cmarr.extract.interrupts.Terminated``)."""
+    from cmarr.extract.interrupts import Terminated
+
+    return EXIT_SIGNAL_BASE + int(signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+
+
+@contextlib.contextmanager
+def interruptible(outcome: str, console: Optional[Console] = None) -> Iterator[None]:
+    """SIGTERM interrupts as Ctrl-C does inside the block; either ends the command with one
+    line saying ``outcome`` (what was kept or written) and exit code 130 / 143."""
+    from cmarr.extract.interrupts import Terminated, sigterm_interrupts
+
+    try:
+        with sigterm_interrupts():
+            yield
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
+        fail(f"{what}; {outcome}", interrupted_code(e), console)

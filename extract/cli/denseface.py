@@ -10,7 +10,6 @@ option, 130/143 when training is interrupted (no checkpoint is written then).
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from cmarr.cli import EXIT_CODES_HELP, EXIT_SIGNAL_BASE, EXIT_USAGE, fail, version_option
+from cmarr.cli import EXIT_CODES_HELP, EXIT_USAGE, fail, interruptible, version_option
 from cmarr.extract.base import ExtractError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, epilog=EXIT_CODES_HELP,
@@ -47,7 +46,6 @@ def train(
 ) -> None:
     """Train Denseface on FER+, report FER+ test accuracy, write the checkpoint."""
     from cmarr.extract.denseface_train import FerDataError, TrainConfig, train_denseface
-    from cmarr.extract.interrupts import Terminated, sigterm_interrupts
 
     try:
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, label_rule=label_rule,
@@ -56,15 +54,11 @@ def train(
         fail(escape(str(e)), EXIT_USAGE, err)
     nothing = f"no checkpoint was written at {escape(str(out_path))} (a rerun trains from the start)"
     try:
-        with sigterm_interrupts():
+        with interruptible(nothing, err):
             rec = train_denseface(fer2013, ferplus, out_path, cfg, device=device,
                                   log=lambda s: err.print(s, highlight=False))
     except (FerDataError, ExtractError, OSError) as e:
         fail(escape(str(e)), EXIT_USAGE, err)
-    except Terminated:
-        fail(f"terminated (SIGTERM); {nothing}", EXIT_SIGNAL_BASE + signal.SIGTERM, err)
-    except KeyboardInterrupt:
-        fail(f"interrupted (Ctrl-C); {nothing}", EXIT_SIGNAL_BASE + signal.SIGINT, err)
     out.print(f"wrote {out_path}  sha256 {rec['checkpoint_sha256']}", highlight=False)
     out.print(f"FER+ test accuracy {rec['test_accuracy']:.4f} ({rec['n_test']} images), "
               f"validation {'none' if rec['val_accuracy'] is None else format(rec['val_accuracy'], '.4f')}, "

@@ -11,7 +11,6 @@ option, 1 when ``validate`` finds problems in a store, 130/143 when interrupted.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 from pathlib import Path
@@ -24,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cmarr.cli import EXIT_CODES_HELP, EXIT_PROBLEMS, EXIT_SIGNAL_BASE, EXIT_USAGE, fail, version_option
+from cmarr.cli import EXIT_CODES_HELP, EXIT_PROBLEMS, EXIT_USAGE, fail, interruptible, version_option
 from cmarr.extract.base import LABELS, MODALITIES
 from cmarr.extract.files import file_sha256
 from cmarr.extract.store import (
@@ -54,18 +53,9 @@ def _fail(message: str, code: int = EXIT_USAGE) -> None:
     fail(message, code, err)
 
 
-@contextlib.contextmanager
 def _interruptible(outcome: str):
     """Ctrl-C exits 130 and SIGTERM 143 (``cmarr.cli``) with one line saying ``outcome``."""
-    from cmarr.extract.interrupts import Terminated, sigterm_interrupts
-
-    try:
-        with sigterm_interrupts():
-            yield
-    except Terminated:
-        _fail(f"terminated (SIGTERM); {outcome}", EXIT_SIGNAL_BASE + signal.SIGTERM)
-    except KeyboardInterrupt:
-        _fail(f"interrupted (Ctrl-C); {outcome}", EXIT_SIGNAL_BASE + signal.SIGINT)
+    return interruptible(outcome, err)
 
 
 def _read_manifest(path: Path) -> pd.DataFrame:
