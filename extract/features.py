@@ -67,7 +67,14 @@ from cmarr.extract.store import (
     utterance_order,
 )
 
-DATASETS = ("iemocap", "msp-improv")
+DATASETS = ("iemocap", "msp-improv", "folder")
+#: Which face a frame keeps when the detector finds several (``DetectorConfig.selection``),
+#: per dataset. IEMOCAP's halves and MSP-IMPROV's clips frame the speaker in front, so the
+#: largest face is the speaker. A folder's clips are of unknown framing (one person per clip
+#: is assumed, at any size and place): there the largest box may be a bystander, a poster or
+#: a false detection, so the most confident face is kept. ``video_config`` applies it; a
+#: ``VideoConfig`` passed to ``run_features`` is used as it is.
+FACE_SELECTION: dict[str, str] = {"iemocap": "largest", "msp-improv": "largest", "folder": "probability"}
 #: Rows of the error summary printed at the end (all are in the store's error table).
 SUMMARY_ROWS = 50
 
@@ -233,6 +240,18 @@ def _manifest(path: Path, dataset: str) -> pd.DataFrame:
     if other:
         raise ExtractError(f"{path}: manifest rows of corpus {other[0]!r}, but the dataset is {dataset!r}")
     return df
+
+
+def video_config(dataset: str, **settings):
+    """The ``VideoConfig`` of ``dataset``: ``settings`` with the detector's face selection of
+    ``FACE_SELECTION`` (the command line builds its video settings here)."""
+    from cmarr.extract.faces import DetectorConfig
+    from cmarr.extract.video import VideoConfig
+
+    if dataset not in FACE_SELECTION:
+        raise ExtractError(f"dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+    detector = dataclasses.replace(settings.pop("detector", DetectorConfig()), selection=FACE_SELECTION[dataset])
+    return VideoConfig(detector=detector, **settings)
 
 
 def build_extractors(modalities: Sequence[str], speech=None, text=None, video=None) -> dict[str, Extractor]:

@@ -47,7 +47,9 @@ class DataError(Exception):
 class StoreData:
     """The utterance table, labels, folds and features of a store, checked for training.
 
-    Raises :class:`DataError` for a store without labels or folds, labels outside the four
+    Raises :class:`DataError` for a store without labels or folds (or with some utterances
+    lacking either: a store built from a media folder; a partly labelled store is refused,
+    naming the count, rather than trained on its labelled part), labels outside the four
     classes, a modality that is absent from every utterance (or not in the store at all),
     and utterances that have no modality at all.
     """
@@ -135,15 +137,31 @@ class StoreData:
             if col not in table.columns:
                 raise DataError(f"{where}: the store has no {what} (no '{col}' column in its utterance table); "
                                 "training needs a labelled store with folds")
-        labels = table["label"].astype(str)
-        if (labels == "").all():
-            raise DataError(f"{where}: the store has no labels (the 'label' column is empty); "
-                            "training needs a labelled store")
+        labels = table["label"].fillna("").astype(str).str.strip()
+        blank = labels.eq("")
+        if blank.all():
+            raise DataError(f"{where}: the store has no labels: {int(blank.sum())} of {len(labels)} utterances have "
+                            "no label (a store built from an unlabelled media folder); training needs labels: "
+                            "build the manifest with --labels and extract again")
+        if blank.any():  # a partly labelled store: refused, not trained on its labelled part unseen
+            first = table["utterance_id"].astype(str)[blank].iloc[0]
+            raise DataError(f"{where}: {int(blank.sum())} of {len(labels)} utterances have no label (first: "
+                            f"{first!r}); training needs every utterance labelled: label them in the --labels "
+                            "file, or leave them out of the manifest, and extract again")
         bad = sorted(set(labels) - set(LABELS))
         if bad:
             n = int((~labels.isin(LABELS)).sum())
             raise DataError(f"{where}: {n} utterances have labels outside the four classes {', '.join(LABELS)}: "
                             f"{', '.join(repr(b) for b in bad[:6])}")
+        fold_text = table["fold"].astype(object).where(table["fold"].notna(), "").astype(str).str.strip()
+        no_fold = fold_text.eq("") | fold_text.str.lower().eq("nan")
+        if no_fold.any():  # a media folder has no sessions: nothing says which utterances test a fold
+            first = table["utterance_id"].astype(str)[no_fold].iloc[0]
+            whole = " (the store has no folds)" if no_fold.all() else ""
+            raise DataError(f"{where}: {int(no_fold.sum())} of {len(table)} utterances have no fold{whole} (first: "
+                            f"{first!r}; a store built from a media folder has no sessions); training needs "
+                            "folds: fill the manifest's fold column (1-based, every speaker in one fold) and "
+                            "extract again")
         try:
             folds = pd.to_numeric(table["fold"], errors="raise")
         except (ValueError, TypeError):

@@ -70,7 +70,7 @@ def _run_limited(module: str, args: list[str], max_bytes: int) -> subprocess.Com
 
 def _assert_one_clear_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     text = proc.stdout + proc.stderr
-    assert proc.returncode == 1, (proc.returncode, text)  # not 139 (segfault), not killed by SIGXFSZ
+    assert proc.returncode == 2, (proc.returncode, text)  # not 139 (segfault), not killed by SIGXFSZ
     assert "Traceback" not in text and "Segmentation" not in text and "RuntimeError" not in text, text
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: "), proc.stderr
@@ -103,7 +103,7 @@ def _shards(folder: Path) -> list[Path]:
 @pytest.mark.parametrize("limit", [8 << 10, 100 << 10])
 def test_merge_past_the_file_size_limit_is_one_clear_error(tmp_path, limit):
     """Under ``ulimit -f`` HDF5's writes fail (EFBIG): the merge used to print h5py
-    tracebacks and crash (exit 139) at exit. One line now, exit 1, nothing at --out, the
+    tracebacks and crash (exit 139) at exit. One line now, exit 2, nothing at --out, the
     shards as they were."""
     shards = _shards(tmp_path)
     before = {p: p.read_bytes() for p in shards}
@@ -133,7 +133,7 @@ def test_extraction_past_the_file_size_limit_is_one_clear_error_and_resumes(job,
     """``--chunk-size 2`` under a file-size limit: at 10 kB no chunk can be written (the
     first commit fails: it used to end in an OSError and a RuntimeError from h5py's close),
     at 40 kB every chunk is written but the store is not (it used to crash). Either way: one
-    line naming the file and the cause, exit 1, nothing at --out, committed chunks kept, and
+    line naming the file and the cause, exit 2, nothing at --out, committed chunks kept, and
     the same command with room resumes from them to the store of an uninterrupted run."""
     out = tmp_path / "feats.h5"
     args = _args(job, out, "--chunk-size", "2")
@@ -261,7 +261,7 @@ def test_a_manifest_with_a_time_that_is_not_a_number_is_refused(job, tmp_path, c
             check_manifest(table, "frame")
     # and extraction refuses it at once, with the same line
     res = CliRunner().invoke(extract_app, _args(job, tmp_path / "f.h5", manifest=bad))
-    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.exit_code == 2 and "Traceback" not in res.output
     assert f"row 3 ({df.loc[2, 'utterance_id']}): {expected}" in " ".join(res.output.split())
     assert not (tmp_path / "f.h5").exists()
 
@@ -312,7 +312,7 @@ def test_a_corpus_copy_without_a_modalitys_media_is_refused_before_any_model_loa
     args = _args(job, out, "--allow-missing", *extra, root=bare_tree, manifest=manifest)
     args[args.index("--modalities") + 1] = modalities
     res = CliRunner().invoke(extract_app, args)
-    assert res.exit_code == 1, res.output
+    assert res.exit_code == 2, res.output
     text = " ".join(res.output.split())
     assert f"{bare_tree}: no {missing} for any of the 4 utterances" in text, text
     assert f"leave {missing} out of --modalities" in text and "Traceback" not in text
@@ -336,7 +336,7 @@ def test_a_manifest_that_splits_a_session_over_folds_is_refused(job, tmp_path):
                        tmp_path / "w.csv")
     assert not (tmp_path / "w.csv").exists()
     res = CliRunner().invoke(extract_app, _args(job, tmp_path / "f.h5", manifest=bad))
-    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.exit_code == 2 and "Traceback" not in res.output
     assert f"{bad}: session 1 spans folds [1, 9]" in " ".join(res.output.split())
     # every session in one fold, several sessions in a fold: fine
     df["fold"] = "2"

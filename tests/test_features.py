@@ -385,7 +385,7 @@ def test_per_utterance_errors_are_recorded_shown_and_fail_the_run(job, tmp_path)
             for a in _cli_args({**job, "root": root}, out, "--log-every", "0")]
     runner = CliRunner(env={"COLUMNS": "400"})  # reasons hold temporary paths: no folding mid-word
     res = runner.invoke(app, args)
-    assert res.exit_code == 3, res.output
+    assert res.exit_code == 1, res.output
     text = res.output
     assert "Traceback" not in text and "utt/s" in text and "media s/s" in text
     for utt in (corrupt, zero, silent):
@@ -407,7 +407,7 @@ def test_per_utterance_errors_are_recorded_shown_and_fail_the_run(job, tmp_path)
     # the media fixed, the same command fills in what was missing and drops its error
     shutil.copyfile(job["root"] / df["wav_path"].iloc[0], root / df["wav_path"].iloc[0])
     res = runner.invoke(app, args)
-    assert res.exit_code == 3, res.output  # zero-length wav and empty transcript remain
+    assert res.exit_code == 1, res.output  # zero-length wav and empty transcript remain
     store = FeatureStore(out)
     assert store.has(corrupt, "speech") and len(store.ids("speech")) == 7
     assert set(zip(store.errors["utterance_id"], store.errors["modality"])) == {(zero, "speech"), (silent, "text")}
@@ -432,7 +432,7 @@ def test_setup_errors_are_clear(job, tmp_path, change, message):
     else:
         args += list(change)
     res = CliRunner().invoke(app, args)
-    assert res.exit_code == 1, res.output
+    assert res.exit_code == 2, res.output
     assert message in " ".join(res.output.split()) and "Traceback" not in res.output
     assert not (tmp_path / "f.h5").exists()
 
@@ -449,7 +449,7 @@ def test_a_root_under_which_no_media_exist_is_refused_before_any_model_loads(job
     monkeypatch.setattr(features_mod, "build_extractors", no_models)
     args = _cli_args({**job, "root": job["root"].parent}, tmp_path / "f.h5", "--allow-missing")
     res = CliRunner().invoke(app, args)
-    assert res.exit_code == 1, res.output
+    assert res.exit_code == 2, res.output
     text = " ".join(res.output.split())
     assert f"{job['root'].parent}: none of the 8 speech files that iemocap.csv names exist" in text
     assert "Traceback" not in text and not (tmp_path / "f.h5").exists()
@@ -458,7 +458,7 @@ def test_a_root_under_which_no_media_exist_is_refused_before_any_model_loads(job
 
 def test_a_modality_no_utterance_has_fails_the_run_even_with_allow_missing(job, tmp_path):
     """Every wav exists but none can be read: the store is written (errors recorded, nothing
-    lost), the run exits 3 whatever --allow-missing says, and validate calls it a problem."""
+    lost), the run exits 1 whatever --allow-missing says, and validate calls it a problem."""
     from cmarr.extract.store import validate_store
 
     root = tmp_path / "corpus"
@@ -467,7 +467,7 @@ def test_a_modality_no_utterance_has_fails_the_run_even_with_allow_missing(job, 
         (root / wav).write_bytes(b"")
     out = tmp_path / "f.h5"
     res = CliRunner(env={"COLUMNS": "400"}).invoke(app, _cli_args({**job, "root": root}, out, "--allow-missing"))
-    assert res.exit_code == 3, res.output
+    assert res.exit_code == 1, res.output
     text = " ".join(res.output.split())
     assert "no utterance has speech features" in text and "Traceback" not in text
     store = FeatureStore(out)
@@ -481,7 +481,7 @@ def test_a_modality_no_utterance_has_fails_the_run_even_with_allow_missing(job, 
 
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(job, tmp_path, monkeypatch):
     """The writer of the first run holds the output's lock (here an in-process writer, as a
-    run that is still extracting would): the command refuses, names the holder, exits 1,
+    run that is still extracting would): the command refuses, names the holder, exits 2,
     and neither writes the store nor disturbs the first run's chunks. It refuses before it
     loads any model."""
     import cmarr.extract.features as features_mod
@@ -500,7 +500,7 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(job, tm
     parts = out.with_name(out.name + ".parts")
     chunks = {p.name: p.read_bytes() for p in parts.glob("chunk-*.h5")}
     res = CliRunner().invoke(app, _cli_args(job, out))
-    assert res.exit_code == 1, res.output
+    assert res.exit_code == 2, res.output
     text = " ".join(res.output.split())
     assert f"{out}: is being written by another process (pid {os.getpid()})" in text and "Traceback" not in text
     assert not out.exists() and {p.name: p.read_bytes() for p in parts.glob("chunk-*.h5")} == chunks
@@ -510,7 +510,7 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(job, tm
 def test_an_output_whose_folder_is_a_file_is_a_clear_error(job, tmp_path):
     (tmp_path / "notstore.h5").write_text("not a folder")
     res = CliRunner().invoke(app, _cli_args(job, tmp_path / "notstore.h5" / "f.h5"))
-    assert res.exit_code == 1, res.output
+    assert res.exit_code == 2, res.output
     text = " ".join(res.output.split())
     assert f"{tmp_path / 'notstore.h5'}: is a file, not a folder" in text and "File exists" not in text
     assert "Traceback" not in text
@@ -518,7 +518,7 @@ def test_an_output_whose_folder_is_a_file_is_a_clear_error(job, tmp_path):
 
 def test_torchrun_environment_values_are_named_in_errors(job, tmp_path):
     res = CliRunner(env={"RANK": "5", "WORLD_SIZE": "2"}).invoke(app, _cli_args(job, tmp_path / "f.h5"))
-    assert res.exit_code == 1, res.output
+    assert res.exit_code == 2, res.output
     text = " ".join(res.output.split())
     assert "RANK='5' and WORLD_SIZE='2' in the environment" in text and "--shard '5/2'" not in text
 
@@ -591,7 +591,7 @@ def test_a_run_that_fails_to_load_its_models_leaves_the_output_unlocked_and_clea
     bad = args[:]
     bad[bad.index("--text-model") + 1] = str(tmp_path / "no-such-model")
     res = CliRunner().invoke(app, bad)
-    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     assert "no-such-model" in res.output
     assert not out.with_name(out.name + ".parts").exists() and not out.exists()
     res = CliRunner().invoke(app, args)

@@ -323,7 +323,7 @@ def test_command_against_a_matching_canonical_list_and_strict(tree, result, tmp_
     bad.loc[0, "label"] = "sad" if bad.loc[0, "label"] != "sad" else "neu"
     bad.to_csv(canon, index=False)
     r = invoke("iemocap", "--root", root, "--out", tmp_path / "b.csv", "--canonical", canon, "--strict")
-    assert r.exit_code == 2 and "label disagreements (id, label here, canonical label): 1" in r.output
+    assert r.exit_code == 1 and "label disagreements (id, label here, canonical label): 1" in r.output
     assert (tmp_path / "b.csv").exists()
 
 
@@ -368,18 +368,18 @@ def test_command_bad_input_exits_nonzero_without_traceback(small, tmp_path):
     out = tmp_path / "m.csv"
     out.write_text("previous content")
     r = invoke("iemocap", "--root", tmp_path / "nowhere", "--out", out)
-    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.exit_code == 2 and "Traceback" not in r.output
     assert "not a folder" in r.output and "Session1..Session5" in r.output
     assert out.read_text() == "previous content"  # nothing half-written
     r = invoke("iemocap", "--root", root, "--out", out, "--keep-no-face")
-    assert r.exit_code == 1 and "msp-improv only" in r.output
+    assert r.exit_code == 2 and "msp-improv only" in r.output
     f = next((root / "Session1/dialog/EmoEvaluation").glob("Ses*.txt"))
     f.write_text(f.read_text() + "garbage line\n")
     r = invoke("iemocap", "--root", root, "--out", out)
     assert r.exit_code == 0 and f"unparseable: {f}:" in r.output and "garbage line" in r.output
     f.write_bytes(b"\xff\xff")
     r = invoke("iemocap", "--root", root, "--out", out)
-    assert r.exit_code == 1 and str(f) in r.output and "not UTF-8" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and str(f) in r.output and "not UTF-8" in r.output and "Traceback" not in r.output
 
 
 def test_command_with_nothing_to_keep(tmp_path):
@@ -388,5 +388,5 @@ def test_command_with_nothing_to_keep(tmp_path):
     emo = next((root / "Session3/dialog/EmoEvaluation").glob("Ses*.txt"))
     emo.write_text(re.sub(r"\t(ang|hap|exc|neu|sad)\t", "\txxx\t", emo.read_text()))
     r = invoke("iemocap", "--root", root, "--out", tmp_path / "o.csv")
-    assert r.exit_code == 1 and "no utterance of the 4-class set" in r.output
+    assert r.exit_code == 2 and "no utterance of the 4-class set" in r.output
     assert not (tmp_path / "o.csv").exists()

@@ -226,13 +226,13 @@ def test_command_default_and_keep_no_face(tree, result, tmp_path):
 def test_command_bad_input(tmp_path, small):
     root, _ = small
     r = invoke("msp-improv", "--root", tmp_path / "empty", "--out", tmp_path / "o.csv")
-    assert r.exit_code == 1 and "Traceback" not in r.output and "not a folder" in r.output
+    assert r.exit_code == 2 and "Traceback" not in r.output and "not a folder" in r.output
     r = invoke("msp-improv", "--root", root, "--out", tmp_path / "o.csv", "--canonical", tmp_path / "x.csv")
-    assert r.exit_code == 1 and "iemocap only" in r.output
+    assert r.exit_code == 2 and "iemocap only" in r.output
     bad = tmp_path / "nf.txt"
     bad.write_text("not-an-id A False\n")
     r = invoke("msp-improv", "--root", root, "--out", tmp_path / "o.csv", "--no-face-list", bad)
-    assert r.exit_code == 1 and f"{bad}:1" in r.output and "not a clip id" in r.output
+    assert r.exit_code == 2 and f"{bad}:1" in r.output and "not a clip id" in r.output
     assert not (tmp_path / "o.csv").exists()
 
 

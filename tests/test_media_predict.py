@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from tolerance import TINY_CMARR_DEPTH, reorder_bound
+from tolerance import TINY_CMARR_DEPTH, assert_float32_close, reorder_bound
 from typer.testing import CliRunner
 
 from cmarr.extract.base import LABELS
@@ -216,3 +216,43 @@ def test_cli_writes_json_and_exits_2_on_bad_input(trained, clips, tmp_path):
     res = runner.invoke(app, ["--checkpoint", str(trained["ckpt"]), "--media", str(clips["av"]),
                               "--features", str(trained["root"] / "feats.h5")])
     assert res.exit_code == 2 and "give either --features FEATS.h5 or --media" in res.output
+
+
+def test_media_equals_features_of_a_store_extracted_from_the_same_clip(trained, clips, tmp_path):
+    """The clip as a media folder (with its transcript in a same-named .txt) through
+    ``cm-arr-extract manifest folder`` / ``features folder`` with the checkpoint's models, then
+    ``cm-arr-predict --features``; and the raw clip through ``cm-arr-predict --media``: the same
+    probabilities up to float32 reordering (the features are the same float16 values)."""
+    import pandas as pd
+
+    from cmarr.extract.cli.extract import app as extract_app
+
+    folder = tmp_path / "media"
+    folder.mkdir()
+    shutil.copy(clips["av"], folder / "talk.mp4")
+    text = "I love it, this is wonderful"
+    (folder / "talk.txt").write_text(text + "\n")
+    ck, man, store = trained["ckpt"], tmp_path / "m.csv", tmp_path / "talk.h5"
+    res = runner.invoke(extract_app, ["manifest", "folder", "--root", str(folder), "--out", str(man)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(extract_app, ["features", "folder", "--root", str(folder), "--manifest", str(man), "--out",
+                                      str(store), "--speech-model", trained["w2v"], "--text-model", trained["minilm"],
+                                      "--random-denseface", "--sample-fps", "2", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    csv = tmp_path / "p.csv"
+    res = runner.invoke(app, ["--checkpoint", str(ck), "--features", str(store), "--out", str(csv), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    row = pd.read_csv(csv, keep_default_na=False).iloc[0]
+    assert row["available"] == "s,t,v"
+    out = tmp_path / "p.json"
+    res = runner.invoke(app, ["--checkpoint", str(ck), "--media", str(clips["av"]), "--transcript-file",
+                              str(folder / "talk.txt"), "--device", "cpu", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["used"] == ["speech", "text", "video"] and doc["label"] == row["prediction"]
+    media = np.array([doc["probs"][c] for c in LABELS], dtype=np.float32)
+    feats = np.array([row[f"p_{c}"] for c in LABELS], dtype=np.float32)
+    assert_float32_close(media, feats, depth=TINY_CMARR_DEPTH)
+    # and not by accident: without the transcript the probabilities move far beyond that bound
+    other = Predictor.from_checkpoints([ck], device="cpu").predict_file(clips["av"]).probs
+    assert np.abs(np.array([other[c] for c in LABELS]) - feats).max() > 1e3 * reorder_bound(1.0, TINY_CMARR_DEPTH)

@@ -1,6 +1,7 @@
 """``cm-arr-extract``: from a corpus on disk to a feature store.
 
     cm-arr-extract manifest iemocap --root IEMOCAP_full_release --out iemocap.csv
+    cm-arr-extract manifest folder --root MEDIA_DIR --out media.csv [--labels labels.csv]
     cm-arr-extract features iemocap --root IEMOCAP_full_release --manifest iemocap.csv \\
         --out feats.h5 [--modalities speech,text,video] [--device cuda] [--shard k/N] \\
         [--allow-missing] [--speech-model ...] [--text-model ...] \\
@@ -9,18 +10,21 @@
 ``manifest`` builds a corpus manifest (``cmarr.extract.corpora``), prints what it holds
 (utterances per label and session, everything dropped with its reason and count, the
 coverage of a partial copy), compares it with the canonical list in ``data_manifests/`` and
-writes the CSV atomically. Exit codes: 0 written; 1 bad input (the message names the file
-and the problem); 2 written, but ``--strict`` was given and the set differs from the
-canonical list.
+writes the CSV atomically. ``folder`` is any folder of media files (``corpora.folder``),
+unlabelled unless ``--labels`` is given.
 
-Exit codes of ``features``: 0 the store is complete; 1 bad input or setup (the message names
-the file or option and the problem; nothing is computed), another run writing the same output
-(refused), or an extraction that left some utterance/modality without features or a recorded
-error (no store is written; rerun to resume); 3 the store is written but some
-utterances have no features for some modality (listed, and recorded in the store) and
-``--allow-missing`` was not given; 130 interrupted by Ctrl-C, 143 by SIGTERM (what batch
-schedulers send): finished utterances are committed first, and rerunning the same command
-resumes.
+Exit codes follow ``cmarr.cli``. ``manifest``: 0 written; 1 written, but ``--strict`` was
+given and the set differs from the canonical list; 2 bad input (the message names the file
+and the problem), nothing written.
+
+``features``: 0 the store is complete; 1 the store is written but some utterances have no
+features for some modality (listed, and recorded in the store) and ``--allow-missing`` was
+not given, or no utterance has features of a requested modality; 2 bad input or setup (the
+message names the file or option and the problem; nothing is computed), another run writing
+the same output (refused), or an extraction that left some utterance/modality without
+features or a recorded error (no store is written; rerun to resume); 130 interrupted by
+Ctrl-C, 143 by SIGTERM (what batch schedulers send): finished utterances are committed
+first, and rerunning the same command resumes.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cmarr.cli import EXIT_CODES_HELP, EXIT_PROBLEMS, EXIT_SIGNAL_BASE, EXIT_USAGE, version_option
 from cmarr.extract.base import LABELS
 from cmarr.extract.corpora.manifest import (
     MSP_COUNTS_WITH_NO_FACE,
@@ -50,22 +55,20 @@ from cmarr.extract.corpora.manifest import (
 )
 from cmarr.extract.files import write_csv_atomic
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, epilog=EXIT_CODES_HELP,
                   help="Build corpus manifests and extract speech, text and video features into a store.")
 err = Console(stderr=True, soft_wrap=True)
 
-EXIT_SETUP = 1
-EXIT_MISSING = 3
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143  # 128 + SIGTERM
+EXIT_INTERRUPTED = EXIT_SIGNAL_BASE + signal.SIGINT   # 130
+EXIT_TERMINATED = EXIT_SIGNAL_BASE + signal.SIGTERM   # 143
 
 
 @app.callback()
-def _group() -> None:
+def _group(version: Optional[bool] = version_option("cm-arr-extract")) -> None:
     """Build corpus manifests and extract speech, text and video features into a store."""
 
 
-def _fail(message: str, code: int = EXIT_SETUP) -> None:
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
 
@@ -73,13 +76,16 @@ def _fail(message: str, code: int = EXIT_SETUP) -> None:
 class Corpus(str, Enum):
     iemocap = "iemocap"
     msp_improv = "msp-improv"
+    folder = "folder"
 
 
-@app.command("manifest")
+@app.command("manifest", epilog=EXIT_CODES_HELP)
 def manifest_command(
-    dataset: Annotated[Corpus, typer.Argument(help="Which corpus: iemocap or msp-improv.")],
+    dataset: Annotated[Corpus, typer.Argument(help="Which corpus: iemocap, msp-improv, or folder (any folder "
+                                              "of video/audio files, searched recursively).")],
     root: Annotated[Path, typer.Option("--root", help="The corpus release folder as distributed "
-                                       "(IEMOCAP_full_release/, or the MSP-IMPROV folder holding Evalution.txt).")],
+                                       "(IEMOCAP_full_release/, or the MSP-IMPROV folder holding Evalution.txt), "
+                                       "or the media folder.")],
     out: Annotated[Path, typer.Option("--out", help="Manifest CSV to write (atomically).")],
     keep_no_face: Annotated[bool, typer.Option("--keep-no-face", help="MSP-IMPROV: keep the clips of the "
                                                "no-face list (default: dropped, the paper's 3,819 set).")] = False,
@@ -87,7 +93,10 @@ def manifest_command(
                                                       "with (default data_manifests/iemocap_4class.csv).")] = None,
     no_face_list: Annotated[Optional[Path], typer.Option("--no-face-list", help="MSP-IMPROV: the no-face list "
                                                          "(default data_manifests/msp_improv_no_face.txt).")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Exit with code 2 when the set differs from the "
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="folder: CSV with columns utterance_id,label "
+                                                   "(labels ang hap neu sad; an id is a media file's path under "
+                                                   "--root without its extension). Default: no labels.")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit with code 1 when the set differs from the "
                                          "canonical list (the CSV is written all the same).")] = False,
     show: Annotated[int, typer.Option("--show", min=0, help="How many items of each difference and of the "
                                       "unparseable lines to list (0 = all).")] = 20,
@@ -98,10 +107,14 @@ def manifest_command(
     console, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
     dataset = Corpus(dataset)
 
-    def fail(message: str, code: int = 1) -> None:
+    def fail(message: str, code: int = EXIT_USAGE) -> None:
         err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
         raise typer.Exit(code)
 
+    if labels is not None and dataset is not Corpus.folder:
+        fail("--labels applies to folder only (the corpora carry their own labels)")
+    if strict and dataset is Corpus.folder:
+        fail("--strict compares with the canonical list or the paper's counts: iemocap and msp-improv only")
     if keep_no_face and dataset is not Corpus.msp_improv:
         fail("--keep-no-face applies to msp-improv only")
     if no_face_list is not None and dataset is not Corpus.msp_improv:
@@ -114,6 +127,10 @@ def manifest_command(
 
             canon = load_canonical_iemocap(canonical)
             result = prepare_iemocap(root)
+        elif dataset is Corpus.folder:
+            from cmarr.extract.corpora.folder import prepare_folder
+
+            result = prepare_folder(root, labels)
         else:
             from cmarr.extract.corpora.msp_improv import prepare_msp_improv
 
@@ -124,13 +141,15 @@ def manifest_command(
 
     print_summary(console, dataset.value, root, result, show)
     if result.df.empty:
-        fail(f"{root}: no utterance of the 4-class set was found; nothing written")
-    differs = False
+        found = "no media file could be used (see dropped)" if dataset is Corpus.folder else \
+            "no utterance of the 4-class set was found"
+        fail(f"{root}: {found}; nothing written")
+    differs = False  # a folder has no reference to compare with
     if dataset is Corpus.iemocap:
         comparison = compare_with_canonical(result.df, canon, result.sessions)
         print_comparison(console, comparison, canonical or "data_manifests/iemocap_4class.csv", show)
         differs = not comparison.matches
-    else:
+    elif dataset is Corpus.msp_improv:
         differs = print_count_check(console, dataset.value, result, keep_no_face=keep_no_face)
     try:
         write_manifest(result.df, out)
@@ -144,7 +163,7 @@ def manifest_command(
             fail(f"{dropped_out}: cannot write the dropped items: {e}")
         console.print(f"wrote {len(result.dropped)} dropped items to {escape(str(dropped_out))}", soft_wrap=True)
     if strict and differs:
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_PROBLEMS)
 
 
 def write_dropped(result: ManifestResult, path: Path) -> None:
@@ -156,8 +175,9 @@ def write_dropped(result: ManifestResult, path: Path) -> None:
 def print_summary(console: Console, corpus: str, root: Path, result: ManifestResult, show: int = 20) -> None:
     """Utterances per label and session, the notes, and the dropped items per reason."""
     df = result.df
-    console.print(f"[bold]{corpus}[/]: {len(df)} utterances from {escape(str(root))} "
-                  f"(sessions {', '.join(map(str, result.sessions))})", soft_wrap=True)
+    sessions = f"sessions {', '.join(map(str, result.sessions))}" if result.sessions else "no sessions"
+    console.print(f"[bold]{corpus}[/]: {len(df)} utterances from {escape(str(root))} ({sessions})",
+                  soft_wrap=True)
     for note in result.notes:
         console.print(f"  note: {escape(note)}", soft_wrap=True)
     table = Table(title="utterances per label and session")
@@ -170,6 +190,9 @@ def print_summary(console: Console, corpus: str, root: Path, result: ManifestRes
         row = [int(counts.at[label, s]) if label in counts.index and s in counts.columns else 0
                for s in result.sessions]
         table.add_row(label, *map(str, row), str(sum(row)))
+    unlabelled = int((df["label"] == "").sum()) if len(df) else 0
+    if unlabelled:
+        table.add_row("(none)", *([""] * len(result.sessions)), str(unlabelled))
     per_session = [int((df["session"] == s).sum()) for s in result.sessions]
     table.add_row("all", *map(str, per_session), str(len(df)), style="bold")
     console.print(table)
@@ -193,6 +216,12 @@ def print_summary(console: Console, corpus: str, root: Path, result: ManifestRes
         console.print(f"  unparseable: {escape(d.where)}: {escape(d.detail)}", soft_wrap=True)
     if show and len(bad) > show:
         console.print(f"  ... and {len(bad) - show} more unparseable lines")
+    if corpus == "folder":  # a folder's items are the user's own files: each is named
+        for d in result.dropped[: show or None]:
+            detail = f" ({d.detail})" if d.detail else ""
+            console.print(f"  left out: {escape(d.where)}: {escape(d.reason)}{escape(detail)}", soft_wrap=True)
+        if show and len(result.dropped) > show:
+            console.print(f"  ... and {len(result.dropped) - show} more (all of them: --dropped-out)")
 
 
 def _listing(console: Console, title: str, items: list, show: int) -> None:
@@ -238,9 +267,9 @@ def print_count_check(console: Console, corpus: str, result: ManifestResult, kee
     return True
 
 
-@app.command("features")
+@app.command("features", epilog=EXIT_CODES_HELP)
 def features_command(
-    dataset: str = typer.Argument(..., help="Corpus of the manifest: iemocap or msp-improv."),
+    dataset: Corpus = typer.Argument(..., help="Corpus of the manifest: iemocap, msp-improv or folder."),
     root: Path = typer.Option(..., "--root", help="Corpus folder the manifest's media paths are relative to."),
     manifest: Path = typer.Option(..., "--manifest", help="Manifest CSV (cm-arr-extract manifest)."),
     out: Path = typer.Option(..., "--out", help="Feature store to write (HDF5). A shard writes "
@@ -297,6 +326,7 @@ def features_command(
 ) -> None:
     """Extract features of the manifest's utterances into a feature store (resumable)."""
     console = Console(soft_wrap=True)  # long lines (paths) stay whole: readable logs, greppable output
+    dataset = Corpus(dataset)
     try:
         import transformers
 
@@ -319,11 +349,12 @@ def features_command(
                 raise ExtractError("give either --denseface-checkpoint or --random-denseface, not both")
             if denseface_checkpoint is not None and not denseface_checkpoint.is_file():
                 raise ExtractError(f"{denseface_checkpoint}: no such Denseface checkpoint")
-            from cmarr.extract.video import VideoConfig
+            from cmarr.extract.features import video_config
 
-            video = VideoConfig(checkpoint=None if denseface_checkpoint is None else str(denseface_checkpoint),
-                                allow_random_weights=random_denseface, sample_fps=sample_fps,
-                                max_missing_seconds=video_short_tolerance)
+            video = video_config(dataset.value,
+                                 checkpoint=None if denseface_checkpoint is None else str(denseface_checkpoint),
+                                 allow_random_weights=random_denseface, sample_fps=sample_fps,
+                                 max_missing_seconds=video_short_tolerance)
         tolerance = {}
         if audio_tolerance is not None:
             try:
@@ -339,7 +370,7 @@ def features_command(
         text = TextConfig(model=text_model, revision=text_revision, layer=text_layer, dtype=dtype,
                           markers=text_markers)
         with sigterm_interrupts():  # a scheduler's SIGTERM: committed like Ctrl-C, not lost
-            run = run_features(dataset, root, manifest, out, modalities=mods, device=device, shard=k_n,
+            run = run_features(dataset.value, root, manifest, out, modalities=mods, device=device, shard=k_n,
                                allow_missing=allow_missing, speech=speech, text=text, video=video,
                                chunk_size=chunk_size, console=console,
                                log_every=log_every)
@@ -359,11 +390,11 @@ def features_command(
     if run.empty:
         _fail(f"no utterance has {' or '.join(run.empty)} features (recorded in {run.out}); the corpus copy lacks "
               "these media, or they cannot be read: fix them, or leave the modality out of --modalities",
-              EXIT_MISSING)
+              EXIT_PROBLEMS)
     if not run.ok:
         _fail(f"{len(run.errors)} utterance/modality pairs have no features (listed above and recorded in "
               f"{run.out}); fix the media, or rerun with --allow-missing to accept them as missing modalities",
-              EXIT_MISSING)
+              EXIT_PROBLEMS)
 
 
 def main() -> None:

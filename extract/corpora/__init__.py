@@ -1,1 +1,1 @@
-"""Corpus readers (IEMOCAP, MSP-IMPROV) and the utterance manifest they write."""
+"""Corpus readers (IEMOCAP, MSP-IMPROV, a folder of media files) and the utterance manifest they write."""

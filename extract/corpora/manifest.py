@@ -1,18 +1,20 @@
-"""The utterance manifest shared by both corpora, and the canonical lists it is checked against.
+"""The utterance manifest shared by the corpora, and the canonical lists it is checked against.
 
 A manifest is one row per utterance of the 4-class set, with the columns of
 ``MANIFEST_COLUMNS``:
 
 ==============  ===========================================================================
 utterance_id    the corpus's own id (``Ses01F_impro01_F000``, ``MSP-IMPROV-S08A-F05-S-FM02``)
-corpus          ``"iemocap"`` or ``"msp-improv"``
-session         int, 1-based
+corpus          ``"iemocap"``, ``"msp-improv"`` or ``"folder"`` (media found under a folder:
+                ``cmarr.extract.corpora.folder``)
+session         int, 1-based (``folder``: empty, or an int given by hand)
 speaker         ``Ses01F`` (IEMOCAP: session + speaker gender) or ``F05`` (MSP-IMPROV)
 gender          ``F`` or ``M``
-label           one of ``ang hap neu sad``
+label           one of ``ang hap neu sad`` (``folder``: may be empty, unlabelled)
 consensus       the corpus's own consensus code (``exc``, ``hap``, ``A``, ...)
 start, end      seconds; IEMOCAP: times in the dialog, MSP-IMPROV: 0 and the clip duration
 fold            int, 1-based: the session whose utterances form the test part of that fold
+                (``folder``: empty, or an int given by hand)
 wav_path        the utterance wav, relative to the corpus root ("" = absent)
 transcript      text ("" = absent; the text modality is then missing)
 video_path      the video holding the speaker's face, relative to the corpus root ("" = absent)
@@ -46,7 +48,11 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "start", "end", "fold", "wav_path", "transcript", "video_path", "video_start",
     "video_end", "video_half",
 )
-CORPORA: tuple[str, ...] = ("iemocap", "msp-improv")
+CORPORA: tuple[str, ...] = ("iemocap", "msp-improv", "folder")
+#: Corpora whose rows may leave ``label``, ``session`` and ``fold`` empty: a folder of media
+#: has no labels unless they are given, and no sessions at all. The trainer refuses such rows
+#: (``cmarr.pipelines.data``); extraction does not need them.
+UNLABELLED_CORPORA: tuple[str, ...] = ("folder",)
 VIDEO_HALVES: tuple[str, ...] = ("left", "right", "full")
 
 _INT_COLUMNS = ("session", "fold")
@@ -120,10 +126,20 @@ def make_manifest(rows: Iterable[dict]) -> pd.DataFrame:
     return _coerce(df).sort_values("utterance_id", kind="stable").reset_index(drop=True)
 
 
+def _blank(col: pd.Series) -> pd.Series:
+    """True where a cell is empty: None, NaN or blank text."""
+    return col.isna() | col.astype(str).str.strip().eq("")
+
+
 def _coerce(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
     for c in _INT_COLUMNS:
-        df[c] = df[c].astype("int64")
+        blank = _blank(df[c])
+        if blank.any():  # folder rows: ints where given, "" elsewhere (written back as empty cells)
+            df[c] = [("" if b else int(v)) for v, b in zip(df[c].tolist(), blank)]
+            df[c] = df[c].astype(object)
+        else:
+            df[c] = df[c].astype("int64")
     for c in _FLOAT_COLUMNS:
         col = df[c]
         if c == "video_end":  # empty: to the end of the file
@@ -136,7 +152,8 @@ def _coerce(df: pd.DataFrame) -> pd.DataFrame:
 
 def check_manifest(df: pd.DataFrame, where: str = "manifest") -> None:
     """Raise ``ManifestError`` unless ``df`` follows the manifest contract: all columns, a
-    non-empty unique ``utterance_id`` per row, known labels, corpora and video halves, finite
+    non-empty unique ``utterance_id`` per row, known labels, corpora and video halves (an
+    empty label, session or fold only in rows of ``UNLABELLED_CORPORA``), finite
     ``start``, ``end`` and ``video_start`` (``video_end`` finite or NaN: to the end of the
     file), ``end >= start``, and no session or speaker in several folds (``fold_leaks``)."""
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
@@ -155,13 +172,21 @@ def check_manifest(df: pd.DataFrame, where: str = "manifest") -> None:
     dup = df["utterance_id"][df["utterance_id"].duplicated()]
     if len(dup):
         raise ManifestError(where, f"duplicate utterance ids, e.g. {dup.iloc[0]!r}")
-    bad = df[~df["label"].isin(LABELS)]
-    if len(bad):
-        raise ManifestError(where, f"label {bad['label'].iloc[0]!r} of {bad['utterance_id'].iloc[0]} "
-                                   f"is not one of {LABELS}")
     bad = df[~df["corpus"].isin(CORPORA)]
     if len(bad):
         raise ManifestError(where, f"corpus {bad['corpus'].iloc[0]!r} is not one of {CORPORA}")
+    may_be_blank = df["corpus"].isin(UNLABELLED_CORPORA)
+    bad = df[~(df["label"].isin(LABELS) | (may_be_blank & df["label"].eq("")))]
+    if len(bad):
+        raise ManifestError(where, f"label {bad['label'].iloc[0]!r} of {bad['utterance_id'].iloc[0]} "
+                                   f"is not one of {LABELS}")
+    for col in _INT_COLUMNS:
+        blank = _blank(df[col])
+        bad = df[blank & ~may_be_blank]
+        if len(bad):
+            i = int(np.flatnonzero((blank & ~may_be_blank).to_numpy())[0])
+            raise ManifestError(where, f"row {i + 1} ({bad['utterance_id'].iloc[0]}): {col} is empty, expected "
+                                       f"an integer (only {', '.join(UNLABELLED_CORPORA)} rows may leave it empty)")
     bad = df[~df["video_half"].isin(VIDEO_HALVES)]
     if len(bad):
         raise ManifestError(where, f"video_half {bad['video_half'].iloc[0]!r} is not one of {VIDEO_HALVES}")
@@ -195,10 +220,13 @@ def fold_leaks(df: pd.DataFrame) -> list[str]:
     which is the leakage the paper's leave-one-session-out protocol exists to prevent. A fold
     may hold several sessions; a session may not be in several folds."""
     out: list[str] = []
+    if "fold" in df.columns:  # rows without a fold (or without the key) belong to no fold
+        df = df[~_blank(df["fold"])]
     for col in ("session", "speaker"):
         if col not in df.columns or "fold" not in df.columns or df.empty:
             continue
-        folds = df.groupby(df[col].astype(str), sort=True)["fold"].unique()
+        keyed = df[~_blank(df[col])]
+        folds = keyed.groupby(keyed[col].astype(str), sort=True)["fold"].unique()
         for key, fs in folds.items():
             if len(fs) > 1:
                 fs = sorted(int(f) for f in fs)
@@ -238,6 +266,7 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
             bad &= cells.ne("")
         if col in _INT_COLUMNS:
             bad |= ~cells.str.fullmatch(r"[+-]?\d+")
+            bad &= ~(cells.eq("") & df["corpus"].isin(UNLABELLED_CORPORA))  # checked again by check_manifest
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
             need = ("an integer" if col in _INT_COLUMNS else

@@ -66,7 +66,11 @@ def validate_store(path: str | os.PathLike, manifest: pd.DataFrame | None = None
         if len(dup):
             problems.append(f"utterance table repeats {len(dup)} ids (first: {dup.iloc[0]!r})")
     if "label" in t.columns:
-        bad = sorted(set(t["label"]) - set(LABELS))
+        from cmarr.extract.corpora.manifest import UNLABELLED_CORPORA
+
+        # a media folder's utterances may be unlabelled (the trainer refuses such a store)
+        unlabelled = (t["corpus"].isin(UNLABELLED_CORPORA) & t["label"].eq("")) if "corpus" in t.columns else False
+        bad = sorted(set(t["label"][~unlabelled]) - set(LABELS))
         if bad:
             problems.append(f"labels outside {LABELS}: {bad}")
     problems += [f"utterance table: {leak}" for leak in fold_leaks(t)]
