@@ -48,7 +48,7 @@ def metrics_table(metrics: Mapping[str, Any], title: str) -> Table:
     return t
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def predict(
     checkpoint: List[Path] = typer.Option(..., "--checkpoint", help="best.pt of a cm-arr-train run; give several "
                                           "(e.g. every fold) to average their probabilities."),
@@ -159,19 +159,25 @@ def _check_output(p: Path, inputs: List[Path], overwrite: bool) -> None:
 
 
 def prediction_table(r, title: str) -> Table:
-    """Probabilities of a clip (and of each window), with the modalities used and reconstructed."""
-    t = Table(title=title, title_justify="left")
-    t.add_column("span (s)")
+    """Probabilities of a clip (and of each window), with the modalities used and reconstructed
+    (s speech, t text, v video) and the sampled frames with a face."""
+    from rich import box
+
+    from ..conditions import MODALITY_LETTERS
+
+    def letters(ms):
+        return ",".join(MODALITY_LETTERS[m] for m in ms) or "-"
+
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("span (s)", no_wrap=True)
     for c in LABELS:
-        t.add_column(f"p_{c}", justify="right")
-    t.add_column("label")
-    t.add_column("used")
-    t.add_column("reconstructed" if r.reconstructed or not r.missing else "missing")
-    t.add_column("face frames", justify="right")
+        t.add_column(c, justify="right", no_wrap=True, min_width=5)
+    for col in ("label", "used", "recon." if r.reconstructed or not r.missing else "missing", "faces"):
+        t.add_column(col, justify="right" if col == "faces" else "left", no_wrap=True)
     for w in list(r.windows) + [r]:
         t.add_row(("all " if w is r and r.windows else "") + f"{w.start:.2f}-{w.end:.2f}",
                   *[f"{w.probs[c]:.3f}" for c in LABELS], f"[bold]{w.label}[/]" if w is r else w.label,
-                  ",".join(w.used), ",".join(w.reconstructed or w.missing) or "-",
+                  letters(w.used), letters(w.reconstructed or w.missing),
                   f"{w.face_frames}/{w.sampled_frames}" if w.sampled_frames else "-")
     return t
 
@@ -179,10 +185,13 @@ def prediction_table(r, title: str) -> Table:
 def predict_media(checkpoint, media, audio, transcript, transcript_file, start, end, window, no_audio,
                   speech_model, text_model, denseface_checkpoint, out_path, device, batch_size, overwrite) -> None:
     """The --media branch: one clip, a table on stdout, and the JSON of ``Prediction.to_dict``."""
+    from transformers.utils import logging as hf_logging
+
     import cmarr
 
     from ..media import MediaError, Predictor
 
+    hf_logging.disable_progress_bar()  # one table is the output; no bar per model load
     try:
         if transcript is not None and transcript_file is not None:
             raise MediaError("give --transcript or --transcript-file, not both")
