@@ -65,7 +65,7 @@ def test_predict_refuses_a_checkpoint_that_needs_code_and_runs_none_of_it(run, t
     res = runner.invoke(predict_app, ["--checkpoint", str(evil), "--features", str(store), "--out", str(out),
                                         "--device", "cpu"])
     text = " ".join(res.output.split())
-    assert res.exit_code == 1, res.output
+    assert res.exit_code == 2, res.output
     assert ("evil.pt: not a cm-arr checkpoint, or one that needs code to load" in text
             and "nothing in it was run" in text)
     assert "Traceback" not in res.output
@@ -73,7 +73,7 @@ def test_predict_refuses_a_checkpoint_that_needs_code_and_runs_none_of_it(run, t
     # beside a sound checkpoint too: refused before anything is predicted
     res = runner.invoke(predict_app, ["--checkpoint", str(root / "run" / "fold1" / "best.pt"), "--checkpoint",
                                         str(evil), "--features", str(store), "--out", str(out), "--device", "cpu"])
-    assert res.exit_code == 1 and "nothing in it was run" in " ".join(res.output.split()) and not marker.exists()
+    assert res.exit_code == 2 and "nothing in it was run" in " ".join(res.output.split()) and not marker.exists()
 
 
 def test_a_resume_from_a_replaced_last_pt_is_refused_and_runs_none_of_it(run, tmp_path):

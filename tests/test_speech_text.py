@@ -441,7 +441,7 @@ def test_cli_records_a_truncated_wav_and_names_bad_model_folders(tiny_wav2vec2, 
                            "--out", str(tmp_path / "g.h5")]
         bad[bad.index(flag) + 1] = model
         res = runner.invoke(app, bad)
-        assert res.exit_code == 1, res.output
+        assert res.exit_code == 2, res.output  # bad input, nothing written
         assert message in " ".join(res.output.split()) and "Traceback" not in res.output
         assert not (tmp_path / "g.h5").exists()
     # the tolerance is a flag: wide enough, the cut wav is taken as it is (recorded in provenance)
@@ -454,7 +454,7 @@ def test_cli_records_a_truncated_wav_and_names_bad_model_folders(tiny_wav2vec2, 
         assert "max(10 s, 0 x expected)" in store.provenance["speech"]["duration_check"]
     res = runner.invoke(app, [*args[:args.index("--out") + 1], str(tmp_path / "x.h5"),
                               *args[args.index("--out") + 2:], "--audio-duration-tolerance", "lots"])
-    assert res.exit_code == 1 and "expected SECONDS,FRACTION" in res.output, res.output
+    assert res.exit_code == 2 and "expected SECONDS,FRACTION" in res.output, res.output
 
 
 # -- model names ----------------------------------------------------------------------------
