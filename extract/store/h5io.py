@@ -121,16 +121,18 @@ class WriteGuard:
 
 
 @contextlib.contextmanager
-def new_h5(path: Path, shown: str | os.PathLike | None = None) -> Iterator[tuple[h5py.File, WriteGuard]]:
+def new_h5(path: Path, shown: str | os.PathLike | None = None,
+           libver: str = "latest") -> Iterator[tuple[h5py.File, WriteGuard]]:
     """Create the HDF5 file ``path`` for writing through a ``WriteGuard``; yields ``(file,
     guard)``. The file is closed on leaving, then a failed write is raised as ``OSError``
     naming ``shown`` (default ``path``), also when it caused the error the body raised
     (HDF5 reading back what was never written). A SIGTERM meanwhile is raised at the end
-    (``interrupts_held``). The caller removes the file on failure."""
+    (``interrupts_held``). The caller removes the file on failure. ``libver``: h5py's format
+    bounds ("earliest": files that old HDF5 releases read)."""
     with interrupts_held():
         guard = WriteGuard(path, shown)
         try:
-            f = h5py.File(guard, "w", libver="latest")
+            f = h5py.File(guard, "w", libver=libver)
         except BaseException:
             guard.close()
             raise

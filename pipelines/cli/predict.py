@@ -105,16 +105,8 @@ def predict(
         if metrics_path is not None and metrics_path.resolve() == out_path.resolve():
             raise PredictError(f"{metrics_path}: --metrics and --out name the same file")
         for p in (out_path, metrics_path):
-            if p is None:
-                continue
-            if p.resolve() == features.resolve() or any(p.resolve() == c.resolve() for c in checkpoint):
-                raise PredictError(f"{p}: is an input (--features / --checkpoint); choose another output path")
-            if p.is_dir():
-                raise PredictError(f"{p}: is a folder; give a file path")
-            if p.exists() and not overwrite:
-                raise PredictError(f"{p}: already exists; choose another path or pass --overwrite")
-            if p.parent.exists() and not p.parent.is_dir():
-                raise PredictError(f"{p.parent}: is a file, not a folder")
+            if p is not None:
+                _check_output(p, [features, *checkpoint], overwrite, "--features / --checkpoint")
         table, accepted = predict_store(checkpoint, features, conds, device=device, batch_size=batch_size,
                                         allow_feature_mismatch=allow_feature_mismatch)
         for d in accepted:
@@ -147,9 +139,11 @@ def predict(
         out.print("no labelled utterance outside the checkpoints' training data: no scores", highlight=False)
 
 
-def _check_output(p: Path, inputs: List[Path], overwrite: bool) -> None:
+def _check_output(p: Path, inputs: List[Path], overwrite: bool, names: str) -> None:
+    """Refuse an output path that is an input (``names`` says which options give inputs), a
+    folder, an existing file (unless ``overwrite``) or under a file."""
     if any(p.resolve() == i.resolve() for i in inputs):
-        raise PredictError(f"{p}: is an input; choose another output path")
+        raise PredictError(f"{p}: is an input ({names}); choose another output path")
     if p.is_dir():
         raise PredictError(f"{p}: is a folder; give a file path")
     if p.exists() and not overwrite:
@@ -203,7 +197,8 @@ def predict_media(checkpoint, media, audio, transcript, transcript_file, start, 
             except UnicodeDecodeError:
                 raise MediaError(f"{transcript_file}: not UTF-8 text") from None
         if out_path is not None:
-            _check_output(out_path, list(checkpoint) + [p for p in (media, audio) if p is not None], overwrite)
+            _check_output(out_path, list(checkpoint) + [p for p in (media, audio) if p is not None], overwrite,
+                          "--media / --audio / --checkpoint")
         p = Predictor.from_checkpoints(checkpoint, device=device, window=window, speech_model=speech_model,
                                        text_model=text_model, denseface_checkpoint=denseface_checkpoint,
                                        batch_size=batch_size)

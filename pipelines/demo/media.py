@@ -194,19 +194,9 @@ def write_clip_avi(path: Path, duration: float, actor: str | None, label: str, f
                    size: tuple[int, int], emotion_signal: bool, rng: np.random.Generator) -> None:
     """One speaker full frame (``actor`` ``F``/``M``), or no face at all (``actor=None``:
     moving stripes on a background, for clips that have no detectable face)."""
-    W, H = size
-    base = _background(size, (120, 120, 120) if actor else tuple(int(v) for v in rng.integers(60, 200, 3)))
     writer = _video_writer(path, fps, size)
     try:
-        for i in range(max(1, int(math.ceil(duration * fps)))):
-            t = i / fps
-            frame = base.copy()
-            if actor is None:
-                off = int(20 * t) % 20
-                frame[:, off::20] = (40, 40, 40)
-            else:
-                style = FACE_STYLE[label if emotion_signal else "neu"]
-                _paste_face(frame, actor, 0, W, t, style, 0.0)
+        for frame in clip_frames(duration, actor, label, fps, size, emotion_signal, rng):
             writer.write(frame)
     finally:
         writer.release()
@@ -214,7 +204,8 @@ def write_clip_avi(path: Path, duration: float, actor: str | None, label: str, f
 
 def clip_frames(duration: float, actor: str | None, label: str, fps: float, size: tuple[int, int],
                 emotion_signal: bool = True, rng: np.random.Generator | None = None) -> list[np.ndarray]:
-    """The BGR frames of a one-speaker clip (as ``write_clip_avi`` draws them)."""
+    """The BGR frames of a one-speaker clip: the speaker full frame, moving as ``label``'s
+    ``FACE_STYLE`` says, or (``actor=None``) moving stripes on a background of ``rng``'s colour."""
     W, H = size
     rng = rng or np.random.default_rng(0)
     base = _background(size, (120, 120, 120) if actor else tuple(int(v) for v in rng.integers(60, 200, 3)))
