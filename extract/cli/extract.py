@@ -286,7 +286,8 @@ def features_command(
     allow_missing: bool = typer.Option(False, "--allow-missing", help="Accept utterances whose media "
                                        "cannot be used as missing modalities (exit 0)."),
     speech_model: str = typer.Option("facebook/wav2vec2-base", "--speech-model",
-                                     help="wav2vec2 hub id or local folder."),
+                                     help="Hub id or local folder of a wav2vec2, HuBERT, WavLM or data2vec-audio "
+                                          "encoder."),
     speech_revision: Optional[str] = typer.Option(None, "--speech-revision", help="Hub revision of the speech model."),
     speech_layer: int = typer.Option(-1, "--speech-layer", help="-1: last hidden state; k: output of block k."),
     speech_batching: str = typer.Option("masked", "--speech-batching",
