@@ -42,7 +42,8 @@ class Result:
     matrix: ``frame_rate`` (frames/s) or ``frame_times`` (seconds, ``[T]``), ``tokens``
     (text word pieces), ``face_mask`` and ``frame_times`` of every sampled frame (video).
     ``error`` is a one-line reason (e.g. ``"unreadable wav: <path>: <why>"``); the
-    modality is then missing for that utterance and the reason is recorded in the store.
+    modality is then missing for that utterance and the reason is recorded in the store
+    (``meta`` may then say what was tried, e.g. video's ``sampled_frames``; it is not stored).
     """
 
     utterance_id: str

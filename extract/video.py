@@ -252,7 +252,8 @@ class VideoExtractor(Extractor):
         mask = np.array([c.face[i] for i in order], dtype=bool)
         times = np.array([c.times[i] for i in order], dtype=np.float32)
         if not mask.any():
-            return Result(key, error=f"no face detected in any of {len(order)} sampled frames")
+            return Result(key, error=f"no face detected in any of {len(order)} sampled frames",
+                          meta={"sampled_frames": len(order)})
         mat = np.stack([c.feats[i] for i in order if c.face[i]]).astype(np.float32)  # (n_face, 342)
         return Result(key, matrix=mat, meta={"frame_times": times, "face_mask": mask,
                                              "frames_missing": int(end.n_missing)})

@@ -59,6 +59,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from cmarr.extract.audio import DURATION_TOLERANCE_S
 from cmarr.extract.base import LABELS, MODALITIES, ExtractError
 
 from .predict import PredictError, feature_differences
@@ -312,7 +313,7 @@ class Predictor:
         from cmarr.extract.features import build_extractors
 
         prov = self.provenance[m]
-        dev = self.device_name if self.device_name != "auto" else "auto"
+        dev = self.device_name
         try:
             if m == "speech":
                 cfg = {"speech": speech_config(prov, self.overrides["speech"], dev)}
@@ -442,7 +443,7 @@ class Predictor:
         end = clip.end if clip.end is not None else full
         if end is None:
             raise MediaError(f"{self._name(clip)}: its duration cannot be read; give --end")
-        if full is not None and clip.end is not None and clip.end > full + 0.05:
+        if full is not None and clip.end is not None and clip.end > full + DURATION_TOLERANCE_S:  # a rounded time
             raise MediaError(f"{self._name(clip)}: --end {clip.end:g} s is past the end of the clip ({full:.3f} s)")
         return start, min(end, full) if full is not None else end, clip.end is None
 
@@ -496,20 +497,12 @@ class Predictor:
                 continue
             rows.append({"utterance_id": str(j), "video_path": str(clip.media.resolve()), "video_half": "full",
                          "video_start": s.start, "video_end": s.video_end if math.isfinite(s.video_end) else np.nan})
-        if not rows:
-            return
-        ex = self.extractor("video")
-        for r in ex.extract(pd.DataFrame(rows), Path("/")):
-            s = segs[int(r.utterance_id)]
-            if r.error is not None:
-                s.why["video"] = r.error
-                if r.error.startswith("no face detected"):
-                    n = [int(x) for x in r.error.split() if x.isdigit()]
-                    s.sampled_frames = n[0] if n else 0
-                continue
-            s.feats["video"] = r.matrix
-            mask = np.asarray(r.meta["face_mask"], dtype=bool)
-            s.face_frames, s.sampled_frames = int(mask.sum()), int(mask.size)
+        for s, r in self._extract("video", rows, segs):
+            if r.error is None:
+                mask = np.asarray(r.meta["face_mask"], dtype=bool)
+                s.face_frames, s.sampled_frames = int(mask.sum()), int(mask.size)
+            else:
+                s.sampled_frames = int(r.meta.get("sampled_frames", 0))
 
     def _text(self, clips: list[_Clip], segs: list[_Segment]) -> None:
         rows = []
@@ -521,15 +514,22 @@ class Predictor:
                 s.why["text"] = _NOT_GIVEN["text"] if clip.transcript is None else "the transcript is empty"
                 continue
             rows.append({"utterance_id": str(j), "transcript": clip.transcript})
+        for _ in self._extract("text", rows, segs):
+            pass
+
+    def _extract(self, m: str, rows: list[dict], segs: list[_Segment]):
+        """Run modality ``m``'s extractor over ``rows`` (one per segment, ``utterance_id`` its
+        index; paths absolute): each segment gets its features or the reason it has none.
+        Yields ``(segment, result)``."""
         if not rows:
             return
-        ex = self.extractor("text")
-        for r in ex.extract(pd.DataFrame(rows), Path("/")):
+        for r in self.extractor(m).extract(pd.DataFrame(rows), Path("/")):
             s = segs[int(r.utterance_id)]
             if r.error is not None:
-                s.why["text"] = r.error
+                s.why[m] = r.error
             else:
-                s.feats["text"] = r.matrix
+                s.feats[m] = r.matrix
+            yield s, r
 
     def _run(self, segs: list[_Segment]) -> tuple[np.ndarray, np.ndarray]:
         """``(probs (S, 4), per-model probs (M, S, 4))`` of the segments, each with what it has."""

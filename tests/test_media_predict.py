@@ -120,7 +120,7 @@ def test_audio_only_video_only_and_transcript(predictor, clips):
 def test_no_face_found_is_a_missing_modality(predictor, clips):
     r = predictor.predict_file(clips["noface"])
     assert r.used == ["speech"] and "video" in r.reconstructed
-    assert r.why["video"].startswith("no face detected") and r.face_frames == 0
+    assert r.why["video"].startswith("no face detected") and (r.face_frames, r.sampled_frames) == (0, 3)
 
 
 def test_windows_split_long_clips_and_average(predictor, clips):

@@ -13,8 +13,7 @@ What is checked and written: :mod:`cmarr.pipelines.predict` (stores) and
 """
 from __future__ import annotations
 
-import json
-import os
+import contextlib
 from pathlib import Path
 from typing import Any, List, Mapping, Optional
 
@@ -24,7 +23,7 @@ from rich.table import Table
 
 from cmarr.cli import EXIT_CODES_HELP, EXIT_USAGE, version_option
 from cmarr.extract.base import LABELS
-from cmarr.extract.files import write_csv_atomic
+from cmarr.extract.files import write_csv_atomic, write_json_atomic
 
 from ..metrics import ROW_NAMES, TABLE_ROWS
 from ..predict import PredictError, parse_conditions, predict_store, prediction_metrics
@@ -46,6 +45,20 @@ def metrics_table(metrics: Mapping[str, Any], title: str) -> Table:
         t.add_row("present" if c == "present" else ROW_NAMES[c], f"{100 * e['war']:.2f}", f"{100 * e['uar']:.2f}",
                   str(e.get("n", "")))
     return t
+
+
+@contextlib.contextmanager
+def _one_line_errors(out_path: Optional[Path]):
+    """Bad input (``PredictError``) and a file that cannot be read or written (``OSError``)
+    end the command with one line and exit code 2."""
+    try:
+        yield
+    except PredictError as e:
+        err.print(f"[red]error:[/] {e}", highlight=False)
+        raise typer.Exit(EXIT_USAGE) from None
+    except OSError as e:
+        err.print(f"[red]error:[/] {e.filename or out_path}: {e.strerror or e}", highlight=False)
+        raise typer.Exit(EXIT_USAGE) from None
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -100,7 +113,7 @@ def predict(
     if out_path is None:
         err.print("[red]error:[/] --features needs --out predictions.csv", highlight=False)
         raise typer.Exit(EXIT_USAGE)
-    try:
+    with _one_line_errors(out_path):
         conds = parse_conditions(conditions)
         if metrics_path is not None and metrics_path.resolve() == out_path.resolve():
             raise PredictError(f"{metrics_path}: --metrics and --out name the same file")
@@ -114,17 +127,9 @@ def predict(
         write_csv_atomic(table, out_path)
         metrics = prediction_metrics(table)
         if metrics_path is not None:
-            tmp = metrics_path.with_name(f".{metrics_path.name}.tmp-{os.getpid()}")
             metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"checkpoints": [str(c) for c in checkpoint], "features": str(features),
-                                       "labels": list(LABELS), "conditions": metrics}, indent=1))
-            tmp.replace(metrics_path)
-    except PredictError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
-        raise typer.Exit(EXIT_USAGE) from None
-    except OSError as e:
-        err.print(f"[red]error:[/] {e.filename or out_path}: {e.strerror or e}", highlight=False)
-        raise typer.Exit(EXIT_USAGE) from None
+            write_json_atomic(metrics_path, {"checkpoints": [str(c) for c in checkpoint], "features": str(features),
+                                             "labels": list(LABELS), "conditions": metrics})
     n_utts = table["utterance_id"].nunique()
     empty = int((table["prediction"] == "").sum())
     seen = int(table.drop_duplicates("utterance_id")["seen_in_training"].sum())
@@ -186,7 +191,7 @@ def predict_media(checkpoint, media, audio, transcript, transcript_file, start, 
     from ..media import MediaError, Predictor
 
     hf_logging.disable_progress_bar()  # one table is the output; no bar per model load
-    try:
+    with _one_line_errors(out_path):
         if transcript is not None and transcript_file is not None:
             raise MediaError("give --transcript or --transcript-file, not both")
         if transcript_file is not None:
@@ -206,16 +211,8 @@ def predict_media(checkpoint, media, audio, transcript, transcript_file, start, 
         doc = {"cm_arr_version": cmarr.__version__, "checkpoints": [str(c) for c in checkpoint],
                "window": window, **r.to_dict()}
         if out_path is not None:
-            tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
             out_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(doc, indent=1))
-            tmp.replace(out_path)
-    except PredictError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
-        raise typer.Exit(EXIT_USAGE) from None
-    except OSError as e:
-        err.print(f"[red]error:[/] {e.filename or out_path}: {e.strerror or e}", highlight=False)
-        raise typer.Exit(EXIT_USAGE) from None
+            write_json_atomic(out_path, doc)
     out.print(prediction_table(r, f"{media or audio}: {r.label}"))
     if r.missing:
         what = "reconstructed by CM-ARR" if r.reconstructed else "missing (this model does not reconstruct)"
